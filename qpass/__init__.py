@@ -1,0 +1,21 @@
+"""qpass: post-training quantization of PyTorch models as a graph compiler.
+
+The public API mirrors ModelOpt's ``modelopt.torch.quantization``.
+"""
+
+from qpass import config
+from qpass.config import *  # noqa: F401,F403 - the preset configs (INT8_DEFAULT_CFG, ...)
+from qpass.errors import CalibrationError, ExportError, QpassError, QuantConfigError, TraceError
+from qpass.model_quant import (
+    calibrate,
+    disable_quantizer,
+    enable_quantizer,
+    fold_weight,
+    postprocess_amax,
+    print_quant_summary,
+    quantize,
+    shared_input_groups,
+)
+from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer
+
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""Max calibration over the captured graph.
+
+Weight quantizers are calibrated straight from the module tree (no data
+needed). Activation quantizers collect statistics while ``forward_loop`` runs
+the model, whose forward is the traced graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qpass.errors import CalibrationError
+from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
+from qpass.nn.tensor_quantizer import TensorQuantizer, is_quantizer
+
+
+def named_tensor_quantizers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+
+
+def weight_quantizer_owners(model: nn.Module):
+    """(owner path, owner, quantizer) for every module with a weight quantizer."""
+    out = []
+    for path, module in model.named_modules():
+        q = module._modules.get("weight_quantizer")
+        if q is not None and is_quantizer(q) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            out.append((path, module, q))
+    return out
+
+
+def is_weight_quantizer(name: str) -> bool:
+    parts = name.split(".")
+    return parts[-1] == "weight_quantizer" or (len(parts) > 1 and parts[-2] == "weight_quantizer")
+
+
+def calibrate_weights(model: nn.Module) -> None:
+    with torch.no_grad():
+        for _, module, q in weight_quantizer_owners(model):
+            for tq in iter_tensor_quantizers(q):
+                if not tq.is_enabled or not tq.spec.needs_amax:
+                    continue
+                tq.reset_amax()
+                tq.collect(module.weight)
+                tq.load_calib_amax()
+
+
+def activation_quantizers(model: nn.Module):
+    return [
+        (n, q) for n, q in named_tensor_quantizers(model)
+        if q.is_enabled and not is_weight_quantizer(n) and q.spec.needs_amax
+    ]
+
+
+def snapshot_amax(model: nn.Module) -> dict:
+    return {n: (None if q.amax is None else q.amax.clone()) for n, q in named_tensor_quantizers(model)}
+
+
+def restore_amax(model: nn.Module, snap: dict) -> None:
+    for n, q in named_tensor_quantizers(model):
+        if n in snap:
+            q.amax = snap[n]
+
+
+def collect_activations(model: nn.Module, state: QpassState, forward_loop: Callable) -> None:
+    """Run forward_loop with every enabled activation quantizer collecting statistics."""
+    quantizers = named_tensor_quantizers(model)
+    for name, q in quantizers:
+        if q.calibrator is not None:
+            q.calibrator.reset()
+        q.disable_quant()
+        if q.is_enabled and not is_weight_quantizer(name):
+            q.enable_calib()
+    state.calibrating = True
+    calls_before = state.calls
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        state.calibrating = False
+        for _, q in named_tensor_quantizers(model):  # includes quantizers created while tracing
+            q.disable_calib()
+            q.enable_quant()
+    if state.calls == calls_before:
+        raise CalibrationError(
+            "forward_loop never called the model: it must run model(batch) for the calibration data"
+        )
+
+
+def load_activation_amax(model: nn.Module) -> None:
+    missing = [n for n, q in activation_quantizers(model) if not q.load_calib_amax()]
+    if missing:
+        shown = ", ".join(f"'{n}'" for n in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CalibrationError(
+            f"{len(missing)} enabled quantizer(s) saw no calibration data: {shown}. forward_loop never "
+            "reached them; feed inputs that do, or disable them with "
+            "qpass.disable_quantizer(model, '<pattern>') before calibrating"
+        )
+
+
+def share_group_amax(model: nn.Module, groups: list[list[str]]) -> None:
+    """One input amax per shared-input group (max over members), so TensorRT can fuse them."""
+    for group in groups:
+        members = []
+        for path in group:
+            q = model.get_submodule(path)._modules.get("input_quantizer")
+            if isinstance(q, TensorQuantizer) and q.is_enabled and q.amax is not None:
+                members.append(q)
+        if len(members) < 2:
+            continue
+        if len({(q.describe(), tuple(q.amax.shape)) for q in members}) != 1:
+            continue  # different formats: nothing to share
+        shared = members[0].amax.clone()
+        for q in members[1:]:
+            shared = torch.maximum(shared, q.amax)
+        for q in members:
+            q.amax = shared
+
+
+def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | None) -> None:
+    for _, q in named_tensor_quantizers(model):
+        if q.is_enabled:
+            q.check_supported()
+            q.spec  # noqa: B018 - validates the format before any work
+    calibrate_weights(model)
+    needs_data = activation_quantizers(model)
+    if forward_loop is None:
+        if needs_data:
+            shown = ", ".join(f"'{n}'" for n, _ in needs_data[:3])
+            raise CalibrationError(
+                f"the config enables {len(needs_data)} activation quantizer(s) ({shown}, ...) that need "
+                "calibration data, but no forward_loop was given; pass forward_loop=lambda m: [m(b) for b in data] "
+                "or use a weight-only config"
+            )
+        return
+    collect_activations(model, state, forward_loop)
+    load_activation_amax(model)
+    share_group_amax(model, state.groups)

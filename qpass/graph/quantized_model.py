@@ -1,0 +1,177 @@
+"""The quantized model: the caller's object, whose forward runs traced graphs.
+
+``quantize`` swaps the model's class for a subclass (``QuantizedModule`` first
+in the MRO) so that the very object the caller holds becomes the quantized
+model: ``model.config``, ``generate`` and every other method keep working,
+quantizers are real submodules at ModelOpt's paths, and ``forward`` dispatches
+to a graph captured lazily for each input structure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from qpass.errors import QpassError
+from qpass.graph.trace import TracedGraph, export_graph, matches_static_dims
+from qpass.nn.tensor_quantizer import TensorQuantizer, SequentialQuantizer, is_quantizer
+from qpass.passes.insert_quantizers import InsertQuantizers
+from qpass.passes.rules import RuleSet
+from qpass.passes.share_inputs import input_reader_edges, shared_input_groups
+
+STATE_ATTR = "_qpass_state"
+
+# Slots that are off unless a config rule names them (ModelOpt does the same).
+_OFF_BY_DEFAULT = ("output_quantizer", "q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer",
+                   "softmax_quantizer", "p_bmm_quantizer")
+
+
+class QpassState:
+    """Everything qpass keeps on a quantized model, outside its state_dict."""
+
+    def __init__(self, original_cls: type, rule_set: RuleSet, rules: list, algorithm) -> None:
+        self.original_cls = original_cls
+        self.rule_set = rule_set
+        self.rules = rules  # normalised config rules (qpass.config.Rule)
+        self.algorithm = algorithm
+        self.graphs: dict[Any, list[TracedGraph]] = {}
+        self.created: list[tuple[str, str]] = []  # (owner path, slot) qpass registered
+        self.hard_disabled: set[str] = set()
+        self.edges: list[list[tuple[str, str]]] = []
+        self.placed: set[str] = set()
+        self.calls = 0
+        self.calibrating = False
+
+    @property
+    def groups(self) -> list[list[str]]:
+        return shared_input_groups(self.edges)
+
+
+class QuantizedModule:
+    """Mixin placed before the model's own class. Its forward runs the graph."""
+
+    def forward(self, *args, **kwargs):
+        return run_graph(self, args, kwargs)
+
+
+class _GraphGeneration:
+    """For models with HF ``generate``."""
+
+    def generate(self, *args, **kwargs):
+        # torch.export cannot carry HF cache objects through a graph; generation
+        # recomputes the prefix each step instead (same tokens, no KV cache).
+        kwargs.setdefault("use_cache", False)
+        return super().generate(*args, **kwargs)
+
+
+_WRAPPED: dict[type, type] = {}
+
+
+def wrapped_class(cls: type) -> type:
+    if cls not in _WRAPPED:
+        bases = (QuantizedModule, _GraphGeneration, cls) if hasattr(cls, "generate") else (QuantizedModule, cls)
+        _WRAPPED[cls] = type(f"Quantized{cls.__name__}", bases, {"__module__": cls.__module__, "__doc__": cls.__doc__})
+    return _WRAPPED[cls]
+
+
+def state_of(model: nn.Module) -> QpassState:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        raise QpassError(
+            f"{type(model).__name__} is not quantized by qpass; call qpass.quantize(model, config, forward_loop) first"
+        )
+    return state
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return STATE_ATTR in model.__dict__
+
+
+def _leaf_key(x):
+    if isinstance(x, torch.Tensor):
+        return ("T", x.dtype, x.dim(), x.device.type)
+    try:
+        hash(x)
+        return ("V", type(x).__name__, x)
+    except TypeError:
+        return ("O", type(x).__name__, repr(x))
+
+
+def _input_key(training: bool, args, kwargs):
+    kwargs = dict(sorted(kwargs.items()))
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    return (training, str(spec), tuple(_leaf_key(x) for x in flat)), flat
+
+
+def run_graph(model: nn.Module, args: tuple, kwargs: dict):
+    state = state_of(model)
+    state.calls += 1
+    key, flat = _input_key(model.training, args, kwargs)
+    for traced in state.graphs.get(key, ()):
+        if matches_static_dims(traced, flat):
+            return traced.gm(*args, **kwargs)
+    traced = capture(model, args, kwargs)
+    state.graphs.setdefault(key, []).append(traced)
+    return traced.gm(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------- quantizers
+def make_quantizer(model: nn.Module, state: QpassState, owner_path: str, owner: nn.Module, slot: str):
+    """Return the (owner, slot) quantizer, creating and configuring it if new."""
+    from qpass.config import resolve_attributes
+
+    existing = owner._modules.get(slot)
+    if existing is not None and is_quantizer(existing):
+        return existing
+    name = f"{owner_path}.{slot}" if owner_path else slot
+    attrs = resolve_attributes(state.rules, name, owner)
+    if isinstance(attrs, list):
+        q = SequentialQuantizer(*(TensorQuantizer(a, name=f"{name}.{i}") for i, a in enumerate(attrs)))
+    else:
+        q = TensorQuantizer(attrs, name=name)
+        if attrs is None and slot in _OFF_BY_DEFAULT:
+            q.disable()
+    if name in state.hard_disabled:
+        q.disable()
+    for tq in iter_tensor_quantizers(q):
+        if state.calibrating:
+            tq.enable_calib()
+            tq.disable_quant()
+    owner.add_module(slot, q)
+    state.created.append((owner_path, slot))
+    return q
+
+
+def iter_tensor_quantizers(q: nn.Module):
+    return list(q) if isinstance(q, SequentialQuantizer) else [q]
+
+
+def remove_created(model: nn.Module, state: QpassState, since: int = 0) -> None:
+    for owner_path, slot in reversed(state.created[since:]):
+        owner = model.get_submodule(owner_path)
+        owner._modules.pop(slot, None)
+    del state.created[since:]
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict) -> TracedGraph:
+    """Trace one input structure, place quantizers and record shared-input edges.
+
+    Transactional: if anything fails, quantizers created for this trace are removed.
+    """
+    state = state_of(model)
+    since = len(state.created)
+    try:
+        traced = export_graph(model, state.original_cls, args, kwargs)
+        insert = InsertQuantizers(
+            model, state.rule_set, lambda path, owner, slot: make_quantizer(model, state, path, owner, slot)
+        )
+        insert.call(traced.gm)
+    except BaseException:
+        remove_created(model, state, since)
+        raise
+    state.placed.update(insert.placed)
+    state.edges.append(input_reader_edges(traced.gm))
+    return traced

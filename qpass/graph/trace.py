@@ -1,0 +1,142 @@
+"""Capture a module as an FX graph with torch.export (non-strict, dynamic batch/sequence).
+
+The captured GraphModule shares every parameter and buffer object with the
+original model, keeps the caller's calling convention (args, kwargs, outputs
+such as HF ``ModelOutput``) and records each op's owning module path in
+``node.meta["nn_module_stack"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from qpass.errors import TraceError
+
+# How many leading dims of each input tensor are traced as dynamic (batch, sequence).
+DYNAMIC_DIMS = 2
+
+
+def _dim_spec(x):
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return {d: torch.export.Dim.AUTO for d in range(min(x.dim(), DYNAMIC_DIMS))}
+    return None
+
+
+def _dynamic_shapes(fn, args, kwargs):
+    sig = inspect.signature(fn)
+    bound = sig.bind(*args, **kwargs)
+    shapes = {}
+    for name, value in bound.arguments.items():
+        shapes[name] = pytree.tree_map(_dim_spec, value)
+    return shapes
+
+
+class _ModuleStack:
+    """Tracks which module is executing, so a failed trace can name it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.deepest: list[str] = []
+
+    def pre(self, module, args):
+        name = self.names.get(id(module))
+        if name is not None:
+            self.stack.append(name)
+            self.deepest = list(self.stack)
+
+    def post(self, module, args, out):
+        if self.names.get(id(module)) is not None and self.stack:
+            self.stack.pop()
+
+    @contextlib.contextmanager
+    def watching(self):
+        h1 = nn.modules.module.register_module_forward_pre_hook(self.pre)
+        h2 = nn.modules.module.register_module_forward_hook(self.post)
+        try:
+            yield self
+        finally:
+            h1.remove()
+            h2.remove()
+
+    def failing_module(self) -> str:
+        # The stack at the moment of failure: its top is the module whose code raised.
+        where = self.stack or self.deepest
+        if not where:
+            return "<root>"
+        return where[-1] or "<root>"
+
+
+@dataclass
+class TracedGraph:
+    """One captured graph plus the facts needed to dispatch inputs to it."""
+
+    gm: fx.GraphModule
+    static_dims: list  # per flat input leaf: None (not a tensor) or {dim: size} of specialised dims
+
+
+def _static_dims(gm: fx.GraphModule) -> list:
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            out.append({i: s for i, s in enumerate(val.shape) if isinstance(s, int)})
+        else:
+            out.append(None)
+    return out
+
+
+def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict) -> TracedGraph:
+    """Export the model's own forward (its class before qpass wrapped it) for these inputs."""
+    watcher = _ModuleStack(model)
+    wrapped_cls = model.__class__
+    model.__class__ = original_cls
+    try:
+        dynamic_shapes = _dynamic_shapes(model.forward, args, kwargs)
+        with watcher.watching():
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # noqa: BLE001 - every export failure becomes one clear error
+        where = watcher.failing_module()
+        text = str(e).strip()
+        cause = text.splitlines()[0] if text else type(e).__name__
+        raise TraceError(
+            f"torch.export could not trace the model: module '{where}' "
+            f"({_type_of(model, where)}) failed with {type(e).__name__}: {cause}. "
+            "The model was left unchanged. Make its forward traceable (no data-dependent "
+            "Python control flow), or pass inputs that avoid the failing branch."
+        ) from e
+    finally:
+        model.__class__ = wrapped_cls
+    gm = ep.module()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return TracedGraph(gm=gm, static_dims=_static_dims(gm))
+
+
+def _type_of(model: nn.Module, path: str) -> str:
+    try:
+        return type(model.get_submodule("" if path == "<root>" else path)).__name__
+    except AttributeError:
+        return "?"
+
+
+def matches_static_dims(traced: TracedGraph, flat_inputs: list) -> bool:
+    if len(flat_inputs) != len(traced.static_dims):
+        return False
+    for x, dims in zip(flat_inputs, traced.static_dims):
+        if dims is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            return False
+        for d, size in dims.items():
+            if d >= x.dim() or x.shape[d] != size:
+                return False
+    return True

@@ -1,0 +1,228 @@
+"""The user API, compatible with ModelOpt's ``modelopt.torch.quantization`` (model_quant)."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qpass.calib.max_calibrate import (
+    max_calibrate, named_tensor_quantizers, restore_amax, snapshot_amax, weight_quantizer_owners,
+)
+from qpass.errors import QpassError, QuantConfigError
+from qpass.graph.quantized_model import (
+    STATE_ATTR, QpassState, is_quantized, make_quantizer, remove_created, state_of, wrapped_class,
+)
+from qpass.nn.tensor_quantizer import is_quantizer
+from qpass.passes.insert_quantizers import SLOT_META, quantizer_nodes
+from qpass.passes.rules import get_rule_set
+
+__all__ = [
+    "quantize", "calibrate", "disable_quantizer", "enable_quantizer", "print_quant_summary",
+    "fold_weight", "postprocess_amax", "shared_input_groups",
+]
+
+_IMPLEMENTED_ALGORITHMS = {"max"}
+
+
+def _register_module_quantizers(model: nn.Module, state: QpassState) -> None:
+    for path, module in list(model.named_modules()):
+        if is_quantizer(module):
+            continue
+        for rule in state.rule_set.module_rules:
+            if isinstance(module, rule.module_types):
+                for slot in rule.slots:
+                    if slot in rule.hard_disabled:
+                        state.hard_disabled.add(f"{path}.{slot}" if path else slot)
+                    make_quantizer(model, state, path, module, slot)
+
+
+def _unquantize(model: nn.Module) -> None:
+    """Undo quantize(): remove every quantizer qpass added and restore the class."""
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        return
+    remove_created(model, state)
+    model.__class__ = state.original_cls
+    del model.__dict__[STATE_ATTR]
+
+
+def _warn_unmatched(model: nn.Module, rules: list) -> None:
+    names = [n for n, m in model.named_modules() if is_quantizer(m)]
+    for rule in rules:
+        if not isinstance(rule.pattern, str) or (rule.cfg is None and not rule.enable):
+            continue  # a rule that only disables nothing is harmless
+        if not any(fnmatch.fnmatch(n, rule.pattern) for n in names):
+            warnings.warn(f"quant_cfg pattern {rule.pattern!r} matched no quantizer in the model", stacklevel=3)
+
+
+def _split_example_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    return (example_inputs,), {}
+
+
+def quantize(
+    model: nn.Module,
+    config: dict | str,
+    forward_loop: Callable[[nn.Module], Any] | None = None,
+    *,
+    rules: str = "default",
+    example_inputs: Any = None,
+) -> nn.Module:
+    """Quantize and calibrate ``model`` in place; returns the same object.
+
+    ``config`` is a ModelOpt config dict (list or dict ``quant_cfg`` form) or a
+    preset name. ``forward_loop(model)`` feeds calibration data; the model is
+    traced lazily from its first call. ``rules="modelopt"`` adds ModelOpt's
+    input-only quantizers (LayerNorm, pooling, ...) for exact name parity.
+    ``example_inputs`` (a tensor, tuple of args, or dict of kwargs) traces eagerly.
+    On any error the model is left exactly as it was.
+    """
+    from qpass.config import normalize_config
+
+    config_rules, algorithm = normalize_config(config)
+    rule_set = get_rule_set(rules)
+    if is_quantized(model):
+        raise QpassError(
+            f"{type(model).__name__} is already quantized by qpass; quantize a fresh copy of the "
+            "original model, or change formats with enable_quantizer/disable_quantizer and re-run calibrate"
+        )
+    state = QpassState(type(model), rule_set, config_rules, algorithm)
+    model.__dict__[STATE_ATTR] = state
+    model.__class__ = wrapped_class(state.original_cls)
+    try:
+        _register_module_quantizers(model, state)
+        if example_inputs is not None:
+            args, kwargs = _split_example_inputs(example_inputs)
+            with torch.no_grad():
+                model(*args, **kwargs)
+        calibrate(model, algorithm, forward_loop)
+        _warn_unmatched(model, config_rules)
+    except BaseException:
+        _unquantize(model)
+        raise
+    return model
+
+
+def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable | None = None) -> nn.Module:
+    """(Re)calibrate a quantized model. On failure the previous amax values stay."""
+    from qpass.config import normalize_config
+
+    state = state_of(model)
+    _, algo = normalize_config({"quant_cfg": [], "algorithm": algorithm})
+    if algo is None:
+        return model
+    method = algo["method"]
+    if method not in _IMPLEMENTED_ALGORITHMS:
+        raise QuantConfigError(
+            f"calibration algorithm {method!r} is not implemented yet in qpass; implemented: "
+            f"{sorted(_IMPLEMENTED_ALGORITHMS)}"
+        )
+    snap = snapshot_amax(model)
+    try:
+        max_calibrate(model, state, forward_loop)
+    except BaseException:
+        restore_amax(model, snap)
+        raise
+    return model
+
+
+def _select(model: nn.Module, wildcard_or_filter_func: str | Callable):
+    if isinstance(wildcard_or_filter_func, str):
+        match = lambda name: fnmatch.fnmatch(name, wildcard_or_filter_func)  # noqa: E731
+    elif callable(wildcard_or_filter_func):
+        match = wildcard_or_filter_func
+    else:
+        raise QuantConfigError(
+            f"expected a wildcard string or a filter function, got {type(wildcard_or_filter_func).__name__}"
+        )
+    return [m for n, m in model.named_modules() if is_quantizer(m) and match(n)]
+
+
+def disable_quantizer(model: nn.Module, wildcard_or_filter_func: str | Callable) -> None:
+    """Disable every quantizer whose name matches the wildcard or filter function."""
+    for q in _select(model, wildcard_or_filter_func):
+        q.disable()
+
+
+def enable_quantizer(model: nn.Module, wildcard_or_filter_func: str | Callable) -> None:
+    """Enable every quantizer whose name matches the wildcard or filter function."""
+    for q in _select(model, wildcard_or_filter_func):
+        q.enable()
+
+
+def postprocess_amax(model: nn.Module, key: str, post_process_fn: Callable) -> nn.Module:
+    """Apply ``post_process_fn`` to the amax of every quantizer matching ``key``."""
+    for name, q in named_tensor_quantizers(model):
+        if fnmatch.fnmatch(name, key) and q.amax is not None:
+            q.amax = post_process_fn(q.amax)
+    return model
+
+
+def shared_input_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of module names whose weighted ops read the same tensor (q/k/v, gate/up)."""
+    return state_of(model).groups
+
+
+def sync_graph_attributes(model: nn.Module) -> None:
+    """Point every captured graph at the model's current parameters and buffers."""
+    state = state_of(model)
+    for traced_list in state.graphs.values():
+        for traced in traced_list:
+            gm = traced.gm
+            for node in gm.graph.nodes:
+                if node.op == "get_attr":
+                    try:
+                        value = model.get_parameter(node.target)
+                    except AttributeError:
+                        try:
+                            value = model.get_buffer(node.target)
+                        except AttributeError:
+                            continue
+                    parent_path, _, leaf = node.target.rpartition(".")
+                    parent = gm.get_submodule(parent_path) if parent_path else gm
+                    setattr(parent, leaf, value)
+
+
+def _is_shared_parameter(model: nn.Module, param: torch.Tensor) -> bool:
+    return sum(1 for p in model.parameters(remove_duplicate=False) if p is param) > 1
+
+
+def fold_weight(model: nn.Module) -> None:
+    """Replace weights by their fake-quantized values and drop weight quantizers from the graph.
+
+    A weight shared with another module (tied embeddings) is untied first, so
+    the other user keeps its original values.
+    """
+    state = state_of(model)
+    with torch.no_grad():
+        for _, module, q in weight_quantizer_owners(model):
+            if not q.is_enabled:
+                continue
+            folded = q(module.weight)
+            if _is_shared_parameter(model, module.weight):
+                module.weight = nn.Parameter(folded.clone(), requires_grad=module.weight.requires_grad)
+            else:
+                module.weight.copy_(folded)
+            q.disable()
+    for traced_list in state.graphs.values():
+        for traced in traced_list:
+            for node in quantizer_nodes(traced.gm):
+                if node.meta[SLOT_META] == "weight_quantizer":
+                    node.replace_all_uses_with(node.args[0])
+                    traced.gm.graph.erase_node(node)
+            traced.gm.recompile()
+    sync_graph_attributes(model)
+
+
+def print_quant_summary(model: nn.Module, file=None) -> None:
+    """One line per quantizer (name, state, format, amax) and a totals line."""
+    from qpass.summary import format_summary
+
+    print(format_summary(model), file=file)

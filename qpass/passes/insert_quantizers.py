@@ -1,0 +1,156 @@
+"""Place quantizer call_module nodes where a rule of the rule set matches.
+
+The pass is mechanism only: a callback (``get_quantizer``) supplies the
+quantizer module for an (owner, slot) pair, already configured, or None to
+leave the slot out.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from qpass.passes.rules import OUT, OpRule, RuleSet
+
+aten = torch.ops.aten
+
+# Ops that do not change which tensor an attention probability is.
+_PASSTHROUGH = {
+    aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+    aten.type_as.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+
+GetQuantizer = Callable[[str, nn.Module, str], "nn.Module | None"]
+
+QUANTIZER_META = "qpass_quantizer"  # node.meta key: FQN of the quantizer the node calls
+SLOT_META = "qpass_slot"
+READS_META = "qpass_reads"  # the op node the quantizer feeds (or reads, for outputs)
+
+
+def owner_path(node: fx.Node) -> str:
+    """Innermost owning module path of a node ('' for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
+    path = re.sub(r"@\d+$", "", path)
+    return path
+
+
+def _from_softmax(node) -> bool:
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 8:
+        if node.op == "call_function" and node.target in _SOFTMAX:
+            return True
+        if node.op == "call_function" and node.target in _PASSTHROUGH:
+            node = node.args[0]
+            seen += 1
+            continue
+        return False
+    return False
+
+
+def _is_param(gm: fx.GraphModule, node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _register(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent_path, _, leaf = target.rpartition(".")
+    parent = gm
+    for part in parent_path.split(".") if parent_path else []:
+        if not hasattr(parent, part):
+            parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    if parent._modules.get(leaf) is not module:
+        # Drop any plain tensors torch.export unlifted at this path (quantizer buffers).
+        if leaf in parent.__dict__:
+            delattr(parent, leaf)
+        parent._modules[leaf] = module
+
+
+class InsertQuantizers(PassBase):
+    def __init__(self, model: nn.Module, rule_set: RuleSet, get_quantizer: GetQuantizer) -> None:
+        super().__init__()
+        self.model = model
+        self.rule_set = rule_set
+        self.get_quantizer = get_quantizer
+        self.placed: list[str] = []
+
+    def _rule_for(self, gm: fx.GraphModule, node: fx.Node, owner: nn.Module) -> OpRule | None:
+        for rule in self.rule_set.op_rules:
+            if node.target not in rule.ops:
+                continue
+            if rule.module_types is not None and not isinstance(owner, rule.module_types):
+                continue
+            if rule.weight_arg is not None:
+                w = node.args[rule.weight_arg] if len(node.args) > rule.weight_arg else None
+                if not _is_param(gm, w) or _fetch_attr(gm, w.target) is not getattr(owner, "weight", None):
+                    continue
+            if any(_is_param(gm, node.args[i]) for i in rule.activation_args if i < len(node.args)):
+                continue
+            if rule.after_softmax is not None and _from_softmax(node.args[0]) != rule.after_softmax:
+                continue
+            return rule
+        return None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        modified = False
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            path = owner_path(node)
+            try:
+                owner = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            rule = self._rule_for(gm, node, owner)
+            if rule is None:
+                continue
+            for slot in rule.slots:
+                quantizer = self.get_quantizer(path, owner, slot.name)
+                if quantizer is None:
+                    continue
+                target = f"{path}.{slot.name}" if path else slot.name
+                _register(gm, target, quantizer)
+                self._place(graph, node, slot.arg, target, slot.name)
+                self.placed.append(target)
+                modified = True
+        if modified:
+            graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    @staticmethod
+    def _place(graph: fx.Graph, node: fx.Node, arg: int, target: str, slot: str) -> None:
+        meta = {QUANTIZER_META: target, SLOT_META: slot, READS_META: node,
+                "nn_module_stack": node.meta.get("nn_module_stack", {})}
+        if arg == OUT:
+            with graph.inserting_after(node):
+                q = graph.call_module(target, (node,))
+            node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+            q.meta.update(meta, val=node.meta.get("val"))
+        else:
+            src = node.args[arg]
+            with graph.inserting_before(node):
+                q = graph.call_module(target, (src,))
+            q.meta.update(meta, val=getattr(src, "meta", {}).get("val"))
+            node.update_arg(arg, q)
+
+
+def quantizer_nodes(gm: fx.GraphModule):
+    """The quantizer call_module nodes qpass placed in a graph."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and QUANTIZER_META in n.meta]

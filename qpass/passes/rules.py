@@ -1,0 +1,179 @@
+"""Pattern rules: which ops and modules get which quantizer slots.
+
+Rules are data. ``insert_quantizers`` only places nodes where a rule matches; it
+decides nothing about formats (the config does that).
+
+Two rule sets ship:
+
+* ``"default"``: Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d get
+  ``input_quantizer``, ``weight_quantizer`` and ``output_quantizer``;
+  ``scaled_dot_product_attention`` gets ``q_bmm_quantizer``, ``k_bmm_quantizer``,
+  ``v_bmm_quantizer`` and ``softmax_quantizer`` on its owning module; an explicit
+  attention (matmul/bmm of two activations) gets ``q_bmm``/``k_bmm`` on the score
+  matmul and ``softmax``/``v_bmm`` on the output matmul.
+* ``"modelopt"``: the default plus ModelOpt's input-only quantizers on LayerNorm,
+  BatchNorm, InstanceNorm, pooling and LeakyReLU modules and Embedding's three
+  slots, and ModelOpt's name ``p_bmm_quantizer`` for the attention
+  probabilities, so quantizer names match ModelOpt's exactly.
+
+Naming of ops with no module of their own: their slots are registered on the
+innermost module that owns the op (from ``nn_module_stack``), e.g.
+``model.layers.0.self_attn.q_bmm_quantizer``; at the root they are registered on
+the model itself. Two such ops in one module share the slot's quantizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+aten = torch.ops.aten
+
+# Where a slot reads from: argument index of the matched op, or its output.
+OUT = -1
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    arg: int  # index into node.args, or OUT
+
+
+@dataclass(frozen=True)
+class ModuleRule:
+    """Quantizers registered from the module tree, before any trace."""
+
+    module_types: tuple
+    slots: tuple  # slot names
+    hard_disabled: tuple = ()  # registered (for ModelOpt names) but never used
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """Quantizer nodes placed around matching graph ops."""
+
+    name: str
+    ops: tuple
+    slots: tuple  # of Slot
+    module_types: tuple | None = None  # owner must be one of these; None: any owner
+    weight_arg: int | None = None  # this arg must be the owner's own ``.weight``
+    activation_args: tuple = ()  # these args must not be parameters
+    after_softmax: bool | None = None  # arg 0 must (True) or must not (False) come from a softmax
+
+
+_LINEAR = (nn.Linear,)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_WEIGHTED_SLOTS = (Slot("input_quantizer", 0), Slot("weight_quantizer", 1), Slot("output_quantizer", OUT))
+
+WEIGHTED_MODULES = ModuleRule(_LINEAR + _CONV + _CONV_T, ("input_quantizer", "weight_quantizer", "output_quantizer"))
+
+LINEAR = OpRule("linear", (aten.linear.default,), _WEIGHTED_SLOTS, _LINEAR, weight_arg=1)
+CONV = OpRule(
+    "conv",
+    (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+     aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default),
+    _WEIGHTED_SLOTS, _CONV, weight_arg=1,
+)
+CONV_TRANSPOSE = OpRule(
+    "conv_transpose",
+    (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
+     aten.convolution.default),
+    _WEIGHTED_SLOTS, _CONV_T, weight_arg=1,
+)
+
+
+def _attention_rules(probs_slot: str) -> tuple:
+    sdpa = OpRule(
+        "sdpa",
+        (aten.scaled_dot_product_attention.default,),
+        (Slot("q_bmm_quantizer", 0), Slot("k_bmm_quantizer", 1), Slot("v_bmm_quantizer", 2)),
+        activation_args=(0, 1, 2),
+    )
+    # matmul/bmm of two activations: the attention score product (q @ k^T) ...
+    scores = OpRule(
+        "attn_scores",
+        (aten.matmul.default, aten.bmm.default),
+        (Slot("q_bmm_quantizer", 0), Slot("k_bmm_quantizer", 1)),
+        activation_args=(0, 1),
+        after_softmax=False,
+    )
+    # ... or the probabilities times values, recognised by a softmax producer.
+    context = OpRule(
+        "attn_context",
+        (aten.matmul.default, aten.bmm.default),
+        (Slot(probs_slot, 0), Slot("v_bmm_quantizer", 1)),
+        activation_args=(0, 1),
+        after_softmax=True,
+    )
+    return sdpa, scores, context
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    name: str
+    module_rules: tuple  # of ModuleRule
+    op_rules: tuple  # of OpRule
+    attention_probs_slot: str
+
+    @property
+    def attention_slots(self) -> tuple:
+        return ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", self.attention_probs_slot)
+
+
+DEFAULT = RuleSet(
+    name="default",
+    module_rules=(WEIGHTED_MODULES,),
+    op_rules=(LINEAR, CONV, CONV_TRANSPOSE) + _attention_rules("softmax_quantizer"),
+    attention_probs_slot="softmax_quantizer",
+)
+
+_INPUT_ONLY_TYPES = (
+    nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.LeakyReLU,
+)
+INPUT_ONLY = OpRule(
+    "input_only",
+    (aten.layer_norm.default, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+     aten.instance_norm.default,
+     aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+     aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+     aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
+     aten.leaky_relu.default),
+    (Slot("input_quantizer", 0), Slot("output_quantizer", OUT)),
+    _INPUT_ONLY_TYPES,
+)
+EMBEDDING = OpRule(
+    "embedding", (aten.embedding.default,),
+    (Slot("weight_quantizer", 0), Slot("output_quantizer", OUT)), (nn.Embedding,), weight_arg=0,
+)
+
+MODELOPT = RuleSet(
+    name="modelopt",
+    module_rules=(
+        WEIGHTED_MODULES,
+        ModuleRule(_INPUT_ONLY_TYPES, ("input_quantizer", "output_quantizer")),
+        ModuleRule((nn.Embedding,), ("weight_quantizer", "input_quantizer", "output_quantizer"),
+                   hard_disabled=("input_quantizer",)),
+    ),
+    op_rules=(LINEAR, CONV, CONV_TRANSPOSE, INPUT_ONLY, EMBEDDING) + _attention_rules("p_bmm_quantizer"),
+    attention_probs_slot="p_bmm_quantizer",
+)
+
+RULE_SETS = {"default": DEFAULT, "modelopt": MODELOPT}
+
+
+def get_rule_set(rules) -> RuleSet:
+    from qpass.errors import QuantConfigError
+
+    if isinstance(rules, RuleSet):
+        return rules
+    if rules is None:
+        return DEFAULT
+    if rules not in RULE_SETS:
+        raise QuantConfigError(f"unknown rule set {rules!r}; choices: {sorted(RULE_SETS)}")
+    return RULE_SETS[rules]

@@ -1,0 +1,52 @@
+"""Readable and machine-readable summaries of a model's quantizers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qpass.nn.tensor_quantizer import TensorQuantizer
+
+
+def quantizer_rows(model: nn.Module) -> list[dict]:
+    rows = []
+    for name, q in model.named_modules():
+        if not isinstance(q, TensorQuantizer):
+            continue
+        amax = q.amax
+        row = {
+            "name": name,
+            "enabled": q.is_enabled,
+            "format": q.describe() if q.is_enabled else "-",
+            "amax": None,
+            "pre_quant_scale": q.pre_quant_scale is not None,
+        }
+        if amax is not None:
+            row["amax"] = amax.item() if amax.numel() == 1 else [amax.min().item(), amax.max().item(), amax.numel()]
+        rows.append(row)
+    return rows
+
+
+def _amax_text(amax) -> str:
+    if amax is None:
+        return "-"
+    if isinstance(amax, float):
+        return f"{amax:.4g}"
+    lo, hi, n = amax
+    return f"[{lo:.4g}, {hi:.4g}] ({n})"
+
+
+def format_summary(model: nn.Module) -> str:
+    rows = quantizer_rows(model)
+    if not rows:
+        return "no quantizers (the model is not quantized)"
+    width = max(len(r["name"]) for r in rows)
+    fmt_width = max(len(r["format"]) for r in rows)
+    lines = [f"{'quantizer':<{width}}  {'state':<8}  {'format':<{fmt_width}}  amax"]
+    for r in rows:
+        state = "on" if r["enabled"] else "off"
+        extra = "  (pre_quant_scale)" if r["pre_quant_scale"] else ""
+        lines.append(f"{r['name']:<{width}}  {state:<8}  {r['format']:<{fmt_width}}  {_amax_text(r['amax'])}{extra}")
+    enabled = sum(r["enabled"] for r in rows)
+    calibrated = sum(r["amax"] is not None for r in rows if r["enabled"])
+    lines.append(f"{len(rows)} quantizers: {enabled} enabled, {len(rows) - enabled} disabled, {calibrated} with amax")
+    return "\n".join(lines)
