@@ -7,6 +7,7 @@ the model, whose forward is the traced graph.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -74,6 +75,7 @@ def collect_activations(model: nn.Module, state: QpassState, forward_loop: Calla
         if q.is_enabled and not is_weight_quantizer(name):
             q.enable_calib()
     state.calibrating = True
+    state.calib_placed = set()
     calls_before = state.calls
     try:
         with torch.no_grad():
@@ -89,8 +91,18 @@ def collect_activations(model: nn.Module, state: QpassState, forward_loop: Calla
         )
 
 
-def load_activation_amax(model: nn.Module) -> None:
-    missing = [n for n, q in activation_quantizers(model) if not q.load_calib_amax()]
+def load_activation_amax(model: nn.Module, state: QpassState) -> None:
+    missing, outside = [], []
+    for n, q in activation_quantizers(model):
+        if not q.load_calib_amax():
+            (missing if _owner_slot(n) in state.calib_placed else outside).append(n)
+    if outside:
+        warnings.warn(
+            f"{len(outside)} enabled quantizer(s) belong to modules the traced forward does not use "
+            f"({', '.join(outside[:5])}{' ...' if len(outside) > 5 else ''}); they stay uncalibrated "
+            "and quantize with each input's own range if a later input structure reaches them",
+            stacklevel=4,
+        )
     if missing:
         shown = ", ".join(f"'{n}'" for n in missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CalibrationError(
@@ -98,6 +110,12 @@ def load_activation_amax(model: nn.Module) -> None:
             "reached them; feed inputs that do, or disable them with "
             "qpass.disable_quantizer(model, '<pattern>') before calibrating"
         )
+
+
+def _owner_slot(name: str) -> str:
+    """'a.weight_quantizer.1' -> 'a.weight_quantizer' (the name placed in the graph)."""
+    head, _, last = name.rpartition(".")
+    return head if last.isdigit() else name
 
 
 def share_group_amax(model: nn.Module, groups: list[list[str]]) -> None:
@@ -136,5 +154,5 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
             )
         return
     collect_activations(model, state, forward_loop)
-    load_activation_amax(model)
+    load_activation_amax(model, state)
     share_group_amax(model, state.groups)

@@ -44,6 +44,7 @@ class QpassState:
         self.placed: set[str] = set()
         self.calls = 0
         self.calibrating = False
+        self.calib_placed: set[str] = set()  # quantizers in graphs that ran during calibration
 
     @property
     def groups(self) -> list[list[str]]:
@@ -112,9 +113,12 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     key, flat = _input_key(model.training, args, kwargs)
     for traced in state.graphs.get(key, ()):
         if matches_static_dims(traced, flat):
-            return traced.gm(*args, **kwargs)
-    traced = capture(model, args, kwargs)
-    state.graphs.setdefault(key, []).append(traced)
+            break
+    else:
+        traced = capture(model, args, kwargs)
+        state.graphs.setdefault(key, []).append(traced)
+    if state.calibrating:
+        state.calib_placed.update(traced.placed)
     return traced.gm(*args, **kwargs)
 
 
@@ -172,6 +176,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> TracedGraph:
     except BaseException:
         remove_created(model, state, since)
         raise
+    traced.placed = frozenset(insert.placed)
     state.placed.update(insert.placed)
     state.edges.append(input_reader_edges(traced.gm))
     return traced

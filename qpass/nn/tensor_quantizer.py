@@ -173,7 +173,7 @@ class TensorQuantizer(nn.Module):
     def collect(self, x: torch.Tensor) -> None:
         """Feed one batch to the calibrator; NaN/Inf is an error naming this quantizer."""
         spec = self.spec
-        if not spec.needs_amax:
+        if not spec.needs_amax or x.numel() == 0:  # e.g. an MoE expert that got no tokens
             return
         stat = spec.amax_of(x)
         if not bool(torch.isfinite(stat).all()):

@@ -1,0 +1,89 @@
+"""The insertion pass, asserted by counting quantizer nodes per slot (PT2E style)."""
+
+from collections import Counter
+
+import torch
+
+import qpass
+from qpass.graph.quantized_model import state_of
+from qpass.passes.insert_quantizers import QUANTIZER_META, SLOT_META, quantizer_nodes
+
+from conftest import ExplicitAttention, tiny_bert
+
+
+def _graphs(model):
+    return [t.gm for ts in state_of(model).graphs.values() for t in ts]
+
+
+def _slot_counts(model):
+    (gm,) = _graphs(model)
+    return Counter(n.meta[SLOT_META] for n in quantizer_nodes(gm))
+
+
+def test_linear_and_sdpa_slots(attention):
+    qpass.quantize(attention, qpass.INT8_DEFAULT_CFG, lambda m: m(torch.randn(2, 5, 32)))
+    assert _slot_counts(attention) == Counter({
+        "input_quantizer": 4, "weight_quantizer": 4, "output_quantizer": 4,
+        "q_bmm_quantizer": 1, "k_bmm_quantizer": 1, "v_bmm_quantizer": 1,
+    })
+    # Attention slots live on the module that owns the SDPA op, disabled unless configured.
+    assert not attention.q_bmm_quantizer.is_enabled
+    assert not attention.softmax_quantizer.is_enabled if hasattr(attention, "softmax_quantizer") else True
+
+
+def test_kv_cache_config_enables_bmm_quantizers(attention):
+    cfg = {"quant_cfg": qpass.FP8_DEFAULT_CFG["quant_cfg"] + qpass.FP8_KV_CFG["quant_cfg"], "algorithm": "max"}
+    qpass.quantize(attention, cfg, lambda m: m(torch.randn(2, 5, 32)))
+    assert attention.k_bmm_quantizer.is_enabled and attention.v_bmm_quantizer.is_enabled
+    assert not attention.q_bmm_quantizer.is_enabled
+    assert attention.k_bmm_quantizer.amax is not None
+
+
+def test_explicit_attention_matmuls():
+    torch.manual_seed(0)
+    model = ExplicitAttention().eval()
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(torch.randn(2, 5, 32)))
+    counts = _slot_counts(model)
+    assert counts["q_bmm_quantizer"] == counts["k_bmm_quantizer"] == 1
+    assert counts["softmax_quantizer"] == counts["v_bmm_quantizer"] == 1
+    (gm,) = _graphs(model)
+    (probs,) = [n for n in quantizer_nodes(gm) if n.meta[SLOT_META] == "softmax_quantizer"]
+    assert "softmax" in str(probs.args[0].target)
+
+
+def test_conv_and_conv_transpose(cnn):
+    qpass.quantize(cnn, qpass.INT8_DEFAULT_CFG, lambda m: m(torch.randn(2, 3, 8, 8)))
+    counts = _slot_counts(cnn)
+    # stem, block.conv1, block.conv2, up (ConvTranspose2d), head (Linear)
+    assert counts == Counter({"input_quantizer": 5, "weight_quantizer": 5, "output_quantizer": 5})
+    assert cnn.up.weight_quantizer.amax.shape[0] == cnn.up.weight.shape[0]
+
+
+def test_modelopt_rules_on_cnn(cnn):
+    qpass.quantize(cnn, qpass.INT8_DEFAULT_CFG, lambda m: m(torch.randn(2, 3, 8, 8)), rules="modelopt")
+    (gm,) = _graphs(cnn)
+    placed = {n.meta[QUANTIZER_META] for n in quantizer_nodes(gm)}
+    assert {"block.bn1.input_quantizer", "pool.input_quantizer"} <= placed
+    # The presets disable BatchNorm quantizers by parent_class, as ModelOpt's do.
+    assert not cnn.block.bn1.input_quantizer.is_enabled
+    assert cnn.pool.input_quantizer.is_enabled
+
+
+def test_unused_pooler_is_dead_code_before_matching():
+    model = tiny_bert()
+
+    class EncoderOnly(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids):
+            return self.bert(input_ids=input_ids).last_hidden_state
+
+    wrapper = EncoderOnly(model).eval()
+    ids = torch.randint(0, 128, (2, 7))
+    qpass.quantize(wrapper, qpass.INT8_DEFAULT_CFG, lambda m: m(ids))
+    (gm,) = _graphs(wrapper)
+    placed = {n.meta[QUANTIZER_META] for n in quantizer_nodes(gm)}
+    assert not any("pooler" in p for p in placed)
+    assert not any("tanh" in str(n.target) for n in gm.graph.nodes)
