@@ -53,8 +53,10 @@ def _check_cfg_dict(cfg, where, key):
         )
     # Validate now so a bad attribute is reported with its entry, not when a model is quantized.
     named = isinstance(key, str) and repr(key) not in where
-    QuantizerAttributes.from_dict(cfg, key=f"{where} {key!r}" if named else where)
-    return {k: copy.deepcopy(v) for k, v in cfg.items() if k != "enable"}
+    attrs = QuantizerAttributes.from_dict(cfg, key=f"{where} {key!r}" if named else where)
+    # Keep only what the entry names, in checked form (tuples, int block axes); "enable"
+    # inside cfg is ignored by ModelOpt (the entry's own "enable" decides), so drop it.
+    return {k: copy.deepcopy(getattr(attrs, k)) for k in cfg if k != "enable"}
 
 
 def _check_parent_class(parent_class, where):
