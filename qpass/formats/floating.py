@@ -1,0 +1,168 @@
+"""Small floating-point element formats (FP8, FP6, FP4) and the E8M0 scale format.
+
+A :class:`FloatFormat` knows its representable magnitudes and rounds an already
+scaled float32 tensor to them: round to nearest, ties to even, saturating at
+``+-max``. FP8 formats go through torch's own ``float8`` dtypes (the same casts
+ModelOpt uses); sub-byte formats round against an enumerated value table. E3M0
+rounds ties away from zero, as ModelOpt's MX kernel does.
+
+Sub-byte codes are ``sign << (E + M) | index`` where ``index`` is the position of
+the magnitude in the sorted value table (for these formats that is also the
+magnitude's bit pattern).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["E0M3", "E1M2", "E2M1", "E2M3", "E3M0", "E3M2", "E4M3", "E5M2", "E8M0", "FloatFormat"]
+
+
+class FloatFormat:
+    """A sign + E exponent bits + M mantissa bits float, no inf (except E5M2), finite saturation."""
+
+    def __init__(self, exponent_bits: int, mantissa_bits: int):
+        self.exponent_bits = int(exponent_bits)
+        self.mantissa_bits = int(mantissa_bits)
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def bits(self) -> tuple[int, int]:
+        """The ModelOpt ``num_bits`` spelling, ``(E, M)``."""
+        return (self.exponent_bits, self.mantissa_bits)
+
+    @property
+    def name(self) -> str:
+        return f"e{self.exponent_bits}m{self.mantissa_bits}"
+
+    @property
+    def total_bits(self) -> int:
+        """Storage bits per element (E8M0 has no sign bit)."""
+        if self.is_scale_only:
+            return 8
+        return 1 + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def is_scale_only(self) -> bool:
+        """E8M0: unsigned powers of two, used only for MX block scales."""
+        return self.bits == (8, 0)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The native torch dtype that holds this format exactly, if there is one."""
+        return {(4, 3): torch.float8_e4m3fn, (5, 2): torch.float8_e5m2}.get(self.bits)
+
+    def __eq__(self, other):
+        return isinstance(other, FloatFormat) and self.bits == other.bits
+
+    def __hash__(self):
+        return hash(("float", self.bits))
+
+    def __repr__(self):
+        return f"FloatFormat({self.exponent_bits}, {self.mantissa_bits})"
+
+    # -- value set --------------------------------------------------------------------------
+    @property
+    def max(self) -> float:
+        """Largest finite magnitude."""
+        if self.is_scale_only:
+            return 2.0**127
+        return float(self._magnitudes()[-1])
+
+    @functools.cache
+    def _magnitudes(self) -> tuple[float, ...]:
+        e_bits, m_bits = self.bits
+        if self.is_scale_only:
+            return tuple(2.0**e for e in range(-127, 128))
+        if self.bits == (4, 3):  # fn variant: S.1111.111 is NaN, so max is 1.75 * 2**8 = 448
+            codes = range(0, 0x7F)
+        elif self.bits == (5, 2):  # IEEE-like: exponent 31 is inf/NaN
+            codes = range(0, 0x7C)
+        else:  # OCP MX sub-byte formats: every code is finite
+            codes = range(0, 1 << (e_bits + m_bits))
+        if e_bits == 0:  # E0M3: plain integers 0..7 (ModelOpt's table)
+            return tuple(float(c) for c in codes)
+        bias = (1 << (e_bits - 1)) - 1
+        out = []
+        for c in codes:
+            e, m = c >> m_bits, c & ((1 << m_bits) - 1)
+            if e == 0:
+                out.append(m * 2.0 ** (1 - bias - m_bits))
+            else:
+                out.append((1 + m / (1 << m_bits)) * 2.0 ** (e - bias))
+        return tuple(out)
+
+    def values(self, device=None) -> torch.Tensor:
+        """Sorted non-negative representable magnitudes as float32."""
+        return _table(self, "values", device)
+
+    # -- rounding ---------------------------------------------------------------------------
+    def round(self, v: torch.Tensor) -> torch.Tensor:
+        """Round a float32 tensor to this format (RNE, saturating); returns float32."""
+        if self.is_scale_only:
+            raise TypeError("E8M0 is a scale format; use qpass.formats.block.e8m0_exponent")
+        dt = self.torch_dtype
+        if dt is not None:
+            return v.clamp(-self.max, self.max).to(dt).float()
+        return self.decode(self.encode(v))
+
+    def encode(self, v: torch.Tensor) -> torch.Tensor:
+        """Round and return codes: a float8 tensor for FP8, else uint8 ``sign|index`` codes."""
+        dt = self.torch_dtype
+        if dt is not None:
+            return v.clamp(-self.max, self.max).to(dt)
+        a = v.abs()
+        mids = _table(self, "mids", v.device)
+        # bucketize(right=False): a == mids[i] lands in bucket i (round down)
+        idx = torch.bucketize(a, mids, right=self.bits == (3, 0))
+        if self.bits != (3, 0):  # ties to even: a tie at an odd midpoint rounds up
+            i = idx.clamp(max=mids.numel() - 1)
+            idx = idx + ((a == mids[i]) & (i % 2 == 1)).to(idx.dtype)
+        idx = torch.where(torch.isnan(a), mids.numel(), idx)  # NaN saturates like ModelOpt
+        sign = (v < 0).to(torch.uint8) << (self.exponent_bits + self.mantissa_bits)
+        return sign | idx.to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (from :meth:`encode`) back to float32 values; keeps the sign of zero."""
+        if codes.dtype == self.torch_dtype:
+            return codes.float()
+        shift = self.exponent_bits + self.mantissa_bits
+        mag = _table(self, "values", codes.device)[(codes & ((1 << shift) - 1)).long()]
+        return torch.where((codes >> shift) & 1 == 1, -mag, mag)
+
+    def gap(self, v: torch.Tensor) -> torch.Tensor:
+        """Distance between the two representable magnitudes around ``|v|`` (the last gap above max)."""
+        vals = self.values(v.device)
+        i = (torch.bucketize(v.abs(), vals, right=True) - 1).clamp(0, vals.numel() - 2)
+        return vals[i + 1] - vals[i]
+
+
+@functools.cache
+def _cpu_tables(fmt: FloatFormat) -> dict[str, torch.Tensor]:
+    vals = torch.tensor(fmt._magnitudes(), dtype=torch.float64)
+    return {"values": vals.float(), "mids": ((vals[:-1] + vals[1:]) / 2).float()}
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def _table(fmt: FloatFormat, kind: str, device) -> torch.Tensor:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    key = (fmt.bits, kind, device)
+    t = _DEVICE_TABLES.get(key)
+    if t is None:
+        t = _DEVICE_TABLES[key] = _cpu_tables(fmt)[kind].to(device)
+    return t
+
+
+E4M3 = FloatFormat(4, 3)
+E5M2 = FloatFormat(5, 2)
+E3M2 = FloatFormat(3, 2)
+E2M3 = FloatFormat(2, 3)
+E2M1 = FloatFormat(2, 1)
+E1M2 = FloatFormat(1, 2)
+E0M3 = FloatFormat(0, 3)
+E3M0 = FloatFormat(3, 0)
+E8M0 = FloatFormat(8, 0)
