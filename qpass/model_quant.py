@@ -191,7 +191,7 @@ def sync_graph_attributes(model: nn.Module) -> None:
 
 
 def _is_shared_parameter(model: nn.Module, param: torch.Tensor) -> bool:
-    return sum(1 for p in model.parameters(remove_duplicate=False) if p is param) > 1
+    return sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is param) > 1
 
 
 def fold_weight(model: nn.Module) -> None:

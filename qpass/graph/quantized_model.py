@@ -9,6 +9,7 @@ to a graph captured lazily for each input structure.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -55,6 +56,9 @@ class QuantizedModule:
     """Mixin placed before the model's own class. Its forward runs the graph."""
 
     def forward(self, *args, **kwargs):
+        if "use_cache" not in kwargs and _takes_use_cache(type(self)):
+            # HF cache objects cannot leave an exported graph: run without a KV cache.
+            kwargs["use_cache"] = False
         return run_graph(self, args, kwargs)
 
 
@@ -69,6 +73,14 @@ class _GraphGeneration:
 
 
 _WRAPPED: dict[type, type] = {}
+_USE_CACHE: dict[type, bool] = {}
+
+
+def _takes_use_cache(cls: type) -> bool:
+    if cls not in _USE_CACHE:
+        original = cls.__bases__[-1]  # wrapped_class puts the model's own class last
+        _USE_CACHE[cls] = "use_cache" in inspect.signature(original.forward).parameters
+    return _USE_CACHE[cls]
 
 
 def wrapped_class(cls: type) -> type:
@@ -102,24 +114,24 @@ def _leaf_key(x):
 
 
 def _input_key(training: bool, args, kwargs):
-    kwargs = dict(sorted(kwargs.items()))
-    flat, spec = pytree.tree_flatten((args, kwargs))
-    return (training, str(spec), tuple(_leaf_key(x) for x in flat)), flat
+    flat, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
+    tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+    return (training, str(spec), tuple(_leaf_key(x) for x in flat)), tensors
 
 
 def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     state = state_of(model)
     state.calls += 1
-    key, flat = _input_key(model.training, args, kwargs)
+    key, tensors = _input_key(model.training, args, kwargs)
     for traced in state.graphs.get(key, ()):
-        if matches_static_dims(traced, flat):
+        if matches_static_dims(traced, tensors):
             break
     else:
         traced = capture(model, args, kwargs)
         state.graphs.setdefault(key, []).append(traced)
     if state.calibrating:
         state.calib_placed.update(traced.placed)
-    return traced.gm(*args, **kwargs)
+    return traced.gm(*tensors)
 
 
 # ---------------------------------------------------------------------- quantizers

@@ -9,7 +9,6 @@ such as HF ``ModelOutput``) and records each op's owning module path in
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,19 +21,33 @@ from qpass.errors import TraceError
 DYNAMIC_DIMS = 2
 
 
-def _dim_spec(x):
-    if isinstance(x, torch.Tensor) and x.dim() > 0:
-        return {d: torch.export.Dim.AUTO for d in range(min(x.dim(), DYNAMIC_DIMS))}
-    return None
+def _dim_spec(x: torch.Tensor):
+    return {d: torch.export.Dim.AUTO for d in range(min(x.dim(), DYNAMIC_DIMS))} or None
 
 
-def _dynamic_shapes(fn, args, kwargs):
-    sig = inspect.signature(fn)
-    bound = sig.bind(*args, **kwargs)
-    shapes = {}
-    for name, value in bound.arguments.items():
-        shapes[name] = pytree.tree_map(_dim_spec, value)
-    return shapes
+class _FlatCall(nn.Module):
+    """Calls the model's own forward from a flat list of input tensors.
+
+    torch.export sees only tensors (one positional argument each, with dynamic
+    batch/sequence dims); every other leaf of the caller's (args, kwargs) is a
+    constant of this graph. The module shares the model's parameter, buffer
+    and submodule dicts, so every FQN in the graph is the model's own.
+    """
+
+    def __init__(self, model: nn.Module, original_cls: type, spec, leaves: list) -> None:
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self.training = model.training
+        object.__setattr__(self, "_qpass_call", (model, original_cls, spec, leaves))
+
+    def forward(self, *tensors):
+        model, original_cls, spec, leaves = self._qpass_call
+        it = iter(tensors)
+        filled = [next(it) if isinstance(x, torch.Tensor) else x for x in leaves]
+        args, kwargs = pytree.tree_unflatten(filled, spec)
+        return original_cls.forward(model, *args, **kwargs)
 
 
 class _ModuleStack:
@@ -43,13 +56,11 @@ class _ModuleStack:
     def __init__(self, model: nn.Module) -> None:
         self.names = {id(m): n for n, m in model.named_modules()}
         self.stack: list[str] = []
-        self.deepest: list[str] = []
 
     def pre(self, module, args):
         name = self.names.get(id(module))
         if name is not None:
             self.stack.append(name)
-            self.deepest = list(self.stack)
 
     def post(self, module, args, out):
         if self.names.get(id(module)) is not None and self.stack:
@@ -67,10 +78,8 @@ class _ModuleStack:
 
     def failing_module(self) -> str:
         # The stack at the moment of failure: its top is the module whose code raised.
-        where = self.stack or self.deepest
-        if not where:
-            return "<root>"
-        return where[-1] or "<root>"
+        # Empty: the root's own code (or its outputs) failed.
+        return (self.stack[-1] if self.stack else "") or "<root>"
 
 
 @dataclass
@@ -96,14 +105,22 @@ def _static_dims(gm: fx.GraphModule) -> list:
 
 
 def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict) -> TracedGraph:
-    """Export the model's own forward (its class before qpass wrapped it) for these inputs."""
+    """Export the model's own forward (its class before qpass wrapped it) for these inputs.
+
+    The graph takes the input tensors flat, in ``pytree.tree_flatten((args, kwargs))`` order
+    (kwargs sorted by name), and returns the caller's output structure.
+    """
+    leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
+    tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
     watcher = _ModuleStack(model)
     wrapped_cls = model.__class__
     model.__class__ = original_cls
     try:
-        dynamic_shapes = _dynamic_shapes(model.forward, args, kwargs)
         with watcher.watching():
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(
+                _FlatCall(model, original_cls, spec, leaves), tensors,
+                dynamic_shapes=(tuple(_dim_spec(t) for t in tensors),), strict=False,
+            )
     except Exception as e:  # noqa: BLE001 - every export failure becomes one clear error
         where = watcher.failing_module()
         text = str(e).strip()
@@ -129,14 +146,12 @@ def _type_of(model: nn.Module, path: str) -> str:
         return "?"
 
 
-def matches_static_dims(traced: TracedGraph, flat_inputs: list) -> bool:
-    if len(flat_inputs) != len(traced.static_dims):
+def matches_static_dims(traced: TracedGraph, tensors: list) -> bool:
+    if len(tensors) != len(traced.static_dims):
         return False
-    for x, dims in zip(flat_inputs, traced.static_dims):
+    for x, dims in zip(tensors, traced.static_dims):
         if dims is None:
             continue
-        if not isinstance(x, torch.Tensor):
-            return False
         for d, size in dims.items():
             if d >= x.dim() or x.shape[d] != size:
                 return False
