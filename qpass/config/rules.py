@@ -117,14 +117,24 @@ def default_attributes(quantizer_name: str, parent_module: Any = None) -> Quanti
     """What ModelOpt gives a quantizer before any rule touches it.
 
     8-bit per-tensor everywhere, except weights of Linear/Conv layers (8-bit per output channel,
-    axis 0) and output quantizers (disabled).
+    axis 0), and output quantizers and embedding input quantizers (disabled).
     """
     leaf = quantizer_name.rsplit(".", 1)[-1]
-    if leaf == "output_quantizer":
+    if leaf == "output_quantizer" or is_hard_disabled(quantizer_name, parent_module):
         return QuantizerAttributes(enable=False)
     if leaf == "weight_quantizer" and isinstance(parent_module, _PER_CHANNEL_WEIGHT_PARENTS):
         return QuantizerAttributes(axis=0)
     return QuantizerAttributes()
+
+
+def is_hard_disabled(quantizer_name: str, parent_module: Any = None) -> bool:
+    """Quantizers that stay off whatever the rules say, as in ModelOpt.
+
+    The input of an embedding is integer indices, so its ``input_quantizer`` never quantizes.
+    """
+    return quantizer_name.rsplit(".", 1)[-1] == "input_quantizer" and isinstance(
+        parent_module, nn.Embedding
+    )
 
 
 def _switch(attrs: QuantizerAttributes, enable: bool) -> QuantizerAttributes:
@@ -153,14 +163,9 @@ def apply_rule(state, rule: Rule, initial: QuantizerAttributes):
         return _switch(state, enable)
     if isinstance(rule.cfg, dict):
         return _from_cfg(rule.cfg, enable, key)
-    new = [_from_cfg(c, enable, key) for c in rule.cfg]
-    if isinstance(state, list) and len(state) != len(new):
-        # ModelOpt assigns pairwise to an existing sequence of another length.
-        merged = copy.deepcopy(state)
-        for i in range(min(len(state), len(new))):
-            merged[i] = new[i]
-        return merged
-    return new
+    # A sequence replaces whatever was there. (ModelOpt 0.47, re-applying a list cfg to an
+    # existing sequence, nests a new sequence inside each member: a bug qpass does not copy.)
+    return [_from_cfg(c, enable, key) for c in rule.cfg]
 
 
 def resolve_attributes(
@@ -182,4 +187,7 @@ def resolve_attributes(
             if state is None and rule.cfg is None and initial is None:
                 initial = default_attributes(quantizer_name, parent_module)
             state = apply_rule(state, rule, initial)
+    if state is not None and is_hard_disabled(quantizer_name, parent_module):
+        for a in state if isinstance(state, list) else [state]:
+            a.enable = False
     return state
