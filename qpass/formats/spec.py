@@ -219,7 +219,7 @@ class QuantSpec:
 
         def run(t):
             out, mask = self._fake32(t.detach().float(), amax, want_mask)
-            return out.to(t.dtype), mask
+            return _cast(out, t.dtype), mask
 
         if x.requires_grad and torch.is_grad_enabled():
             return _FakeQuantSTE.apply(x, run)
@@ -268,7 +268,7 @@ class QuantSpec:
             lay = self._layout(shape)
             cb = _padded_codes(codes, lay)
             out = lay.from_blocks(scaled.dequantize(self.fmt, cb, lay.broadcast(scale)))
-        return out.to(dtype)
+        return _cast(out, dtype)
 
     def step(self, x: torch.Tensor, amax=None) -> torch.Tensor:
         """Float32 quantization step around each element of x (input units)."""
@@ -281,6 +281,14 @@ class QuantSpec:
         lay = self._layout(x.shape)
         a = lay.broadcast_amax(self._amax_or_stat(x32, amax))
         return lay.from_blocks(scaled.step(self.fmt, lay.to_blocks(x32), a))
+
+
+def _cast(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast float32 results to dtype, saturating instead of overflowing to inf (float16:
+    an MX/FP8 value rounded just above the largest float16 becomes 65504, not inf)."""
+    if dtype == torch.float16:
+        out = out.clamp(-65504.0, 65504.0)
+    return out.to(dtype)
 
 
 def _fmt_name(f, short=False) -> str:
