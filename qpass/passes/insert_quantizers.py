@@ -8,13 +8,14 @@ leave the slot out.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Callable
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from qpass.passes.rules import OUT, OpRule, RuleSet
+from qpass.passes.rules import OUT, REGISTER_ONLY, OpRule, RuleSet
 
 aten = torch.ops.aten
 
@@ -123,6 +124,13 @@ class InsertQuantizers(PassBase):
             for slot in rule.slots:
                 quantizer = self.get_quantizer(path, owner, slot.name)
                 if quantizer is None:
+                    continue
+                if slot.arg is REGISTER_ONLY:
+                    if quantizer.is_enabled:
+                        warnings.warn(
+                            f"quantizer '{path}.{slot.name}' is enabled but {node.target} computes its "
+                            "probabilities internally, so it quantizes nothing; use an eager attention "
+                            "implementation (matmul/softmax/matmul) to quantize them", stacklevel=2)
                     continue
                 target = f"{path}.{slot.name}" if path else slot.name
                 _register(gm, target, quantizer)

@@ -33,12 +33,15 @@ aten = torch.ops.aten
 
 # Where a slot reads from: argument index of the matched op, or its output.
 OUT = -1
+# A slot registered on the owner for ModelOpt name parity, with no node to place
+# (SDPA computes its probabilities internally).
+REGISTER_ONLY = None
 
 
 @dataclass(frozen=True)
 class Slot:
     name: str
-    arg: int  # index into node.args, or OUT
+    arg: int | None  # index into node.args, OUT, or REGISTER_ONLY
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ def _attention_rules(probs_slot: str) -> tuple:
     sdpa = OpRule(
         "sdpa",
         (aten.scaled_dot_product_attention.default,),
-        (Slot("q_bmm_quantizer", 0), Slot("k_bmm_quantizer", 1), Slot("v_bmm_quantizer", 2)),
+        (Slot("q_bmm_quantizer", 0), Slot("k_bmm_quantizer", 1), Slot("v_bmm_quantizer", 2),
+         Slot(probs_slot, REGISTER_ONLY)),
         activation_args=(0, 1, 2),
     )
     # matmul/bmm of two activations: the attention score product (q @ k^T) ...
