@@ -70,14 +70,14 @@ def _mx_scales(elem, xb: torch.Tensor):
 
 
 def _global_scale(elem, scale_fmt: FloatFormat, amax: torch.Tensor) -> torch.Tensor:
-    amax = amax.detach().float()
+    amax = torch.as_tensor(amax).detach().float()
     if amax.numel() != 1:
         amax = amax.amax()
     return amax.reshape(()) / (elem.max * scale_fmt.max)
 
 
 def _float_scales(elem, scale_fmt: FloatFormat, xb: torch.Tensor, amax: torch.Tensor):
-    g = _global_scale(elem, scale_fmt, amax)
+    g = _global_scale(elem, scale_fmt, amax).to(xb.device)
     block_amax = xb.abs().amax(dim=-1, keepdim=True)
     s = block_amax / (elem.max * g)
     s = torch.where(g > 0, s, 0.0).clamp(max=scale_fmt.max)

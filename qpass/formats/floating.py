@@ -13,8 +13,6 @@ magnitude's bit pattern).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 __all__ = ["E0M3", "E1M2", "E2M1", "E2M3", "E3M0", "E3M2", "E4M3", "E5M2", "E8M0", "FloatFormat"]
@@ -26,6 +24,10 @@ class FloatFormat:
     def __init__(self, exponent_bits: int, mantissa_bits: int):
         self.exponent_bits = int(exponent_bits)
         self.mantissa_bits = int(mantissa_bits)
+        self._mags = _magnitudes(self.exponent_bits, self.mantissa_bits)
+        vals = torch.tensor(self._mags, dtype=torch.float64)
+        self._tables = {"values": vals.float(), "mids": ((vals[:-1] + vals[1:]) / 2).float()}
+        self._on_device: dict = {}
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -67,42 +69,17 @@ class FloatFormat:
     @property
     def max(self) -> float:
         """Largest finite magnitude."""
-        if self.is_scale_only:
-            return 2.0**127
-        return float(self._magnitudes()[-1])
-
-    @functools.cache
-    def _magnitudes(self) -> tuple[float, ...]:
-        e_bits, m_bits = self.bits
-        if self.is_scale_only:
-            return tuple(2.0**e for e in range(-127, 128))
-        if self.bits == (4, 3):  # fn variant: S.1111.111 is NaN, so max is 1.75 * 2**8 = 448
-            codes = range(0, 0x7F)
-        elif self.bits == (5, 2):  # IEEE-like: exponent 31 is inf/NaN
-            codes = range(0, 0x7C)
-        else:  # OCP MX sub-byte formats: every code is finite
-            codes = range(0, 1 << (e_bits + m_bits))
-        if e_bits == 0:  # E0M3: plain integers 0..7 (ModelOpt's table)
-            return tuple(float(c) for c in codes)
-        bias = (1 << (e_bits - 1)) - 1
-        out = []
-        for c in codes:
-            e, m = c >> m_bits, c & ((1 << m_bits) - 1)
-            if e == 0:
-                out.append(m * 2.0 ** (1 - bias - m_bits))
-            else:
-                out.append((1 + m / (1 << m_bits)) * 2.0 ** (e - bias))
-        return tuple(out)
+        return self._mags[-1]
 
     def values(self, device=None) -> torch.Tensor:
         """Sorted non-negative representable magnitudes as float32."""
-        return _table(self, "values", device)
+        return self._table("values", device)
 
     # -- rounding ---------------------------------------------------------------------------
     def round(self, v: torch.Tensor) -> torch.Tensor:
         """Round a float32 tensor to this format (RNE, saturating); returns float32."""
         if self.is_scale_only:
-            raise TypeError("E8M0 is a scale format; use qpass.formats.block.e8m0_exponent")
+            raise TypeError("E8M0 is a scale format; use qpass.formats.dynamic.e8m0_exponent")
         dt = self.torch_dtype
         if dt is not None:
             return v.clamp(-self.max, self.max).to(dt).float()
@@ -114,7 +91,7 @@ class FloatFormat:
         if dt is not None:
             return v.clamp(-self.max, self.max).to(dt)
         a = v.abs()
-        mids = _table(self, "mids", v.device)
+        mids = self._table("mids", v.device)
         # bucketize(right=False): a == mids[i] lands in bucket i (round down)
         idx = torch.bucketize(a, mids, right=self.bits == (3, 0))
         if self.bits != (3, 0):  # ties to even: a tie at an odd midpoint rounds up
@@ -129,7 +106,7 @@ class FloatFormat:
         if codes.dtype == self.torch_dtype:
             return codes.float()
         shift = self.exponent_bits + self.mantissa_bits
-        mag = _table(self, "values", codes.device)[(codes & ((1 << shift) - 1)).long()]
+        mag = self._table("values", codes.device)[(codes & ((1 << shift) - 1)).long()]
         return torch.where((codes >> shift) & 1 == 1, -mag, mag)
 
     def gap(self, v: torch.Tensor) -> torch.Tensor:
@@ -138,23 +115,37 @@ class FloatFormat:
         i = (torch.bucketize(v.abs(), vals, right=True) - 1).clamp(0, vals.numel() - 2)
         return vals[i + 1] - vals[i]
 
+    def _table(self, kind: str, device) -> torch.Tensor:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cpu":
+            return self._tables[kind]
+        key = (kind, device)
+        if key not in self._on_device:
+            self._on_device[key] = self._tables[kind].to(device)
+        return self._on_device[key]
 
-@functools.cache
-def _cpu_tables(fmt: FloatFormat) -> dict[str, torch.Tensor]:
-    vals = torch.tensor(fmt._magnitudes(), dtype=torch.float64)
-    return {"values": vals.float(), "mids": ((vals[:-1] + vals[1:]) / 2).float()}
 
-
-_DEVICE_TABLES: dict = {}
-
-
-def _table(fmt: FloatFormat, kind: str, device) -> torch.Tensor:
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    key = (fmt.bits, kind, device)
-    t = _DEVICE_TABLES.get(key)
-    if t is None:
-        t = _DEVICE_TABLES[key] = _cpu_tables(fmt)[kind].to(device)
-    return t
+def _magnitudes(e_bits: int, m_bits: int) -> tuple[float, ...]:
+    """Sorted non-negative finite values of an (E, M) format, from its bit layout."""
+    if (e_bits, m_bits) == (8, 0):  # E8M0: 2**-127 .. 2**127 (0xFF is NaN)
+        return tuple(2.0**e for e in range(-127, 128))
+    if (e_bits, m_bits) == (4, 3):  # fn variant: S.1111.111 is NaN, so max is 1.75 * 2**8 = 448
+        codes = range(0, 0x7F)
+    elif (e_bits, m_bits) == (5, 2):  # IEEE-like: exponent 31 is inf/NaN
+        codes = range(0, 0x7C)
+    else:  # OCP MX sub-byte formats: every code is finite
+        codes = range(0, 1 << (e_bits + m_bits))
+    if e_bits == 0:  # E0M3: plain integers 0..7 (ModelOpt's table)
+        return tuple(float(c) for c in codes)
+    bias = (1 << (e_bits - 1)) - 1
+    out = []
+    for c in codes:
+        e, m = c >> m_bits, c & ((1 << m_bits) - 1)
+        if e == 0:
+            out.append(m * 2.0 ** (1 - bias - m_bits))
+        else:
+            out.append((1 + m / (1 << m_bits)) * 2.0 ** (e - bias))
+    return tuple(out)
 
 
 E4M3 = FloatFormat(4, 3)

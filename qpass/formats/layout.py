@@ -133,11 +133,10 @@ class Layout:
             )
         return t.reshape(want)
 
-    def broadcast_amax(self, amax) -> torch.Tensor:
-        """:meth:`broadcast` for an amax, as float32 (a Python number is accepted)."""
-        if not isinstance(amax, torch.Tensor):
-            amax = torch.tensor(float(amax))
-        return self.broadcast(amax.detach().float())
+    def broadcast_amax(self, amax, device=None) -> torch.Tensor:
+        """:meth:`broadcast` for an amax, as float32 on ``device`` (a Python number is accepted)."""
+        amax = torch.as_tensor(amax).detach().to(device=device, dtype=torch.float32)
+        return self.broadcast(amax)
 
     def stored(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor in amax layout, reshaped to the stored amax shape (0-dim if per tensor)."""

@@ -199,11 +199,11 @@ class QuantSpec:
             out = dynamic.from_blocks(dynamic.fake_quant(self.fmt, self.scale_format, dynamic.to_blocks(x32, b), a), x32.shape)
             mask = None
             if want_mask and a is not None:
-                mask = x32.abs() <= torch.as_tensor(a).float().amax()
+                mask = x32.abs() <= torch.as_tensor(a).float().amax().to(x32.device)
             return out, mask
         lay = self._layout(x32.shape)
         xb = lay.to_blocks(x32)
-        a = lay.broadcast_amax(self._amax_or_stat(x32, amax))
+        a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
         out = lay.from_blocks(scaled.fake_quant(self.fmt, xb, a))
         mask = lay.from_blocks(scaled.clip_mask(xb, a)) if want_mask else None
         return out, mask
@@ -215,6 +215,8 @@ class QuantSpec:
         ``pass_through_bwd=False`` the gradient is zeroed where ``|x| > amax`` (ModelOpt's
         clipped STE); by default it passes through unchanged everywhere.
         """
+        if x.numel() == 0:  # nothing to quantize (ModelOpt returns such inputs as they are)
+            return x
         want_mask = not pass_through_bwd
 
         def run(t):
@@ -243,7 +245,7 @@ class QuantSpec:
             codes = dynamic.from_blocks(codes, x.shape)
         else:
             lay = self._layout(x.shape)
-            a = lay.broadcast_amax(self._amax_or_stat(x32, amax))
+            a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
             codes, scale = scaled.quantize(self.fmt, lay.to_blocks(x32), a)
             codes, scale = lay.from_blocks(codes), lay.stored(scale)
         if self.fmt.total_bits == 4:
@@ -262,12 +264,16 @@ class QuantSpec:
             codes = unpack_nibbles(codes, shape[-1], signed).reshape(shape)
         if self.is_dynamic:
             b = self._dyn_block(shape)
+            if isinstance(scale, tuple):
+                scale = tuple(t.to(codes.device) for t in scale)
+            else:
+                scale = scale.to(codes.device)
             out = dynamic.dequantize(self.fmt, self.scale_format, _blocks_of_codes(codes, b), scale)
             out = dynamic.from_blocks(out, shape)
         else:
             lay = self._layout(shape)
             cb = _padded_codes(codes, lay)
-            out = lay.from_blocks(scaled.dequantize(self.fmt, cb, lay.broadcast(scale)))
+            out = lay.from_blocks(scaled.dequantize(self.fmt, cb, lay.broadcast(scale).to(codes.device)))
         return _cast(out, dtype)
 
     def step(self, x: torch.Tensor, amax=None) -> torch.Tensor:
@@ -279,7 +285,7 @@ class QuantSpec:
             st = dynamic.step(self.fmt, self.scale_format, dynamic.to_blocks(x32, b), a)
             return dynamic.from_blocks(st, x.shape)
         lay = self._layout(x.shape)
-        a = lay.broadcast_amax(self._amax_or_stat(x32, amax))
+        a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
         return lay.from_blocks(scaled.step(self.fmt, lay.to_blocks(x32), a))
 
 
