@@ -9,8 +9,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qpass.algorithms import get_algorithm
 from qpass.calib.max_calibrate import (
-    max_calibrate, named_tensor_quantizers, restore_amax, snapshot_amax, weight_quantizer_owners,
+    named_tensor_quantizers, restore_amax, snapshot_amax, weight_quantizer_owners,
 )
 from qpass.errors import QpassError, QuantConfigError
 from qpass.graph.quantized_model import (
@@ -24,8 +25,6 @@ __all__ = [
     "quantize", "calibrate", "disable_quantizer", "enable_quantizer", "print_quant_summary",
     "fold_weight", "postprocess_amax", "shared_input_groups",
 ]
-
-_IMPLEMENTED_ALGORITHMS = {"max"}
 
 
 def _register_module_quantizers(model: nn.Module, state: QpassState) -> None:
@@ -121,15 +120,11 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
     _, algo = normalize_config({"quant_cfg": [], "algorithm": algorithm})
     if algo is None:
         return model
-    method = algo["method"]
-    if method not in _IMPLEMENTED_ALGORITHMS:
-        raise QuantConfigError(
-            f"calibration algorithm {method!r} is not implemented yet in qpass; implemented: "
-            f"{sorted(_IMPLEMENTED_ALGORITHMS)}"
-        )
+    options = {k: v for k, v in algo.items() if k != "method"}
+    run = get_algorithm(algo["method"])
     snap = snapshot_amax(model)
     try:
-        max_calibrate(model, state, forward_loop)
+        run(model, state, forward_loop, **options)
     except BaseException:
         restore_amax(model, snap)
         raise

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qpass.calib.distributed import reduce_statistics
 from qpass.errors import CalibrationError
 from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
 from qpass.nn.tensor_quantizer import TensorQuantizer, is_quantizer
@@ -89,6 +90,7 @@ def collect_activations(model: nn.Module, state: QpassState, forward_loop: Calla
         raise CalibrationError(
             "forward_loop never called the model: it must run model(batch) for the calibration data"
         )
+    reduce_statistics(model)
 
 
 def load_activation_amax(model: nn.Module, state: QpassState) -> None:
