@@ -1,0 +1,189 @@
+"""``tools/bench.py --gpu``: CUDA timings of qpass and ModelOpt on a SmolLM2-shaped bf16 Llama.
+
+Random weights (no download): hidden 576, intermediate 1536, 30 layers, 9 heads, 3 kv heads,
+vocab 49152. Forward timings use CUDA events on an 8x512 input: ``--warmup`` untimed forwards,
+then the median of ``--iters`` timed ones. Rows:
+
+* bf16 eager: the plain model;
+* qpass unquantized graph: qpass's captured graph with every quantizer disabled;
+* qpass / modelopt CONFIG: the fake-quantized forward.
+
+Quantize+calibrate is timed (CUDA events around the whole call, after a synchronize) over 16
+batches of 4x512, against a plain bf16 pass over the same 16 batches.
+ModelOpt's CUDA extensions are built/loaded once before any timing (a one-time install cost).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import statistics
+import time
+
+import bench_common as bc
+import torch
+
+DEFAULT_GPU_CONFIGS = ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"]
+ALL_OFF_CFG = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": None}
+SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+             num_attention_heads=9, num_key_value_heads=3)
+CALIB_BATCHES, CALIB_BATCH, SEQ, EVAL_BATCH = 16, 4, 512, 8
+
+
+def build_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPE, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                      rope_theta=100000.0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    return model.to(torch.bfloat16).eval()
+
+
+def _sync_time(fn) -> float:
+    """Seconds of ``fn()`` measured with CUDA events (host work included: we synchronize first)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
+@torch.no_grad()
+def forward_ms(model, x, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        model(input_ids=x, use_cache=False)
+    times = [_sync_time(lambda: model(input_ids=x, use_cache=False)) * 1000.0 for _ in range(iters)]
+    return statistics.median(times)
+
+
+def _measure(lib: str, base, cfg, loop, x, args, extra: dict | None = None) -> dict:
+    """Quantize a copy of ``base`` with ``lib``, time it and its forward; never raises."""
+    res = dict(quant_s=None, forward_ms=None, error=None, warnings=[])
+    model = copy.deepcopy(base)
+    try:
+        if lib == "qpass":
+            import qpass
+
+            with bc.quiet(res["warnings"]):
+                res["quant_s"] = _sync_time(lambda: qpass.quantize(model, cfg, loop, **(extra or {})))
+        else:
+            mtq = bc.import_modelopt()
+            with bc.quiet():
+                res["quant_s"] = _sync_time(lambda: mtq.quantize(model, cfg, loop))
+        with bc.quiet(res["warnings"] if lib == "qpass" else None):
+            res["forward_ms"] = forward_ms(model, x, args.warmup, args.iters)
+    except Exception as e:  # noqa: BLE001 - one cell, never the whole table
+        res["error"] = bc.short_reason(e, 40)
+        res["traceback"] = bc.format_tb(e)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def run_gpu(args) -> int:
+    if not torch.cuda.is_available():
+        print(f"bench --gpu: CUDA is not available here (torch {torch.__version__}, "
+              f"torch.version.cuda={torch.version.cuda}); run it on a machine with an NVIDIA GPU "
+              "and a CUDA build of torch.")
+        return 2
+    import qpass
+
+    configs = [bc.parse_config(c) for c in args.configs.split(",") if c.strip()]
+    mtq = None if args.no_modelopt else bc.import_modelopt()
+    dev = torch.cuda.get_device_name()
+    print(f"qpass bench --gpu  device {dev}  qpass {qpass.__version__}  "
+          f"modelopt {bc.modelopt_version() if mtq else 'off'}  torch {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"  model: random bf16 LlamaForCausalLM {SHAPE}")
+    print(f"  forward: input {EVAL_BATCH}x{SEQ}, {args.warmup} warm-up + median of {args.iters} (CUDA events)")
+    print(f"  quantize+calibrate: {CALIB_BATCHES} batches of {CALIB_BATCH}x{SEQ} vs a plain bf16 pass over them")
+    if mtq is None and not args.no_modelopt:
+        print(f"  modelopt unavailable ({bc.modelopt_missing_reason()}): qpass rows only")
+    if mtq is not None:
+        t0 = time.perf_counter()
+        try:
+            with bc.quiet():
+                from modelopt.torch.quantization import extensions
+
+                extensions.precompile()
+            print(f"  modelopt CUDA extensions built/loaded in {time.perf_counter() - t0:.1f} s (not timed below)")
+        except Exception as e:  # noqa: BLE001 - modelopt falls back to its torch paths
+            print(f"  modelopt CUDA extensions unavailable ({bc.first_line(e)[:80]}); its torch fallbacks run")
+    print(flush=True)
+
+    base = build_model()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vocab = SHAPE["vocab_size"]
+    x = torch.randint(0, vocab, (EVAL_BATCH, SEQ), device="cuda", generator=gen)
+    calib = [torch.randint(0, vocab, (CALIB_BATCH, SEQ), device="cuda", generator=gen)
+             for _ in range(CALIB_BATCHES)]
+
+    def loop(m):
+        for b in calib:
+            m(input_ids=b, use_cache=False)
+
+    eager_ms = forward_ms(base, x, args.warmup, args.iters)
+    with torch.no_grad():
+        plain_s = statistics.median(_sync_time(lambda: loop(base)) for _ in range(3))
+    print(f"bf16 eager forward {eager_ms:.2f} ms; plain bf16 pass over the calibration batches {plain_s:.3f} s",
+          flush=True)
+
+    rows = [dict(name="bf16 eager", lib="torch", forward_ms=eager_ms, quant_s=plain_s, error=None)]
+    r = _measure("qpass", base, copy.deepcopy(ALL_OFF_CFG), loop, x, args)
+    rows.append(dict(name="qpass unquantized graph", lib="qpass", **r))
+    _progress(rows[-1], eager_ms, plain_s)
+    for cfg_name, rules in configs:
+        label = bc.config_label(cfg_name, rules)
+        cfg = copy.deepcopy(getattr(qpass, cfg_name, None))
+        if cfg is None:
+            rows.append(dict(name=f"qpass {label}", lib="qpass", forward_ms=None, quant_s=None,
+                             error="unknown preset", warnings=[]))
+        else:
+            r = _measure("qpass", base, cfg, loop, x, args, dict(rules=rules))
+            rows.append(dict(name=f"qpass {label}", lib="qpass", **r))
+        _progress(rows[-1], eager_ms, plain_s)
+        if mtq is not None and rules == "default":
+            r = _measure("modelopt", base, copy.deepcopy(getattr(mtq, cfg_name)), loop, x, args)
+            rows.append(dict(name=f"modelopt {label}", lib="modelopt", **r))
+            _progress(rows[-1], eager_ms, plain_s)
+
+    print()
+    print(render_gpu(rows, eager_ms, plain_s))
+    for row in rows:
+        for w in row.get("warnings") or []:
+            print(f"{row['name']}: warning: {w[:300]}")
+        if row.get("traceback"):
+            print(f"\n{row['name']} failed:\n{row['traceback']}")
+    if args.json:
+        doc = dict(mode="gpu", device=dev, model=SHAPE, eager_forward_ms=eager_ms, plain_calib_pass_s=plain_s,
+                   warmup=args.warmup, iters=args.iters,
+                   rows=[{k: v for k, v in r.items() if k != "traceback"} for r in rows])
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _progress(row: dict, eager_ms: float, plain_s: float) -> None:
+    if row["error"]:
+        print(f"  {row['name']:<40} {'n/a' if row['lib'] == 'modelopt' else 'error'} ({row['error']})", flush=True)
+    else:
+        print(f"  {row['name']:<40} forward {row['forward_ms']:.2f} ms ({row['forward_ms'] / eager_ms:.2f}x)  "
+              f"quantize+calibrate {row['quant_s']:.3f} s ({row['quant_s'] / plain_s:.2f}x)", flush=True)
+
+
+def render_gpu(rows: list[dict], eager_ms: float, plain_s: float) -> str:
+    headers = ["what", "forward ms", "vs bf16 eager", "quant+calib s", "vs bf16 pass"]
+    out = []
+    for r in rows:
+        if r["error"]:
+            out.append([r["name"], f"{'n/a' if r['lib'] == 'modelopt' else 'error'} ({r['error']})", "-", "-", "-"])
+            continue
+        out.append([r["name"], bc.fmt_num(r["forward_ms"], 2), bc.fmt_ratio(r["forward_ms"], eager_ms),
+                    bc.fmt_num(r["quant_s"], 3), bc.fmt_ratio(r["quant_s"], plain_s)])
+    return bc.format_table(headers, out, right={1, 2, 3, 4})
