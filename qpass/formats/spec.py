@@ -20,31 +20,13 @@ from .floating import E0M3, E1M2, E2M1, E2M3, E3M0, E3M2, E4M3, E5M2, E8M0, Floa
 from .integer import IntFormat
 from .layout import Layout, normalize_axes
 from .packing import pack_nibbles, unpack_nibbles
+from .ste import FakeQuantSTE, cast_result
 from .validate import parse_attributes
 
 __all__ = ["QuantSpec"]
 
 FLOAT_FORMATS = {f.bits: f for f in (E4M3, E5M2, E3M2, E2M3, E2M1, E1M2, E0M3, E3M0)}
 SCALE_FORMATS = {**FLOAT_FORMATS, (8, 0): E8M0}
-
-
-class _FakeQuantSTE(torch.autograd.Function):
-    """Forward: the fake-quantized tensor. Backward: the gradient unchanged (or masked)."""
-
-    @staticmethod
-    def forward(ctx, x, run):
-        out, mask = run(x)
-        ctx.has_mask = mask is not None
-        if ctx.has_mask:
-            ctx.save_for_backward(mask)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.has_mask:
-            (mask,) = ctx.saved_tensors
-            grad = torch.where(mask, grad, torch.zeros_like(grad))
-        return grad, None
 
 
 class QuantSpec:
@@ -221,10 +203,10 @@ class QuantSpec:
 
         def run(t):
             out, mask = self._fake32(t.detach().float(), amax, want_mask)
-            return _cast(out, t.dtype), mask
+            return cast_result(out, t.dtype), mask
 
         if x.requires_grad and torch.is_grad_enabled():
-            return _FakeQuantSTE.apply(x, run)
+            return FakeQuantSTE.apply(x, run)
         return run(x)[0]
 
     def quantize(self, x: torch.Tensor, amax=None):
@@ -274,7 +256,7 @@ class QuantSpec:
             lay = self._layout(shape)
             cb = _padded_codes(codes, lay)
             out = lay.from_blocks(scaled.dequantize(self.fmt, cb, lay.broadcast(scale).to(codes.device)))
-        return _cast(out, dtype)
+        return cast_result(out, dtype)
 
     def step(self, x: torch.Tensor, amax=None) -> torch.Tensor:
         """Float32 quantization step around each element of x (input units)."""
@@ -287,14 +269,6 @@ class QuantSpec:
         lay = self._layout(x.shape)
         a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
         return lay.from_blocks(scaled.step(self.fmt, lay.to_blocks(x32), a))
-
-
-def _cast(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast float32 results to dtype, saturating instead of overflowing to inf (float16:
-    an MX/FP8 value rounded just above the largest float16 becomes 65504, not inf)."""
-    if dtype == torch.float16:
-        out = out.clamp(-65504.0, 65504.0)
-    return out.to(dtype)
 
 
 def _fmt_name(f, short=False) -> str:

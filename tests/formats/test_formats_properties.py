@@ -50,7 +50,8 @@ SPECS = {
     "mx-e0m3": dict(num_bits=(0, 3), block_sizes={-1: 8, **MX}),
     "mx-e3m0": dict(num_bits=(3, 0), block_sizes={-1: 8, **MX}),
 }
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples on every run, so the suite never flakes
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -142,7 +143,7 @@ def test_fake_quant_is_idempotent(name, data):
 
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_dequantize_of_quantize_is_bitwise_fake_quant(name, dtype, data):
     spec, x = spec_of(name), data.draw(inputs(name)).to(dtype)
