@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import qpass.config as qc
 from qpass.config import QuantizerAttributes as QA
 from qpass.errors import QuantConfigError
 
