@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-modelopt", action="store_true", help="qpass columns only")
     p.add_argument("--gpu", action="store_true", help="CUDA timings on a random bf16 SmolLM2-shaped Llama")
+    p.add_argument("--gpu-dry-run", action="store_true",
+                   help="run the --gpu code path on the CPU with a tiny model (checks the script; no timings)")
     p.add_argument("--iters", type=int, default=20, help="--gpu: timed forwards per measurement (median)")
     p.add_argument("--warmup", type=int, default=3, help="--gpu: untimed forwards before each measurement")
     return p
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.gpu:
+    if args.gpu or args.gpu_dry_run:
         import bench_gpu
 
         if args.configs is None:

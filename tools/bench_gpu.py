@@ -29,21 +29,28 @@ ALL_OFF_CFG = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorit
 SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
              num_attention_heads=9, num_key_value_heads=3)
 CALIB_BATCHES, CALIB_BATCH, SEQ, EVAL_BATCH = 16, 4, 512, 8
+# --gpu-dry-run: the same code path on the CPU, tiny, to check the script without a GPU (timings meaningless)
+DRY = dict(layers=2, calib_batches=2, seq=32)
+DEVICE = "cuda"
 
 
-def build_model():
+def build_model(shape: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPE, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    cfg = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
                       rope_theta=100000.0)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = LlamaForCausalLM(cfg)
     return model.to(torch.bfloat16).eval()
 
 
 def _sync_time(fn) -> float:
     """Seconds of ``fn()`` measured with CUDA events (host work included: we synchronize first)."""
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -82,12 +89,20 @@ def _measure(lib: str, base, cfg, loop, x, args, extra: dict | None = None) -> d
         res["traceback"] = bc.format_tb(e)
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return res
 
 
 def run_gpu(args) -> int:
-    if not torch.cuda.is_available():
+    global DEVICE, CALIB_BATCHES, SEQ
+    shape = dict(SHAPE)
+    if args.gpu_dry_run:
+        DEVICE, CALIB_BATCHES, SEQ = "cpu", DRY["calib_batches"], DRY["seq"]
+        shape["num_hidden_layers"] = DRY["layers"]
+        args.warmup, args.iters = 1, 2
+        print(f"--gpu-dry-run: the --gpu code path on the CPU, {DRY} (timings meaningless)")
+    elif not torch.cuda.is_available():
         print(f"bench --gpu: CUDA is not available here (torch {torch.__version__}, "
               f"torch.version.cuda={torch.version.cuda}); run it on a machine with an NVIDIA GPU "
               "and a CUDA build of torch.")
@@ -96,15 +111,16 @@ def run_gpu(args) -> int:
 
     configs = [bc.parse_config(c) for c in args.configs.split(",") if c.strip()]
     mtq = None if args.no_modelopt else bc.import_modelopt()
-    dev = torch.cuda.get_device_name()
+    dev = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
     print(f"qpass bench --gpu  device {dev}  qpass {qpass.__version__}  "
           f"modelopt {bc.modelopt_version() if mtq else 'off'}  torch {torch.__version__} (CUDA {torch.version.cuda})")
-    print(f"  model: random bf16 LlamaForCausalLM {SHAPE}")
-    print(f"  forward: input {EVAL_BATCH}x{SEQ}, {args.warmup} warm-up + median of {args.iters} (CUDA events)")
+    print(f"  model: random bf16 LlamaForCausalLM {shape}")
+    print(f"  forward: input {EVAL_BATCH}x{SEQ}, {args.warmup} warm-up + median of {args.iters} "
+          f"({'CUDA events' if DEVICE == 'cuda' else 'perf_counter'})")
     print(f"  quantize+calibrate: {CALIB_BATCHES} batches of {CALIB_BATCH}x{SEQ} vs a plain bf16 pass over them")
     if mtq is None and not args.no_modelopt:
         print(f"  modelopt unavailable ({bc.modelopt_missing_reason()}): qpass rows only")
-    if mtq is not None:
+    if mtq is not None and DEVICE == "cuda":
         t0 = time.perf_counter()
         try:
             with bc.quiet():
@@ -116,20 +132,21 @@ def run_gpu(args) -> int:
             print(f"  modelopt CUDA extensions unavailable ({bc.first_line(e)[:80]}); its torch fallbacks run")
     print(flush=True)
 
-    base = build_model()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    vocab = SHAPE["vocab_size"]
-    x = torch.randint(0, vocab, (EVAL_BATCH, SEQ), device="cuda", generator=gen)
-    calib = [torch.randint(0, vocab, (CALIB_BATCH, SEQ), device="cuda", generator=gen)
+    base = build_model(shape)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    vocab = shape["vocab_size"]
+    x = torch.randint(0, vocab, (EVAL_BATCH, SEQ), device=DEVICE, generator=gen)
+    calib = [torch.randint(0, vocab, (CALIB_BATCH, SEQ), device=DEVICE, generator=gen)
              for _ in range(CALIB_BATCHES)]
 
+    @torch.no_grad()
     def loop(m):
         for b in calib:
             m(input_ids=b, use_cache=False)
 
     eager_ms = forward_ms(base, x, args.warmup, args.iters)
-    with torch.no_grad():
-        plain_s = statistics.median(_sync_time(lambda: loop(base)) for _ in range(3))
+    loop(base)  # warm-up of the plain pass
+    plain_s = statistics.median(_sync_time(lambda: loop(base)) for _ in range(3))
     print(f"bf16 eager forward {eager_ms:.2f} ms; plain bf16 pass over the calibration batches {plain_s:.3f} s",
           flush=True)
 
@@ -157,10 +174,12 @@ def run_gpu(args) -> int:
     for row in rows:
         for w in row.get("warnings") or []:
             print(f"{row['name']}: warning: {w[:300]}")
-        if row.get("traceback"):
+        if row.get("traceback") and row["lib"] == "qpass":
             print(f"\n{row['name']} failed:\n{row['traceback']}")
+        elif row.get("traceback"):
+            print(f"{row['name']}: n/a: {row['traceback'].splitlines()[-1][:200]}")
     if args.json:
-        doc = dict(mode="gpu", device=dev, model=SHAPE, eager_forward_ms=eager_ms, plain_calib_pass_s=plain_s,
+        doc = dict(mode="gpu", device=dev, model=shape, seq=SEQ, calib_batches=CALIB_BATCHES, eager_forward_ms=eager_ms, plain_calib_pass_s=plain_s,
                    warmup=args.warmup, iters=args.iters,
                    rows=[{k: v for k, v in r.items() if k != "traceback"} for r in rows])
         with open(args.json, "w") as f:
