@@ -42,7 +42,7 @@ def calibrate_weights(model: nn.Module) -> None:
     with torch.no_grad():
         for _, module, q in weight_quantizer_owners(model):
             for tq in iter_tensor_quantizers(q):
-                if not tq.is_enabled or not tq.spec.needs_amax:
+                if not tq.needs_calibration:
                     continue
                 tq.reset_amax()
                 tq.collect(module.weight)
@@ -52,7 +52,7 @@ def calibrate_weights(model: nn.Module) -> None:
 def activation_quantizers(model: nn.Module):
     return [
         (n, q) for n, q in named_tensor_quantizers(model)
-        if q.is_enabled and not is_weight_quantizer(n) and q.spec.needs_amax
+        if q.needs_calibration and not is_weight_quantizer(n)
     ]
 
 

@@ -137,7 +137,7 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
 # ---------------------------------------------------------------------- quantizers
 def make_quantizer(model: nn.Module, state: QpassState, owner_path: str, owner: nn.Module, slot: str):
     """Return the (owner, slot) quantizer, creating and configuring it if new."""
-    from qpass.config import resolve_attributes
+    from qpass.config import default_attributes, resolve_attributes
 
     existing = owner._modules.get(slot)
     if existing is not None and is_quantizer(existing):
@@ -146,10 +146,12 @@ def make_quantizer(model: nn.Module, state: QpassState, owner_path: str, owner: 
     attrs = resolve_attributes(state.rules, name, owner)
     if isinstance(attrs, list):
         q = SequentialQuantizer(*(TensorQuantizer(a, name=f"{name}.{i}") for i, a in enumerate(attrs)))
+    elif attrs is None:  # no rule names it: ModelOpt's per-slot default state
+        q = TensorQuantizer(default_attributes(name, owner), name=name)
+        if slot in _OFF_BY_DEFAULT:
+            q.disable()
     else:
         q = TensorQuantizer(attrs, name=name)
-        if attrs is None and slot in _OFF_BY_DEFAULT:
-            q.disable()
     if name in state.hard_disabled:
         q.disable()
     for tq in iter_tensor_quantizers(q):

@@ -92,6 +92,15 @@ class TensorQuantizer(nn.Module):
                 raise QuantConfigError(f"quantizer '{self._name}': {e}") from None
         return self._spec
 
+    @property
+    def is_dynamic(self) -> bool:
+        """Ranges computed from each input at run time (``type: "dynamic"``, or MX-style blocks)."""
+        return self._attrs.get("type") == "dynamic" or not self.spec.needs_amax
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.is_enabled and not self.is_dynamic
+
     def check_supported(self) -> None:
         for key, defaults in _UNSUPPORTED_WHEN_SET.items():
             value = self._attrs.get(key)
@@ -173,7 +182,7 @@ class TensorQuantizer(nn.Module):
     def collect(self, x: torch.Tensor) -> None:
         """Feed one batch to the calibrator; NaN/Inf is an error naming this quantizer."""
         spec = self.spec
-        if not spec.needs_amax or x.numel() == 0:  # e.g. an MoE expert that got no tokens
+        if self.is_dynamic or x.numel() == 0:  # x.numel() == 0: e.g. an MoE expert that got no tokens
             return
         stat = spec.amax_of(x)
         if not bool(torch.isfinite(stat).all()):
@@ -186,7 +195,7 @@ class TensorQuantizer(nn.Module):
 
     def load_calib_amax(self) -> bool:
         """Move the calibrator's result into ``_amax``. Returns False if it saw no data."""
-        if self._calibrator is None or not self.spec.needs_amax:
+        if self._calibrator is None or self.is_dynamic:
             return True
         amax = self._calibrator.compute_amax()
         if amax is None:
@@ -196,11 +205,13 @@ class TensorQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._disabled:
-            return x
+        # The smoothing scale applies even when quantization is off: AWQ/SmoothQuant already
+        # multiplied the weights by its inverse (weight-only AWQ has a disabled input quantizer).
         pqs = self._buffers.get("_pre_quant_scale")
         if pqs is not None:
             x = x * pqs.to(x.dtype)
+        if self._disabled:
+            return x
         if self._if_calib:
             self.collect(x)
         if not self._if_quant:
@@ -209,7 +220,7 @@ class TensorQuantizer(nn.Module):
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        amax = self._buffers.get("_amax")
+        amax = None if self._attrs.get("type") == "dynamic" else self._buffers.get("_amax")
         if amax is None and spec.needs_amax:
             # Uncalibrated: quantize with the input's own range, as ModelOpt does.
             amax = spec.amax_of(x)
