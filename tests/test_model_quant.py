@@ -342,3 +342,22 @@ def test_dynamic_per_token_quantizer_needs_no_calibration(mlp):
     qpass.quantize(mlp, "FP8_PER_CHANNEL_PER_TOKEN_CFG", _loop([x]))
     assert mlp.fc1.input_quantizer.is_enabled and mlp.fc1.input_quantizer.amax is None
     assert mlp(torch.randn(5, 32)).shape == (5, 32)
+
+
+@pytest.mark.parametrize("weight_cfg", [
+    {"num_bits": 8, "axis": 0},
+    {"num_bits": (4, 3), "axis": None},
+    {"num_bits": 4, "block_sizes": {-1: 16, "type": "static"}},
+    {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}},
+])
+def test_real_quant_weights_equal_fake_quant(mlp, weight_cfg):
+    x = torch.randn(3, 32)
+    outs = []
+    for fake in (True, False):
+        model = copy.deepcopy(mlp)
+        cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                             {"quantizer_name": "*weight_quantizer", "cfg": dict(weight_cfg, fake_quant=fake)}],
+               "algorithm": "max"}
+        qpass.quantize(model, cfg)
+        outs.append(model(x))
+    assert torch.equal(outs[0], outs[1])

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qpass.calib.histogram import HistogramCalibrator, histogram_calibrator_for
 from qpass.calib.max import MaxCalibrator
 from qpass.errors import CalibrationError, QuantConfigError
 
@@ -58,10 +59,10 @@ class TensorQuantizer(nn.Module):
         self._attrs = attrs
         self._disabled = not attrs.get("enable", True)
         self._spec = None
-        if attrs.get("calibrator", "max") not in ("max", None):
-            self._calibrator = None  # set by the calibration algorithm that knows it
-        else:
+        if attrs.get("calibrator", "max") in ("max", None):
             self._calibrator = MaxCalibrator()
+        else:  # "histogram" (or ModelOpt's HistogramCalibrator class); others: set by an algorithm
+            self._calibrator = histogram_calibrator_for(attrs, self._name or "<quantizer>")
         self._bump()
 
     def _bump(self) -> None:
@@ -184,20 +185,31 @@ class TensorQuantizer(nn.Module):
         spec = self.spec
         if self.is_dynamic or x.numel() == 0:  # x.numel() == 0: e.g. an MoE expert that got no tokens
             return
-        stat = spec.amax_of(x)
+        histogram = isinstance(self._calibrator, HistogramCalibrator)
+        stat = x.detach().abs().amax().float() if histogram else spec.amax_of(x)
         if not bool(torch.isfinite(stat).all()):
             raise CalibrationError(
                 f"quantizer '{self._name}' saw NaN or Inf in its input during calibration "
                 f"(input shape {tuple(x.shape)}, dtype {x.dtype}); check the calibration data "
                 "and the layers before it"
             )
-        self._calibrator.collect_amax(stat)
+        if histogram:
+            self._calibrator.collect(x, stat)  # the raw input: the histogram is of |x|
+        else:
+            self._calibrator.collect_amax(stat)
 
-    def load_calib_amax(self) -> bool:
-        """Move the calibrator's result into ``_amax``. Returns False if it saw no data."""
+    def load_calib_amax(self, *args, **kwargs) -> bool:
+        """Move the calibrator's result into ``_amax``. Returns False if it saw no data.
+
+        Arguments go to the calibrator's ``compute_amax``, as in ModelOpt: a histogram
+        calibrator takes ``(method, percentile=..., stride=..., start_bin=...)``.
+        """
         if self._calibrator is None or self.is_dynamic:
             return True
-        amax = self._calibrator.compute_amax()
+        try:
+            amax = self._calibrator.compute_amax(*args, **kwargs)
+        except (CalibrationError, QuantConfigError) as e:
+            raise type(e)(f"quantizer '{self._name}': {e}") from None
         if amax is None:
             return False
         self.amax = amax
@@ -226,6 +238,11 @@ class TensorQuantizer(nn.Module):
             amax = spec.amax_of(x)
         elif amax is not None and amax.device != x.device:
             amax = amax.to(x.device)
+        if not self._attrs.get("fake_quant", True):
+            # Real quantization: packed codes plus scales, dequantized on the fly
+            # (bit-identical to fake quant by construction of qpass.formats).
+            codes, scale = spec.quantize(x, amax)
+            return spec.dequantize(codes, scale, dtype=x.dtype, shape=x.shape)
         return spec.fake_quant(x, amax)
 
     def _fake_quant_cached(self, w: nn.Parameter) -> torch.Tensor:
