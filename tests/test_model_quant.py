@@ -2,6 +2,7 @@
 
 import copy
 import io
+import re
 from contextlib import redirect_stdout
 
 import pytest
@@ -329,7 +330,7 @@ def test_every_preset_quantizes_or_names_its_missing_algorithm(attention):
         try:
             qpass.quantize(model, name, _loop([x]))
         except QuantConfigError as e:
-            assert "not implemented yet" in str(e), (name, e)
+            assert re.search("not implemented yet|not supported by qpass", str(e)), (name, e)
             assert type(model) is type(attention)
             torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
             continue
