@@ -1,0 +1,223 @@
+"""Shared machinery of the smoothing algorithms (SmoothQuant, AWQ).
+
+One calibration pass (:func:`capture_pass`) collects, at the same time, the max
+statistics of every activation quantizer and the per-channel statistics and token
+subsample of each smoothed module's input. A smoothing *unit* is a shared-input group
+(q/k/v, gate/up) or a lone module: it gets one scale ``s`` over its input channels.
+:func:`apply_scale` multiplies the unit's weights by ``s`` and folds ``1/s`` into the
+producer (see :mod:`qpass.algorithms.fold`) or keeps it as every member's
+``pre_quant_scale``. :func:`finish` sets the smoothed input quantizers' amax
+(``max_c amax_c / s_c``, exact for a per-tensor max statistic; otherwise a second
+pass), calibrates the weights and shares amax within groups.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from qpass.algorithms.fold import FoldSite, find_fold_site, is_shared_parameter, untie_weight
+from qpass.calib.capture import ActivationCapture, InputStats
+from qpass.calib.max import MaxCalibrator
+from qpass.calib.max_calibrate import (
+    calibrate_weights, collect_activations, load_activation_amax, named_tensor_quantizers,
+    share_group_amax, weight_quantizer_owners,
+)
+from qpass.errors import CalibrationError, QuantConfigError
+from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
+from qpass.nn.tensor_quantizer import TensorQuantizer
+
+#: Tokens kept per captured input for the per-layer searches (a seeded uniform subsample).
+SEARCH_TOKENS = 4096
+SEED = 0
+
+
+def check_common_options(method: str, options: dict) -> None:
+    """ModelOpt's options every algorithm takes; only their defaults are implemented."""
+    for key, value in options.items():
+        if key == "moe_calib_experts_ratio" and value is None:
+            continue
+        if key == "layerwise" and (not value or (isinstance(value, dict) and not value.get("enable", False))):
+            continue
+        raise QuantConfigError(f"{method}: option {key}={value!r} is not implemented yet in qpass")
+
+
+def require_forward_loop(method: str, forward_loop) -> None:
+    if forward_loop is None:
+        raise CalibrationError(
+            f"{method} needs calibration data: pass forward_loop=lambda m: [m(b) for b in data]"
+        )
+
+
+def validate_quantizers(model: nn.Module) -> None:
+    for _, q in named_tensor_quantizers(model):
+        if q.is_enabled:
+            q.check_supported()
+            q.spec  # noqa: B018 - validates the format before any work
+
+
+def graphs_of(state: QpassState) -> list[fx.GraphModule]:
+    return [t.gm for traced in state.graphs.values() for t in traced]
+
+
+def smoothable_modules(model: nn.Module, need_input: bool) -> dict[str, nn.Linear]:
+    """Linear modules with an enabled weight quantizer (and an enabled input quantizer if asked)."""
+    out = {}
+    for path, module, wq in weight_quantizer_owners(model):
+        iq = module._modules.get("input_quantizer")
+        if not isinstance(module, nn.Linear) or not wq.is_enabled or not isinstance(iq, TensorQuantizer):
+            continue
+        if need_input and not iq.is_enabled:
+            continue
+        out[path] = module
+    return out
+
+
+def capture_pass(model, state, forward_loop, modules: dict, max_tokens: int) -> dict[str, InputStats]:
+    """The one forward_loop pass: activation max statistics plus the modules' input captures."""
+    with ActivationCapture(modules, max_tokens=max_tokens, seed=SEED) as capture:
+        collect_activations(model, state, forward_loop)
+    load_activation_amax(model, state)
+    return capture.stats
+
+
+def smoothing_units(state: QpassState, modules: dict, stats: dict) -> list[list[str]]:
+    """Shared-input groups restricted to ``modules``, then the remaining modules alone.
+
+    Modules the pass never reached are left out with a warning (nothing to smooth with).
+    """
+    units, seen = [], set()
+    for group in state.groups:
+        members = [p for p in group if p in modules]
+        if members:
+            units.append(members)
+            seen.update(members)
+    units.extend([p] for p in modules if p not in seen)
+    kept, missed = [], []
+    for unit in units:
+        (kept if all(p in stats for p in unit) else missed).append(unit)
+    if missed:
+        names = ", ".join(p for u in missed for p in u)
+        warnings.warn(f"no calibration data reached {names}; left unsmoothed", stacklevel=3)
+    for unit in kept:
+        ref = stats[unit[0]]
+        if any(stats[p] is not ref and stats[p].channels != ref.channels for p in unit):
+            raise CalibrationError(f"modules {unit} share an input but saw different channel counts")
+    return kept
+
+
+def group_weight(model: nn.Module, unit: list[str]) -> torch.Tensor:
+    """The members' weights stacked along output rows, float32."""
+    return torch.cat([model.get_submodule(p).weight.detach().float() for p in unit])
+
+
+def fake_quant_weight(q: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``w`` fake-quantized as the (possibly sequential) weight quantizer would after max calibration."""
+    out = w
+    for tq in iter_tensor_quantizers(q):
+        if not tq.is_enabled:
+            continue
+        spec = tq.spec
+        amax = spec.amax_of(w) if spec.needs_amax else None
+        out = spec.fake_quant(out, amax)
+    return out
+
+
+def quantized_output(model: nn.Module, unit: list[str], x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``(x / s) @ Q(W * s)^T`` over the unit's members, stacked along output features (no bias)."""
+    outs = []
+    xs = x / s
+    for p in unit:
+        m = model.get_submodule(p)
+        w = m.weight.detach().float() * s
+        outs.append(xs @ fake_quant_weight(m.weight_quantizer, w).float().t())
+    return torch.cat(outs, dim=-1)
+
+
+def alpha_grid(step: float) -> list[float]:
+    """0, step, 2*step, ... up to 1 (ModelOpt's search grid, without overshooting 1)."""
+    return [round(i * step, 10) for i in range(int(1.0 / step + 1e-9) + 1)]
+
+
+# ---------------------------------------------------------------------- applying a scale
+@dataclass
+class Applied:
+    """What happened to one unit, for reports and tests."""
+
+    unit: list[str]
+    scale: torch.Tensor
+    site: FoldSite | None
+    untied: list[str] = field(default_factory=list)
+    alpha: float | None = None
+
+
+@torch.no_grad()
+def apply_scale(model: nn.Module, state: QpassState, unit: list[str], s: torch.Tensor) -> Applied:
+    """Weights x s on input channels; 1/s folded into the producer, else kept as pre_quant_scale."""
+    graphs = graphs_of(state)
+    untied = []
+    for p in unit:
+        m = model.get_submodule(p)
+        if is_shared_parameter(model, m.weight):
+            untie_weight(model, graphs, p)
+            untied.append(p)
+    graphs = graphs_of(state)
+    site = find_fold_site(model, graphs, unit, s.numel())
+    for p in unit:
+        w = model.get_submodule(p).weight
+        w.mul_(s.to(w.device, w.dtype))
+    if site is not None:
+        for name in site.vectors:
+            v = model.get_parameter(name)
+            v.div_(s.to(v.device, v.dtype))
+        for name in site.rows:
+            w = model.get_parameter(name)
+            w.div_(s.to(w.device, w.dtype)[:, None])
+    else:
+        for p in unit:
+            q = model.get_submodule(p).input_quantizer
+            old = q.pre_quant_scale
+            inv = 1.0 / s
+            q.pre_quant_scale = inv if old is None else old.float() * inv
+    return Applied(unit=unit, scale=s, site=site, untied=untied)
+
+
+def _scalar_max_statistic(q: TensorQuantizer, channels: int) -> bool:
+    """True if the quantizer's calibrated amax is the global abs-max of its input."""
+    if type(q.calibrator) is not MaxCalibrator:
+        return False
+    probe = torch.ones(2, channels)
+    return q.spec.amax_of(probe).numel() == 1
+
+
+def _is_dynamic(q: TensorQuantizer) -> bool:
+    return q._attrs.get("type") == "dynamic" or not q.spec.needs_amax
+
+
+@torch.no_grad()
+def finish(model: nn.Module, state: QpassState, forward_loop: Callable, applied: list[Applied],
+           stats: dict[str, InputStats], keep_weight_amax: dict | None = None) -> None:
+    """Input amax of the smoothed activations, weight amax, group sharing."""
+    second_pass = False
+    for a in applied:
+        for p in a.unit:
+            q = model.get_submodule(p).input_quantizer
+            if not q.is_enabled or _is_dynamic(q):
+                continue
+            if _scalar_max_statistic(q, a.scale.numel()):
+                amax = (stats[p].amax / a.scale).max()
+                old = q.amax
+                q.amax = amax.reshape(old.shape) if old is not None and old.numel() == 1 else amax
+            else:
+                second_pass = True
+    if second_pass:
+        collect_activations(model, state, forward_loop)
+        load_activation_amax(model, state)
+    calibrate_weights(model)
+    for q, amax in (keep_weight_amax or {}).items():
+        q.amax = amax
+    share_group_amax(model, state.groups)

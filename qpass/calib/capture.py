@@ -1,0 +1,146 @@
+"""Activation capture: what each weighted module's input quantizer sees, in one forward_loop pass.
+
+Per captured module it keeps the per-input-channel abs-max and abs-sum (SmoothQuant and
+AWQ statistics, over every token) and a bounded, seeded, uniform token subsample of the
+inputs (for per-layer searches run later, offline, without calling forward_loop again).
+
+Mechanism: a forward pre-hook on the input quantizer modules (the ``call_module`` nodes
+the insertion pass placed before each weighted op). Hooks are torch's own observation
+mechanism: they fire for every traced graph (each input structure gets its own graph, all
+sharing the quantizer modules), also for graphs traced during the pass itself, need no
+change to ``TensorQuantizer`` or to ``run_graph``, cost nothing once removed, and leave the
+quantizer's own calibration mode (max statistics in the same pass) untouched. An
+``fx.Interpreter`` would instead have to replace ``run_graph``'s compiled call for the
+duration of the pass, and would run every node through Python.
+
+Shared inputs (q/k/v) cost one record: statistics are immutable values updated by a
+memoised step keyed on (previous statistics object, input tensor object), so modules that
+read the same tensor in the same order end up holding the very same objects; modules
+whose inputs diverge simply get their own. The groups need not be known in advance (on a
+first, lazy trace they are not).
+
+The subsample is a bottom-k sample on random keys: every token gets a uniform key from a
+seeded generator and the ``max_tokens`` smallest keys seen so far are kept, which is a
+uniform sample without replacement over all tokens of the pass.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qpass.errors import CalibrationError
+
+_MEMO_SIZE = 64
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Statistics of one module's input over the pass (never mutated: updates make new ones)."""
+
+    amax: torch.Tensor  # [C] float32: per-channel abs-max over all tokens
+    abs_sum: torch.Tensor  # [C] float64: per-channel sum of |x| over all tokens
+    tokens: int  # tokens seen
+    calls: int  # forward calls seen
+    sample: torch.Tensor  # [<=max_tokens, C] float32 token subsample
+    keys: torch.Tensor  # [<=max_tokens] the subsample's random keys
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    @property
+    def channels(self) -> int:
+        return self.amax.numel()
+
+
+class ActivationCapture:
+    """Context manager recording :class:`InputStats` for the input quantizers of ``modules``.
+
+    ``modules`` maps a module path to the module; its ``input_quantizer`` submodule is
+    observed. The tensor recorded is the one the quantizer quantizes, i.e. after an
+    existing ``pre_quant_scale``. ``max_tokens=0`` keeps only the per-channel statistics.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], max_tokens: int = 4096, seed: int = 0) -> None:
+        self.modules = modules
+        self.max_tokens = int(max_tokens)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stats: dict[str, InputStats] = {}
+        self._handles: list = []
+        self._memo: OrderedDict = OrderedDict()
+
+    def __enter__(self) -> "ActivationCapture":
+        for path, module in self.modules.items():
+            q = module._modules.get("input_quantizer")
+            if q is None:
+                continue
+            self._handles.append(q.register_forward_pre_hook(self._hook(path, q)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._memo.clear()
+
+    def _hook(self, path: str, quantizer: nn.Module):
+        def hook(_module, args):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.numel():
+                self._record(path, quantizer, x)
+
+        return hook
+
+    def _record(self, path: str, quantizer: nn.Module, x: torch.Tensor) -> None:
+        prev = self.stats.get(path)
+        key = (id(prev), id(x))
+        hit = self._memo.get(key)
+        if hit is not None and hit[0]() is x and hit[1] is prev:
+            self.stats[path] = hit[2]
+            return
+        new = self._update(path, prev, quantizer, x)
+        self.stats[path] = new
+        self._memo[key] = (weakref.ref(x), prev, new)
+        while len(self._memo) > _MEMO_SIZE:
+            self._memo.popitem(last=False)
+
+    @torch.no_grad()
+    def _update(self, path: str, prev: InputStats | None, quantizer: nn.Module, x: torch.Tensor) -> InputStats:
+        pqs = getattr(quantizer, "pre_quant_scale", None)
+        x = x.detach()
+        if pqs is not None:
+            x = x * pqs.to(x.dtype)
+        x = x.reshape(-1, x.shape[-1]).float()
+        if not bool(torch.isfinite(x).all()):
+            raise CalibrationError(
+                f"the input of '{path}' holds NaN or Inf during calibration (shape {tuple(x.shape)}); "
+                "check the calibration data and the layers before it"
+            )
+        if prev is not None and prev.channels != x.shape[-1]:
+            raise CalibrationError(
+                f"the input of '{path}' changed from {prev.channels} to {x.shape[-1]} channels between calls"
+            )
+        absx = x.abs()
+        amax = absx.amax(0)
+        abs_sum = absx.sum(0, dtype=torch.float64)
+        if self.max_tokens <= 0:
+            x = x[:0]
+        keys = torch.rand(x.shape[0], generator=self.generator).to(x.device)
+        sample = x
+        if prev is not None:
+            amax = torch.maximum(prev.amax, amax)
+            abs_sum = prev.abs_sum + abs_sum
+            keys = torch.cat([prev.keys, keys])
+            sample = torch.cat([prev.sample, x])
+        if keys.numel() > self.max_tokens:
+            keep = torch.topk(keys, self.max_tokens, largest=False).indices.sort().values
+            keys, sample = keys[keep], sample[keep]
+        return InputStats(
+            amax=amax, abs_sum=abs_sum, tokens=(prev.tokens if prev else 0) + absx.shape[0],
+            calls=(prev.calls if prev else 0) + 1, sample=sample.clone() if sample is x else sample, keys=keys,
+        )

@@ -1,0 +1,173 @@
+"""AWQ (lite, clip, full) on small layers with salient channels, and the ModelOpt presets end to end."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qpass
+from qpass.algorithms.awq import _clip_ratios, weight_scale
+from qpass.algorithms.smoothing import alpha_grid
+from qpass.errors import QuantConfigError
+from qpass.graph.quantized_model import state_of
+
+from conftest import tiny_llama
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d_in=256, d_out=64):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _salient_case(seed=0):
+    torch.manual_seed(seed)
+    model = OneLinear().eval()
+    x = torch.randn(512, 256)
+    x[:, [3, 77, 130, 200]] *= 25.0  # a few salient input channels
+    return model, x
+
+
+def _err(model, x, ref):
+    return (model(x) - ref).pow(2).mean().item()
+
+
+def _cfg(name, **options):
+    cfg = copy.deepcopy(getattr(qpass, name))
+    if options:
+        algo = cfg["algorithm"]
+        algo = {"method": algo} if isinstance(algo, str) else dict(algo)
+        cfg["algorithm"] = {**algo, **options}
+    return cfg
+
+
+def _counting(batches):
+    calls = []
+
+    def loop(m):
+        calls.append(1)
+        for b in batches:
+            m(b)
+
+    return loop, calls
+
+
+def test_awq_lite_beats_max_on_salient_channels():
+    base, x = _salient_case()
+    ref = base(x)
+    errs = {}
+    for name in ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT4_AWQ_CFG"):
+        m = copy.deepcopy(base)
+        loop, calls = _counting([x[:256], x[256:]])
+        qpass.quantize(m, _cfg(name), loop)
+        assert len(calls) == 1
+        errs[name] = _err(m, x, ref)
+    assert errs["INT4_AWQ_CFG"] < 0.8 * errs["INT4_BLOCKWISE_WEIGHT_ONLY_CFG"]
+
+
+def test_awq_lite_scale_is_explicit_without_producer_and_exact_in_float():
+    base, x = _salient_case()
+    ref = base(x)
+    w0 = base.fc.weight.detach().clone()
+    qpass.quantize(base, _cfg("INT4_AWQ_CFG"), lambda m: m(x))
+    a = state_of(base).smoothing[0]
+    assert a.site is None and a.alpha in alpha_grid(0.1)
+    # weight-only: the input quantizer is off, yet its pre_quant_scale applies
+    assert not base.fc.input_quantizer.is_enabled
+    torch.testing.assert_close(base.fc.input_quantizer.pre_quant_scale, 1 / a.scale)
+    torch.testing.assert_close(base.fc.weight, w0 * a.scale)
+    qpass.disable_quantizer(base, "*")
+    torch.testing.assert_close(base(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_scale_matches_definition():
+    w = torch.tensor([[1.0, -2.0, 4.0, 0.5], [2.0, 2.0, -1.0, 1.0]])
+    # blocks of 2: [1, -2] [4, 0.5] / [2, 2] [-1, 1], each relative to its block's abs-max
+    expected = torch.stack([torch.tensor([0.5, 1.0, 1.0, 0.125]), torch.tensor([1.0, 1.0, 1.0, 1.0])]).mean(0)
+    torch.testing.assert_close(weight_scale(w, 2), expected)
+    torch.testing.assert_close(weight_scale(w, None), (w.abs() / w.abs().amax(1, keepdim=True)).mean(0))
+
+
+def test_awq_clip_lowers_error_and_only_shrinks_amax():
+    base, x = _salient_case(1)
+    ref = base(x)
+    plain = copy.deepcopy(base)
+    qpass.quantize(plain, _cfg("INT4_BLOCKWISE_WEIGHT_ONLY_CFG"), lambda m: m(x))
+    clipped = copy.deepcopy(base)
+    qpass.quantize(clipped, {**_cfg("INT4_BLOCKWISE_WEIGHT_ONLY_CFG"), "algorithm": {"method": "awq_clip"}},
+                   lambda m: m(x))
+    a0, a1 = plain.fc.weight_quantizer.amax, clipped.fc.weight_quantizer.amax
+    assert a0.shape == a1.shape
+    ratio = a1 / a0
+    assert bool((ratio <= 1.0 + 1e-6).all()) and bool((ratio >= 0.5 - 1e-6).all())
+    assert bool((ratio < 1).any())
+    allowed = torch.tensor(_clip_ratios(0.5, 0.05))
+    assert bool(((ratio.flatten()[:, None] - allowed).abs().amin(1) < 1e-5).all())
+    assert _err(clipped, x, ref) < _err(plain, x, ref)
+
+
+def test_clip_ratio_grid_matches_modelopt():
+    assert _clip_ratios(0.5, 0.05) == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
+    assert _clip_ratios(0.8, 0.1) == [0.8, 0.9, 1.0]
+    assert alpha_grid(0.25) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("name", ["INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG", "NVFP4_AWQ_LITE_CFG",
+                                  "NVFP4_AWQ_CLIP_CFG", "NVFP4_AWQ_FULL_CFG"])
+def test_presets_end_to_end_on_llama(name):
+    model = tiny_llama(1)
+    ids = [torch.randint(0, 128, (2, 32)) for _ in range(2)]
+    ref = model(ids[0]).logits
+    loop, calls = _counting(ids)
+    options = {}
+    if "NVFP4" in name and "CLIP" not in name:
+        options["alpha_step"] = 0.5  # NVFP4 fake quantization is slow on the CPU
+    if "CLIP" in name or "FULL" in name:
+        options["max_co_batch_size"] = 64
+    qpass.quantize(model, _cfg(name, **options), loop)
+    assert len(calls) == 1
+    out = model(ids[0]).logits
+    assert torch.isfinite(out).all()
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.98
+    applied = state_of(model).smoothing
+    if "CLIP" in name:
+        assert applied == []
+        return
+    units = {tuple(a.unit): a for a in applied}
+    qkv = units[("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")]
+    assert qkv.site.vectors == ("model.layers.0.input_layernorm.weight",)
+    down = units[("model.layers.0.mlp.down_proj",)]
+    assert down.site.rows == ("model.layers.0.mlp.up_proj.weight",)  # act(gate) * up: folded into up
+    assert model.model.layers[0].mlp.down_proj.input_quantizer.pre_quant_scale is None
+    o = model.model.layers[0].self_attn.o_proj.input_quantizer
+    assert o.pre_quant_scale is not None  # after attention: explicit
+    qpass.disable_quantizer(model, "*")
+    torch.testing.assert_close(model(ids[0]).logits, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_w4a8_input_amax_equals_recalibrated_smoothed_activations():
+    model = tiny_llama(1)
+    ids = [torch.randint(0, 128, (2, 32)) for _ in range(2)]
+    loop = lambda m: [m(i) for i in ids]  # noqa: E731
+    qpass.quantize(model, _cfg("W4A8_AWQ_BETA_CFG"), loop)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight_quantizer, nn.Sequential)
+    names = [n for n, m in model.named_modules() if n.endswith("input_quantizer") and m.is_enabled]
+    analytic = {n: model.get_submodule(n).amax.clone() for n in names}
+    qpass.calibrate(model, "max", loop)  # max calibration of what the quantizers now see
+    for n in names:
+        torch.testing.assert_close(analytic[n], model.get_submodule(n).amax, rtol=1e-5, atol=1e-6)
+
+
+def test_debug_keeps_search_results_and_bad_options_are_refused():
+    base, x = _salient_case()
+    m = copy.deepcopy(base)
+    qpass.quantize(m, _cfg("INT4_AWQ_CFG", debug=True, alpha_step=0.25), lambda mm: mm(x))
+    assert set(m.fc.awq_lite["loss"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    with pytest.raises(QuantConfigError, match="alpha_step"):
+        qpass.quantize(copy.deepcopy(base), _cfg("INT4_AWQ_CFG", alpha_step=0.0), lambda mm: mm(x))
+    with pytest.raises(QuantConfigError, match="min_clip_ratio"):
+        qpass.quantize(copy.deepcopy(base), _cfg("NVFP4_AWQ_CLIP_CFG", min_clip_ratio=1.5), lambda mm: mm(x))

@@ -1,0 +1,68 @@
+"""Activation capture: exact statistics, bounded seeded subsample, one record per shared input."""
+
+import torch
+
+import qpass
+from qpass.algorithms.smoothing import smoothable_modules
+from qpass.calib.capture import ActivationCapture
+
+
+def _quantized(model, x):
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(x))
+    return model
+
+
+def test_statistics_are_exact(mlp):
+    xs = [torch.randn(3, 7, 32) for _ in range(3)]
+    _quantized(mlp, xs[0])
+    with ActivationCapture({"fc1": mlp.fc1}, max_tokens=10_000) as cap:
+        for x in xs:
+            mlp(x)
+    st = cap.stats["fc1"]
+    flat = torch.cat([x.reshape(-1, 32) for x in xs])
+    torch.testing.assert_close(st.amax, flat.abs().amax(0))
+    torch.testing.assert_close(st.abs_mean, flat.abs().mean(0))
+    assert st.tokens == 63 and st.calls == 3
+    assert st.sample.shape == (63, 32)  # under the bound: every token, in order
+    torch.testing.assert_close(st.sample, flat)
+
+
+def test_subsample_is_bounded_seeded_and_uniform_rows(mlp):
+    xs = [torch.randn(4, 50, 32) for _ in range(5)]
+    _quantized(mlp, xs[0])
+
+    def run():
+        with ActivationCapture({"fc1": mlp.fc1}, max_tokens=64, seed=3) as cap:
+            for x in xs:
+                mlp(x)
+        return cap.stats["fc1"]
+
+    a, b = run(), run()
+    assert a.sample.shape == (64, 32) and a.tokens == 1000
+    torch.testing.assert_close(a.sample, b.sample)
+    flat = torch.cat([x.reshape(-1, 32) for x in xs])
+    # every kept row is a real token row
+    assert all((flat == row).all(1).any() for row in a.sample)
+
+
+def test_shared_input_is_recorded_once(attention):
+    x = torch.randn(2, 5, 32)
+    _quantized(attention, x)
+    mods = smoothable_modules(attention, need_input=True)
+    with ActivationCapture(mods, max_tokens=100) as cap:
+        attention(x)
+        attention(x + 1)
+    st = cap.stats
+    assert st["q_proj"] is st["k_proj"] is st["v_proj"]
+    assert st["o_proj"] is not st["q_proj"]
+    assert st["q_proj"].calls == 2
+
+
+def test_hooks_are_removed(mlp):
+    x = torch.randn(2, 32)
+    _quantized(mlp, x)
+    with ActivationCapture({"fc1": mlp.fc1}) as cap:
+        mlp(x)
+    mlp(x)
+    assert cap.stats["fc1"].calls == 1
+    assert not mlp.fc1.input_quantizer._forward_pre_hooks
