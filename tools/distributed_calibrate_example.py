@@ -1,8 +1,8 @@
 """Distributed calibration with qpass: each rank calibrates on its share of the data.
 
-    torchrun --nproc_per_node=2 tools/distributed_calibrate_example.py                 # CPU, gloo
-    torchrun --nproc_per_node=8 tools/distributed_calibrate_example.py --device cuda   # GPUs, NCCL
-    torchrun --nproc_per_node=2 tools/distributed_calibrate_example.py --model tiny --config FP8_DEFAULT_CFG
+    torchrun --standalone --nproc_per_node=2 tools/distributed_calibrate_example.py                 # CPU, gloo
+    torchrun --standalone --nproc_per_node=8 tools/distributed_calibrate_example.py --device cuda   # GPUs, NCCL
+    torchrun --standalone --nproc_per_node=2 tools/distributed_calibrate_example.py --model tiny --config FP8_DEFAULT_CFG
 
 Every rank loads the same model, runs ``qpass.quantize`` with a forward_loop over its own
 batches (every WORLD_SIZE-th one), and qpass reduces the calibration statistics across ranks

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import qpass
 from qpass.errors import CalibrationError
+from qpass.nn.tensor_quantizer import TensorQuantizer
 
 WORLD = 2
 TIMEOUT_S = 120  # the whole spawn; a hang fails the tests instead of blocking them
@@ -72,7 +73,7 @@ def shard(data, rank):
 
 def amax_dict(model):
     return {n: (None if m.amax is None else m.amax.clone())
-            for n, m in model.named_modules() if isinstance(m, qpass.nn.tensor_quantizer.TensorQuantizer)}
+            for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
 def _worker(rank, store_path, out_dir):
