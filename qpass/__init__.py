@@ -19,3 +19,4 @@ from qpass.model_quant import (
 from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer
 
 __version__ = "0.1.0"
+from qpass.checkpoint import save, restore, restore_modelopt
