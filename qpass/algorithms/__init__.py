@@ -34,5 +34,6 @@ def get_algorithm(name: str) -> Callable:
 def _load_builtin() -> None:
     # Imported lazily: algorithm modules import the model machinery.
     from qpass.algorithms import max as _max  # noqa: F401
+    from qpass.algorithms import mse as _mse  # noqa: F401
     from qpass.algorithms import smoothquant as _smoothquant  # noqa: F401
     from qpass.algorithms import awq as _awq  # noqa: F401

@@ -1,0 +1,126 @@
+"""``mse``: max calibration, then an MSE search of every weight quantizer's amax.
+
+ModelOpt 0.47 semantics (``mtq.calibrate(model, {"method": "mse", ...})``):
+
+1. max calibration of all quantizers (weights from the weights, activations over ``forward_loop``);
+2. for each enabled, static-range weight quantizer (MX / dynamic formats and quantizer
+   sequences are skipped), candidates ``amax_max * r`` for ``r`` in
+   ``linspace(start_multiplier, stop_multiplier, ceil((stop - start) / step_size) + 1)``; each
+   amax element (per tensor, channel or block) takes the first candidate with the least
+   ``sum((w - fake_quant(w, amax))^2)`` over its elements.
+
+Activation amax stays the max-calibrated one, as in ModelOpt (its ``mse`` refines weights
+only). For an MSE-chosen activation range, use ``calibrator: "histogram"`` with method ``mse``
+(see :mod:`qpass.calib.histogram`), which needs one forward pass and bounded memory.
+
+``fp8_scale_sweep=True`` in ModelOpt sweeps the FP8 per-block scales of static NVFP4 weight
+quantizers and leaves every other weight at its max amax. qpass has no static NVFP4 format, so
+a config with such a weight quantizer is refused naming the option; without one the option
+changes nothing, as in ModelOpt.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qpass.algorithms import register_algorithm
+from qpass.calib.max_calibrate import max_calibrate, weight_quantizer_owners
+from qpass.errors import QuantConfigError
+from qpass.nn.tensor_quantizer import TensorQuantizer
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise QuantConfigError(f"algorithm 'mse': {name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def mse_candidates(step_size=0.1, start_multiplier=0.25, stop_multiplier=4.0, device=None) -> torch.Tensor:
+    """The amax multipliers ModelOpt's MSE search tries (float32, ascending)."""
+    step = _positive("step_size", step_size)
+    start = _positive("start_multiplier", start_multiplier)
+    stop = _positive("stop_multiplier", stop_multiplier)
+    if stop < start:
+        raise QuantConfigError(
+            f"algorithm 'mse': stop_multiplier ({stop}) must be >= start_multiplier ({start})"
+        )
+    steps = math.ceil((stop - start) / step) + 1
+    return torch.linspace(start, stop, steps=steps, device=device)
+
+
+def _static_nvfp4(attrs: dict) -> bool:
+    bs = attrs.get("block_sizes") or {}
+    return bs.get("type", "static") == "static" and bs.get("scale_bits") is not None
+
+
+@torch.no_grad()
+def mse_search_amax(q: TensorQuantizer, w: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Per amax element, the candidate ``q.amax * r`` with the least squared error on ``w``."""
+    spec = q.spec
+    pqs = q.pre_quant_scale
+    x = w.detach().float()
+    if pqs is not None:
+        x = x * pqs.to(x.device, torch.float32)
+    base = q.amax.to(x.device)
+    lay = spec._layout(x.shape)
+    best_loss = best_amax = None
+    for r in candidates.to(x.device):
+        amax = base * r
+        err = (x - spec.fake_quant(x, amax)) ** 2
+        eb = lay.to_blocks(err)  # padding is 0 and quantizes to 0: no error
+        if lay.kept is None:
+            loss = eb.sum()
+        else:
+            dims = tuple(d for d in range(eb.dim()) if d not in lay.kept)
+            loss = eb.sum(dim=dims, keepdim=True) if dims else eb.sum()
+            loss = loss.reshape(base.shape) if loss.numel() == base.numel() else loss.sum()
+        if best_loss is None:
+            best_loss, best_amax = loss.clone(), amax.clone()
+        else:
+            better = loss < best_loss  # strict: the first minimum wins, as torch.argmin
+            best_loss = torch.where(better, loss, best_loss)
+            best_amax = torch.where(better, amax, best_amax)
+    return best_amax
+
+
+@register_algorithm("mse")
+def mse_algorithm(
+    model,
+    state,
+    forward_loop,
+    step_size=0.1,
+    start_multiplier=0.25,
+    stop_multiplier=4.0,
+    fp8_scale_sweep=False,
+    distributed_sync=True,
+    shared_states=None,
+    **common,
+):
+    step_size = 0.1 if step_size is None else step_size
+    start_multiplier = 0.25 if start_multiplier is None else start_multiplier
+    stop_multiplier = 4.0 if stop_multiplier is None else stop_multiplier
+    candidates = mse_candidates(step_size, start_multiplier, stop_multiplier)  # validates first
+    weights = [
+        (tq, module.weight)
+        for _, module, q in weight_quantizer_owners(model)
+        for tq in ([q] if isinstance(q, TensorQuantizer) else list(q))
+    ]
+    if fp8_scale_sweep:
+        for tq, _ in weights:
+            if tq.is_enabled and _static_nvfp4(tq._attrs):
+                raise QuantConfigError(
+                    f"algorithm 'mse' option fp8_scale_sweep=True (an FP8 block-scale sweep of static "
+                    f"NVFP4 weight quantizers such as '{tq._name}') is not implemented yet in qpass; "
+                    "use fp8_scale_sweep=False with a supported weight format"
+                )
+    max_calibrate(model, state, forward_loop)
+    if fp8_scale_sweep:
+        return  # ModelOpt: only static NVFP4 weights are swept; others keep their max amax
+    for _, module, q in weight_quantizer_owners(model):
+        if not isinstance(q, TensorQuantizer):
+            continue  # ModelOpt skips quantizer sequences
+        if not q.needs_calibration or q.spec.is_dynamic or q.amax is None:
+            continue
+        q.amax = mse_search_amax(q, module.weight, candidates)
