@@ -21,6 +21,7 @@ from torch import nn
 
 from qpass.checkpoint_install import QuantizerSpec, _listing, check_specs, install
 from qpass.errors import QpassError
+from qpass.graph.quantized_model import is_quantized
 from qpass.passes.rules import DEFAULT, get_rule_set
 
 # ModelOpt TensorQuantizer property -> qpass attribute.
@@ -175,6 +176,10 @@ def restore_modelopt(model: nn.Module, f, *, rules: str | None = None, load_weig
     checkpoint's model weights (ModelOpt stores them). Any mismatch raises QpassError and leaves
     the model untouched.
     """
+    if is_quantized(model):
+        raise QpassError(
+            f"{type(model).__name__} is already quantized by qpass; restore onto a fresh, unquantized model"
+        )
     ckpt = _load(f, weights_only)
     modes = _modes(ckpt)
     state_dict = ckpt.get("model_state_dict") or {}

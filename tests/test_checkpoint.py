@@ -298,6 +298,8 @@ def test_restore_modelopt_mismatch_is_refused(tmp_path):
             qpass.restore_modelopt(other, path)
         assert not _quantizers(other) and "_qpass_state" not in other.__dict__
         assert torch.equal(other(x), ref)
+    with pytest.raises(QpassError, match="already quantized"):
+        qpass.restore_modelopt(model, path)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(QpassError, match="cannot read ModelOpt checkpoint"):
         qpass.restore_modelopt(_mlp(), tmp_path / "junk.pth")
