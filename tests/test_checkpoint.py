@@ -305,6 +305,18 @@ def test_restore_modelopt_mismatch_is_refused(tmp_path):
         qpass.restore_modelopt(_mlp(), tmp_path / "junk.pth")
 
 
+@pytest.mark.modelopt
+def test_restore_modelopt_smoothquant_loads_scales_and_weights(tmp_path):
+    x = torch.randn(4, 32)
+    path, reference = _modelopt_checkpoint(tmp_path, _mlp, "INT8_SMOOTHQUANT_CFG", [dict(x=x)])
+    assert reference.fc1.input_quantizer.pre_quant_scale is not None
+    model = qpass.restore_modelopt(_mlp(), path)
+    assert torch.equal(model.fc1.input_quantizer.pre_quant_scale, reference.fc1.input_quantizer.pre_quant_scale)
+    assert torch.equal(model.fc1.weight, reference.fc1.weight)  # ModelOpt scaled the weights by s
+    y = torch.randn(3, 32)
+    assert _cosine(model(y), reference(y)) > 0.9999
+
+
 # ---------------------------------------------------------------------- real models
 @pytest.fixture(scope="module")
 def minilm_batches():
