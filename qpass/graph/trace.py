@@ -136,6 +136,7 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
     gm = ep.module()
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    gm.meta["qpass_example_inputs"] = tuple(t.detach() for t in tensors)  # what export_onnx re-traces with
     return TracedGraph(gm=gm, static_dims=_static_dims(gm))
 
 
