@@ -1,0 +1,323 @@
+"""``qpass.export_onnx``: a quantized model as an ONNX graph with QuantizeLinear/DequantizeLinear.
+
+Path: the traced graph of the model is lowered (:mod:`qpass.passes.lower`) to pure
+``qpass::`` quantize/dequantize ops with folded low-precision weights, and that graph goes
+through ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)`` with the
+translations of :mod:`qpass.export.onnx_ops`. The exported ONNX IR is then finished here:
+
+* packed 4-bit integer weights become INT4/UINT4 initializers (torch has no int4 dtype;
+  the translations mark the DequantizeLinear nodes that read them);
+* initializers nobody reads (the exact-arithmetic ``ref``/``amax`` inputs of the lowering
+  ops that ONNX does not need) are dropped;
+* the model is checked with ``onnx.checker.check_model(full_check=True)``, written to a
+  temporary file in the target directory and renamed over ``path`` only when complete.
+
+Formats and the opset they need (the exported opset is the largest needed, at least 18,
+torch's ONNX library opset):
+
+* INT8 (per-tensor activations, per-channel or per-tensor weights): opset 13 Q/DQ;
+* FP8 E4M3/E5M2: opset 19 Q/DQ with a float8 zero point, FP8 weight initializers;
+* INT4 static blocks (weights): opset 21 DequantizeLinear with ``block_size``, INT4 initializers;
+* NVFP4: opset 23, weights as FLOAT4E2M1 initializers behind two DequantizeLinear (FP8 block
+  scales, then FP4 values), activations as a standard-op decomposition (see ``onnx_ops``).
+
+``target="tensorrt"`` (default) keeps int8 activations with zero point 0, TensorRT's only
+form; ``target="onnxruntime"`` writes int8 activations as uint8 with zero point 128 (the same
+numbers) so ONNX Runtime's CPU uses its u8s8 kernels. Weights are int8 either way.
+
+Numerics: ONNX's QuantizeLinear divides by the scale where ModelOpt (and the fake-quant
+graph) multiplies by ``max_bound / amax``, so an element on a rounding boundary can land one
+code away; outputs agree to about 1e-6 relative, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from qpass.errors import ExportError, QpassError
+
+__all__ = ["export_onnx", "lowered_for_export"]
+
+_TARGETS = ("tensorrt", "onnxruntime")
+
+
+def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        if len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise ExportError(
+        f"example_inputs must be a tensor, a tuple of positional inputs, a dict of keyword inputs or "
+        f"(args, kwargs); got {type(example_inputs).__name__}")
+
+
+def _input_names(args: tuple, kwargs: dict) -> list[str] | None:
+    """Names of the flat tensor inputs: kwargs keys (input_ids, ...), positional ``input_N``."""
+    leaves, _ = pytree.tree_flatten_with_path((args, dict(sorted(kwargs.items()))))
+    names = []
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = []
+        for k in path[1:]:
+            key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
+            parts.append(str(key))
+        name = "_".join(parts) if path and getattr(path[0], "idx", None) == 1 else "input_" + "_".join(parts)
+        names.append(name)
+    return names if len(set(names)) == len(names) else None
+
+
+def select_graph(model, example_inputs=None):
+    """(TracedGraph, flat example tensors, input names or None) of the graph to export."""
+    from qpass.graph.quantized_model import _input_key, _takes_use_cache, matches_static_dims, state_of
+
+    try:
+        state = state_of(model)
+    except QpassError as e:
+        raise ExportError(str(e)) from None
+    if example_inputs is None:
+        for key, graphs in state.graphs.items():
+            if key[0]:  # traced in training mode: prefer an eval graph
+                continue
+            for g in graphs:
+                ex = g.gm.meta.get("qpass_example_inputs")
+                if ex is not None:
+                    return g, list(ex), None
+        for graphs in state.graphs.values():
+            for g in graphs:
+                ex = g.gm.meta.get("qpass_example_inputs")
+                if ex is not None:
+                    return g, list(ex), None
+        raise ExportError(
+            f"{type(model).__name__} has no traced graph with stored inputs (a weight-only config "
+            "quantizes without running the model): pass example_inputs to export_onnx")
+    args, kwargs = _split_inputs(example_inputs)
+    names = _input_names(args, kwargs)
+    if "use_cache" not in kwargs and _takes_use_cache(type(model)):
+        kwargs["use_cache"] = False  # as the quantized model's forward does
+    key, tensors = _input_key(model.training, args, kwargs)
+    for _ in range(2):
+        for g in state.graphs.get(key, ()):
+            if matches_static_dims(g, tensors):
+                return g, tensors, names
+        with torch.no_grad():  # trace this input structure (the quantized model's own dispatch)
+            model(*args, **kwargs)
+    raise ExportError("could not find or trace a graph for example_inputs")  # pragma: no cover
+
+
+def lowered_for_export(model, example_inputs=None):
+    """(lowered GraphModule, flat example tensors, traced graph, input names)."""
+    from qpass.passes.lower import lower_graph
+
+    traced, tensors, names = select_graph(model, example_inputs)
+    return lower_graph(traced.gm).eval(), tensors, traced, names
+
+
+def _check_lowered(lowered, target: str) -> int:
+    """Refuse what has no ONNX form (naming node and format); return the opset needed."""
+    from qpass.export.onnx_ops import MIN_OPSET
+    from qpass.passes.lower import LOWERED_META, OPS
+
+    opset = 18
+    for node in lowered.graph.nodes:
+        meta = node.meta.get(LOWERED_META)
+        if meta is None:
+            continue
+        where = f"node '{meta['node']}' (quantizer '{meta['quantizer']}', format {meta['format']})"
+        if node.target is OPS["fake_quant"]:
+            a = json.loads(node.args[2])
+            bs = a.get("block_sizes") or {}
+            nvfp4 = a.get("num_bits") == [2, 1] and bs.get("type") == "dynamic" and bs.get("scale_bits") == [4, 3]
+            if not nvfp4 or not node.args[3]:
+                raise ExportError(
+                    f"{where} has no ONNX form in qpass: ONNX export supports per-tensor int8/fp8 "
+                    "activations, per-tensor/per-channel int8/fp8 weights, int4 block weights and NVFP4")
+            val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+            size = int(next(v for k, v in bs.items() if k not in ("type", "scale_bits")))
+            last = val.shape[-1] if isinstance(val, torch.Tensor) and val.dim() else None
+            try:
+                last = int(last)  # a SymInt: its traced size (the reshape needs whole blocks)
+            except (TypeError, ValueError, RuntimeError):
+                last = None
+            if last is None or last % size:
+                raise ExportError(f"{where}: dynamic NVFP4 export needs a static last axis that is a "
+                                  f"multiple of {size}, got {last}")
+            opset = max(opset, 23)
+        elif node.target is OPS["dequantize_nvfp4"]:
+            shape = node.args[4]
+            if shape[-1] % 2:
+                raise ExportError(f"{where}: FP4 weights need an even last axis, got shape {shape}")
+            opset = max(opset, 23)
+        elif node.target in (OPS["quantize_per_tensor"], OPS["dequantize_per_tensor"],
+                             OPS["dequantize_per_channel"], OPS["dequantize_blockwise"]):
+            fmt = node.args[3]
+            need = MIN_OPSET[fmt]
+            if node.target is OPS["dequantize_blockwise"]:
+                need = max(need, 21)
+            if fmt.endswith("n") and node.target is OPS["quantize_per_tensor"]:
+                raise ExportError(f"{where}: narrow-range activations have no ONNX QuantizeLinear form "
+                                  "(it saturates to the full range)")
+            opset = max(opset, need)
+    return opset
+
+
+def _dynamic_shapes(traced, tensors, dynamic: bool):
+    if not dynamic:
+        return None
+    specs = []
+    it = iter(traced.static_dims)
+    for t in tensors:
+        static = next(it, None) or {}
+        dims = {d: torch.export.Dim.AUTO for d in range(t.dim()) if d not in static}
+        specs.append(dims or None)
+    return tuple(specs)
+
+
+def export_onnx(model, path, example_inputs=None, dynamic: bool = True, target: str = "tensorrt") -> str:
+    """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear; returns ``path``.
+
+    ``example_inputs``: a tensor, a tuple of positional inputs, a dict of keyword inputs or
+    ``(args, kwargs)``; by default the inputs the model was first traced with (in eval mode).
+    ``dynamic``: keep the traced graph's dynamic (batch, sequence) dims dynamic.
+    ``target``: ``"tensorrt"`` or ``"onnxruntime"`` (uint8 activations with zero point 128).
+    Raises :class:`~qpass.errors.ExportError` naming the node and the format that has no ONNX
+    form; never leaves a partial file at ``path``.
+    """
+    if target not in _TARGETS:
+        raise ExportError(f"target must be one of {_TARGETS}, got {target!r}")
+    path = os.fspath(path)
+    lowered, tensors, traced, names = lowered_for_export(model, example_inputs)
+    opset = _check_lowered(lowered, target)
+    proto = _to_onnx(lowered, tensors, traced, names, opset, target, dynamic)
+    _write_atomically(proto, path)
+    return path
+
+
+def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: bool):
+    import onnx_ir as ir
+
+    from qpass.export.onnx_ops import make_table
+
+    table = make_table(opset, target)
+    kwargs: dict[str, Any] = dict(dynamo=True, custom_translation_table=table, opset_version=opset,
+                                  dynamic_shapes=_dynamic_shapes(traced, tensors, dynamic), optimize=True,
+                                  verbose=False, report=False)
+    if names:
+        kwargs["input_names"] = names
+    try:
+        program = _torch_onnx_export(lowered, tuple(tensors), table, kwargs)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.onnx failures become one clear error
+        msg = str(e).strip().splitlines()
+        raise ExportError(f"torch.onnx.export failed on the lowered graph: {type(e).__name__}: "
+                          f"{msg[0] if msg else ''}") from e
+    model = program.model
+    _finish_int4(model)
+    _drop_unused_initializers(model)
+    _strip_nondeterminism(model)
+    return ir.serde.serialize_model(model)
+
+
+_BASE_REGISTRIES: dict[int, Any] = {}
+
+
+def _torch_onnx_export(lowered, args: tuple, table: dict, kwargs: dict):
+    """``torch.onnx.export(dynamo=True)``, reusing torch's ONNX op registry across calls.
+
+    Building the registry from torchlib costs seconds per export; when torch's exporter
+    internals are where this version of torch has them, a cached copy per opset is used
+    (with the same custom translations registered on top), else the public call.
+    """
+    try:
+        from torch.onnx._internal.exporter import _core, _registration
+    except ImportError:  # pragma: no cover - other torch layouts
+        return torch.onnx.export(lowered, args, **kwargs)
+    opset = kwargs["opset_version"]
+    base = _BASE_REGISTRIES.get(opset)
+    if base is None:
+        base = _BASE_REGISTRIES[opset] = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    registry = _registration.ONNXRegistry()
+    registry._opset_version = base._opset_version
+    registry.functions = {k: list(v) for k, v in base.functions.items()}
+    for torch_op, onnx_op in table.items():
+        registry.register_op(torch_op, onnx_op, is_complex=False)
+    return _core.export(lowered, args, None, registry=registry, dynamic_shapes=kwargs["dynamic_shapes"],
+                        input_names=kwargs.get("input_names"), output_names=None, report=False, verify=False,
+                        verbose=False, optimize=kwargs["optimize"], opset_version=opset)
+
+
+def _finish_int4(model) -> None:
+    """Retype the packed uint8 4-bit codes read by marked DequantizeLinear nodes as INT4/UINT4."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from qpass.export.onnx_ops import INT4_META
+    from qpass.formats import pack_nibbles, unpack_nibbles
+
+    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+        info = node.metadata_props.pop(INT4_META, None)
+        if info is None:
+            continue
+        info = json.loads(info)
+        value = node.inputs[0]
+        if value is None or value.const_value is None:
+            raise ExportError(f"ONNX node '{node.name}': int4 codes are not an initializer")
+        shape = info["shape"]
+        signed = info["fmt"] != "uint4"
+        packed = torch.from_numpy(np.asarray(value.const_value.numpy()).copy())
+        codes = unpack_nibbles(packed, shape[-1], signed).reshape(shape)
+        flat = pack_nibbles(codes.reshape(-1)).numpy()  # ONNX packs the flattened tensor
+        dtype = ir.DataType.INT4 if signed else ir.DataType.UINT4
+        value.const_value = ir.PackedTensor(flat, dtype, shape=ir.Shape(shape), name=value.name)
+        value.dtype = dtype
+        value.shape = ir.Shape(shape)
+
+
+def _drop_unused_initializers(model) -> None:
+    graph = model.graph
+    for name in list(graph.initializers):
+        v = graph.initializers[name]
+        if not v.uses() and v not in graph.outputs:
+            del graph.initializers[name]
+
+
+def _strip_nondeterminism(model) -> None:
+    """Metadata with stack traces and object addresses would make the bytes differ run to run."""
+    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+        for key in [k for k in node.metadata_props if k.startswith("pkg.torch.onnx.")]:
+            if key in ("pkg.torch.onnx.stack_trace",):
+                del node.metadata_props[key]
+
+
+def _write_atomically(proto, path: str) -> None:
+    import onnx
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".qpass-", suffix=".onnx.tmp", dir=directory)
+    os.close(fd)
+    try:
+        large = proto.ByteSize() > 1_900_000_000 if hasattr(proto, "ByteSize") else False
+        if large:
+            raise ExportError("models above 2 GB (external data) are not supported by qpass.export_onnx yet")
+        onnx.save(proto, tmp)
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"the exported model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,462 @@
+"""Lowering: a quantized GraphModule becomes a graph of pure quantize/dequantize ops.
+
+Every back end (ONNX today) consumes the one lowered graph this pass produces from a
+traced graph of a quantized model:
+
+* an **enabled activation quantizer** (per tensor, 8-bit integer or FP8) becomes
+  ``qpass::quantize_per_tensor`` followed by ``qpass::dequantize_per_tensor``
+  (preceded by a ``mul`` when it has a ``pre_quant_scale``);
+* an **enabled weight quantizer** reading a parameter is folded: the weight is stored in
+  its low-precision form as a buffer (int8 / float8 codes; int4 packed two per byte as
+  uint8; FP4 packed as ``torch.float4_e2m1fn_x2``) with its scales, behind one
+  ``qpass::dequantize_per_tensor`` / ``dequantize_per_channel`` / ``dequantize_blockwise``
+  / ``dequantize_nvfp4`` op. The float weight is dropped unless something else reads it;
+* a **disabled** quantizer (or one that does not quantize, as during calibration) is removed;
+* quantizers reading the same tensor with the same numerics (a shared-input group:
+  q/k/v, gate/up) are merged into one quantize/dequantize pair feeding all readers;
+* anything else (per-channel or block activations, MX formats, dynamic NVFP4 activations,
+  quantizer sequences) becomes ``qpass::fake_quant`` - exact in PyTorch, and refused by the
+  exporters with an :class:`~qpass.errors.ExportError` naming the node and the format.
+
+Each op carries two scales: ``scale``, the float32 dequantization step a back end stores
+(ONNX ``y_scale``), and ``ref`` - the calibrated ``amax`` for quantize ops, the scale
+:meth:`QuantSpec.quantize` returned for dequantize ops - from which the PyTorch kernels
+reproduce the fake-quant arithmetic bit for bit through :mod:`qpass.formats` (ModelOpt
+multiplies by ``max_bound / amax`` where ONNX divides by ``scale``; the two can differ by
+one code at a rounding boundary, so only back ends use ``scale``). The lowered graph
+therefore computes exactly the fake-quant model's outputs. Op order is the same as in the
+fake-quant graph; the one difference is that merged shared-input quantizers run once.
+
+Codes are always the format's own signed/unsigned integers with zero point 0 (or float
+codes); a back end that wants another encoding (ONNX Runtime's uint8 activations with zero
+point 128) derives it in its translation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import torch
+from torch import fx, nn
+
+from qpass.errors import ExportError
+from qpass.formats import QuantSpec
+from qpass.formats.floating import E2M1, E4M3, E5M2
+from qpass.formats.integer import IntFormat
+from qpass.passes.insert_quantizers import QUANTIZER_META, SLOT_META
+
+__all__ = ["LOWERED_META", "OPS", "format_token", "lower_graph", "spec_of_token"]
+
+LOWERED_META = "qpass_lowered"  # node.meta key on lowered ops: {"quantizer", "format", "kind"}
+
+# ---------------------------------------------------------------------------------------------
+# format tokens: the element format of codes, as a string op argument
+# ---------------------------------------------------------------------------------------------
+_TOKENS = {
+    "int8": (8, False, False), "int8n": (8, False, True), "uint8": (8, True, False),
+    "int4": (4, False, False), "int4n": (4, False, True), "uint4": (4, True, False),
+    "e4m3": ((4, 3), False, False), "e5m2": ((5, 2), False, False), "e2m1": ((2, 1), False, False),
+}
+
+
+def format_token(spec: QuantSpec) -> str | None:
+    """The token of a spec's element format, or None if lowering has no op for it."""
+    f = spec.fmt
+    if isinstance(f, IntFormat):
+        if f.num_bits not in (4, 8) or (f.unsigned and f.narrow_range):
+            return None
+        return f"{'u' if f.unsigned else ''}int{f.num_bits}{'n' if f.narrow_range else ''}"
+    return {E4M3: "e4m3", E5M2: "e5m2", E2M1: "e2m1"}.get(f)
+
+
+@functools.lru_cache(maxsize=None)
+def spec_of_token(fmt: str, axis: int | None = None, block_axis: int | None = None, block_size: int = 0) -> QuantSpec:
+    num_bits, unsigned, narrow = _TOKENS[fmt]
+    blocks = {block_axis: block_size} if block_size else None
+    return QuantSpec.from_attributes(num_bits, axis=axis, block_sizes=blocks, unsigned=unsigned, narrow_range=narrow)
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_of_json(attrs: str) -> QuantSpec:
+    a = json.loads(attrs)
+    bs = a.get("block_sizes")
+    if bs is not None:
+        bs = {(int(k) if k.lstrip("-").isdigit() else k): v for k, v in bs.items()}
+    axis = a.get("axis")
+    if isinstance(axis, list):
+        axis = tuple(axis)
+    num_bits = tuple(a["num_bits"]) if isinstance(a["num_bits"], list) else a["num_bits"]
+    return QuantSpec.from_attributes(num_bits, axis=axis, block_sizes=bs, unsigned=a.get("unsigned", False),
+                                     narrow_range=a.get("narrow_range", False))
+
+
+def _code_dtype(fmt: str) -> torch.dtype:
+    return {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}.get(fmt, torch.uint8 if fmt.startswith("u") else torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# the qpass custom ops (torch.library), each with a fake (meta) kernel
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("qpass::quantize_per_tensor", mutates_args=())
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Codes of ``x`` (int8/uint8/float8), per-tensor ``amax = ref``; ``scale`` is for back ends."""
+    return spec_of_token(fmt).quantize(x, ref)[0]
+
+
+@quantize_per_tensor.register_fake
+def _(x, scale, ref, fmt):
+    return x.new_empty(x.shape, dtype=_code_dtype(fmt))
+
+
+@torch.library.custom_op("qpass::dequantize_per_tensor", mutates_args=())
+def dequantize_per_tensor(codes: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor, fmt: str,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Values of 8-bit codes under one scale (``ref``: the scale QuantSpec.quantize gave)."""
+    return spec_of_token(fmt).dequantize(codes, ref, dtype)
+
+
+@dequantize_per_tensor.register_fake
+def _(codes, scale, ref, fmt, dtype):
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+@torch.library.custom_op("qpass::dequantize_per_channel", mutates_args=())
+def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor, fmt: str, axis: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """Values of 8-bit codes with one scale per index of ``axis`` (``scale``: 1-D)."""
+    return spec_of_token(fmt, axis=axis).dequantize(codes, ref, dtype)
+
+
+@dequantize_per_channel.register_fake
+def _(codes, scale, ref, fmt, axis, dtype):
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+@torch.library.custom_op("qpass::dequantize_blockwise", mutates_args=())
+def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor, fmt: str, axis: int,
+                         block_size: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Values of codes (4-bit: packed two per byte on the last axis) with one scale per
+    ``block_size`` run along ``axis``; ``scale`` has ``shape`` with ``axis`` shrunk to
+    ``ceil(n / block_size)``, ONNX's blocked layout."""
+    return spec_of_token(fmt, block_axis=axis, block_size=block_size).dequantize(codes, ref, dtype, shape)
+
+
+@dequantize_blockwise.register_fake
+def _(codes, scale, ref, fmt, axis, block_size, shape, dtype):
+    return codes.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("qpass::dequantize_nvfp4", mutates_args=())
+def dequantize_nvfp4(codes: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, block_size: int,
+                     shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """NVFP4 values: E2M1 codes (``float4_e2m1fn_x2``, two per byte) times float8 E4M3 block
+    scales (one per ``block_size`` on the last axis) times a float32 global scale."""
+    spec = _nvfp4_spec(block_size)
+    return spec.dequantize(codes.view(torch.uint8), (block_scale, global_scale), dtype, shape)
+
+
+@dequantize_nvfp4.register_fake
+def _(codes, block_scale, global_scale, block_size, shape, dtype):
+    return codes.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("qpass::fake_quant", mutates_args=())
+def fake_quant(x: torch.Tensor, amax: torch.Tensor, attrs: str, has_amax: bool) -> torch.Tensor:
+    """Fake quantization with the QuantSpec of ModelOpt attributes ``attrs`` (JSON). For
+    formats with no dedicated op; back ends refuse it."""
+    return _spec_of_json(attrs).fake_quant(x, amax if has_amax else None)
+
+
+@fake_quant.register_fake
+def _(x, amax, attrs, has_amax):
+    return torch.empty_like(x)
+
+
+OPS = {
+    "quantize_per_tensor": torch.ops.qpass.quantize_per_tensor.default,
+    "dequantize_per_tensor": torch.ops.qpass.dequantize_per_tensor.default,
+    "dequantize_per_channel": torch.ops.qpass.dequantize_per_channel.default,
+    "dequantize_blockwise": torch.ops.qpass.dequantize_blockwise.default,
+    "dequantize_nvfp4": torch.ops.qpass.dequantize_nvfp4.default,
+    "fake_quant": torch.ops.qpass.fake_quant.default,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _nvfp4_spec(block_size: int) -> QuantSpec:
+    return QuantSpec.from_attributes((2, 1), block_sizes={-1: block_size, "type": "dynamic", "scale_bits": (4, 3)})
+
+
+def _is_nvfp4(spec: QuantSpec) -> bool:
+    return spec.is_dynamic and spec.fmt == E2M1 and spec.scale_format == E4M3
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------------------------
+def _backend_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The float32 step a back end stores; a zero step (an all-zero channel, amax 0) becomes
+    1 for weights (codes are 0 there) and the smallest normal float for activations."""
+    s = scale.detach().float()
+    return torch.where(s > 0, s, torch.finfo(torch.float32).tiny)
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.attrs: dict[str, fx.Node] = {}
+        self.cse: dict[tuple, fx.Node] = {}
+        self.names: set[str] = set()
+
+    # attributes ------------------------------------------------------------------------------
+    def get_attr(self, target: str) -> fx.Node:
+        node = self.attrs.get(target)
+        if node is None:
+            value = _fetch(self.gm, target)
+            _install(self.root, target, value)
+            node = self.graph.get_attr(target)
+            self.attrs[target] = node
+        return node
+
+    def constant(self, base: str, suffix: str, value: torch.Tensor) -> fx.Node:
+        target = f"{base}.{suffix}"
+        n = 1
+        while target in self.attrs:
+            n += 1
+            target = f"{base}.{suffix}{n}"
+        _install(self.root, target, value.detach().clone().contiguous())
+        node = self.graph.get_attr(target)
+        self.attrs[target] = node
+        return node
+
+    def call(self, op, args, meta: dict) -> fx.Node:
+        node = self.graph.call_function(op, tuple(args))
+        node.meta[LOWERED_META] = meta
+        return node
+
+
+def _fetch(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _install(root: nn.Module, target: str, value) -> None:
+    *path, leaf = target.split(".")
+    mod = root
+    for p in path:
+        sub = mod._modules.get(p)
+        if sub is None:
+            sub = nn.Module()
+            mod.add_module(p, sub)
+        mod = sub
+    if isinstance(value, nn.Parameter):
+        mod.register_parameter(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        mod.register_buffer(leaf, value)
+    else:
+        setattr(mod, leaf, value)
+
+
+def _is_quantizer_node(node: fx.Node) -> bool:
+    return node.op == "call_module" and QUANTIZER_META in node.meta
+
+
+def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A lowered copy of a quantized GraphModule (see the module docstring).
+
+    Parameters are shared with the model (not copied); folded codes and scales are new
+    buffers named ``<quantizer path>.codes`` / ``.scale`` / ...; the calling convention
+    (flat input tensors, the model's output structure) is the traced graph's.
+    """
+    from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer
+
+    b = _Builder(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and not _is_quantizer_node(node):
+            if node.target == "_guards_fn" or not node.users:
+                continue  # torch.export's input-guard check; the back end re-derives guards
+            raise ExportError(f"node '{node.name}' calls module '{node.target}', which lowering cannot inline")
+        if _is_quantizer_node(node):
+            q = gm.get_submodule(node.target)
+            src = b.env[node.args[0]]
+            members = list(q) if isinstance(q, SequentialQuantizer) else [q]
+            out = src
+            if isinstance(q, SequentialQuantizer) and sum(_active(m) for m in members) > 1:
+                for m in members:
+                    if _active(m):
+                        out = _lower_fallback(b, node, m, out)
+            else:
+                for m in members:
+                    if isinstance(m, TensorQuantizer) and _active(m):
+                        out = _lower_one(b, node, m, node.args[0], out)
+            b.env[node] = out
+            continue
+        if node.op == "get_attr":
+            b.env[node] = _LazyAttr(node.target)
+            continue
+        b.env[node] = b.graph.node_copy(node, lambda n: _resolve(b, n))
+    b.graph._codegen = gm.graph._codegen
+    b.graph.eliminate_dead_code()
+    b.graph.lint()
+    lowered = fx.GraphModule(b.root, b.graph, class_name="QpassLowered")
+    return lowered
+
+
+class _LazyAttr:
+    __slots__ = ("target",)
+
+    def __init__(self, target):
+        self.target = target
+
+
+def _resolve(b: _Builder, n: fx.Node) -> fx.Node:
+    v = b.env[n]
+    if isinstance(v, _LazyAttr):
+        v = b.get_attr(v.target)
+        b.env[n] = v
+    return v
+
+
+def _active(q) -> bool:
+    return q.is_enabled and q._if_quant
+
+
+def _meta(node: fx.Node, q, kind: str) -> dict:
+    return {"quantizer": node.meta[QUANTIZER_META], "slot": node.meta.get(SLOT_META), "node": node.name,
+            "format": q.describe(), "kind": kind}
+
+
+def _lower_one(b: _Builder, node: fx.Node, q, old_src: fx.Node, src) -> fx.Node:
+    if old_src.op == "get_attr" and isinstance(src, _LazyAttr):  # a parameter: fold it
+        return _lower_weight(b, node, q, old_src.target)
+    return _lower_activation(b, node, q, _resolve_src(b, src))
+
+
+def _resolve_src(b: _Builder, src):
+    if isinstance(src, _LazyAttr):
+        return b.get_attr(src.target)
+    return src
+
+
+def _lower_weight(b: _Builder, node: fx.Node, q, target: str) -> fx.Node:
+    key = ("w", node.target, target)
+    if key in b.cse:
+        return b.cse[key]
+    w = _fetch(b.gm, target).detach()
+    pqs = q.pre_quant_scale
+    if pqs is not None:
+        w = w * pqs.to(w.dtype)
+    spec = q.spec
+    amax = q.amax
+    base = node.target
+    tok = format_token(spec)
+    out = None
+    if _is_nvfp4(spec) and w.dim() >= 1:
+        codes, (bscale, gscale) = spec.quantize(w, amax)
+        packed = codes.view(torch.float4_e2m1fn_x2)
+        args = [b.constant(base, "codes", packed), b.constant(base, "block_scale", bscale),
+                b.constant(base, "global_scale", gscale.reshape(()).float()), spec.block_size, list(w.shape), w.dtype]
+        out = b.call(OPS["dequantize_nvfp4"], args, _meta(node, q, "weight"))
+    elif tok is not None and not spec.is_dynamic:
+        codes, scale = spec.quantize(w, amax)
+        kind = _granularity(spec, w.shape)
+        if kind is not None:
+            common = [b.constant(base, "codes", codes)]
+            if kind == ("tensor",):
+                common += [b.constant(base, "scale", _backend_scale(scale).reshape(())), b.constant(base, "ref", scale), tok]
+                out = b.call(OPS["dequantize_per_tensor"], common + [w.dtype], _meta(node, q, "weight"))
+            elif kind[0] == "channel":
+                axis = kind[1]
+                common += [b.constant(base, "scale", _backend_scale(scale).reshape(-1)), b.constant(base, "ref", scale), tok]
+                out = b.call(OPS["dequantize_per_channel"], common + [axis, w.dtype], _meta(node, q, "weight"))
+            else:
+                axis, size = kind[1], kind[2]
+                sshape = list(w.shape)
+                sshape[axis] = math.ceil(sshape[axis] / size)
+                if axis != w.dim() - 1 and tok in ("int4", "int4n", "uint4", "e2m1"):
+                    out = None  # packing runs along the last axis only
+                else:
+                    common += [b.constant(base, "scale", _backend_scale(scale).reshape(sshape)),
+                               b.constant(base, "ref", scale), tok]
+                    out = b.call(OPS["dequantize_blockwise"], common + [axis, size, list(w.shape), w.dtype],
+                                 _meta(node, q, "weight"))
+    if out is None:  # exact, but no dedicated op: back ends refuse it
+        out = _fallback_call(b, node, q, b.get_attr(target))
+    b.cse[key] = out
+    return out
+
+
+def _granularity(spec: QuantSpec, shape) -> tuple | None:
+    """('tensor',), ('channel', axis) or ('block', axis, size) for a static spec on ``shape``."""
+    bs = spec.block_sizes
+    if bs:
+        if all(v is None for v in bs.values()):
+            listed = {k % len(shape) for k in bs}
+            kept = [i for i in range(len(shape)) if i not in listed]
+            return ("channel", kept[0]) if len(kept) == 1 else None
+        sized = {k: v for k, v in bs.items() if v}
+        if len(sized) == 1 and len(bs) == 1:
+            (k, v), = sized.items()
+            return ("block", k % len(shape), int(v))
+        return None
+    if spec.axis is None:
+        return ("tensor",)
+    axes = (spec.axis,) if isinstance(spec.axis, int) else tuple(spec.axis)
+    if len(axes) == 1:
+        return ("channel", axes[0] % len(shape))
+    return None
+
+
+def _lower_activation(b: _Builder, node: fx.Node, q, src: fx.Node) -> fx.Node:
+    spec = q.spec
+    amax = q.amax
+    pqs = q.pre_quant_scale
+    tok = format_token(spec)
+    per_tensor = (not spec.is_dynamic and not spec.block_sizes and spec.axis is None
+                  and tok is not None and spec.fmt.total_bits == 8)
+    if not per_tensor or amax is None:
+        if amax is None and spec.needs_amax and per_tensor:
+            raise ExportError(
+                f"quantizer '{node.meta[QUANTIZER_META]}' (node '{node.name}', {q.describe()}) has no amax: "
+                "calibrate the model before lowering or exporting it")
+        if pqs is not None:
+            src = b.graph.call_function(torch.ops.aten.mul.Tensor, (src, b.constant(node.target, "pre_quant_scale", pqs)))
+        return _fallback_call(b, node, q, src)
+    key = ("a", src, tok, amax.detach().float().reshape(()).item(),
+           None if pqs is None else (tuple(pqs.shape), pqs.detach().cpu().numpy().tobytes()))
+    if key in b.cse:
+        return b.cse[key]
+    base = node.target
+    x = src
+    if pqs is not None:
+        x = b.graph.call_function(torch.ops.aten.mul.Tensor, (x, b.constant(base, "pre_quant_scale", pqs)))
+    amax_c = amax.detach().float().reshape(())
+    _, scale = spec.quantize(amax_c.new_zeros(1), amax_c)
+    scale_n = b.constant(base, "scale", _backend_scale(scale).reshape(()))
+    val = node.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    codes = b.call(OPS["quantize_per_tensor"], [x, scale_n, b.constant(base, "amax", amax_c), tok],
+                   _meta(node, q, "activation"))
+    out = b.call(OPS["dequantize_per_tensor"], [codes, scale_n, b.constant(base, "ref", scale.reshape(())), tok, dtype],
+                 _meta(node, q, "activation"))
+    b.cse[key] = out
+    return out
+
+
+def _fallback_call(b: _Builder, node: fx.Node, q, src: fx.Node) -> fx.Node:
+    amax = q.amax
+    has = amax is not None
+    a = b.constant(node.target, "amax", amax.detach().float() if has else torch.zeros(()))
+    attrs = json.dumps(q.spec.to_attributes(), default=list)
+    return b.call(OPS["fake_quant"], [src, a, attrs, has], _meta(node, q, "fake_quant"))
+
+
+def _lower_fallback(b: _Builder, node: fx.Node, q, src) -> fx.Node:
+    return _fallback_call(b, node, q, _resolve_src(b, src))

@@ -1,0 +1,220 @@
+"""qpass.export_onnx on small models: Q/DQ placement, formats, ORT parity, determinism, errors."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import qpass
+from qpass.errors import ExportError
+from qpass.export.compare import compare
+
+from conftest import MLP, Attention, SmallCNN
+from export_helpers import Graph
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+
+def _quantized(cls, shape, cfg, seed=0):
+    torch.manual_seed(seed)
+    model = cls().eval()
+    x = torch.randn(*shape)
+    qpass.quantize(model, getattr(qpass, cfg) if isinstance(cfg, str) else cfg, lambda m: m(x))
+    return model, x
+
+
+def _min_cosine(report):
+    return min(r["cosine"] for r in report)
+
+
+@pytest.fixture(scope="module")
+def cnn_int8(tmp_path_factory):
+    model, x = _quantized(SmallCNN, (2, 3, 8, 8), "INT8_DEFAULT_CFG")
+    path = str(tmp_path_factory.mktemp("cnn") / "cnn_int8.onnx")
+    assert qpass.export_onnx(model, path) == path
+    return model, x, path
+
+
+@pytest.fixture(scope="module")
+def attn_int8(tmp_path_factory):
+    model, x = _quantized(Attention, (2, 8, 32), "INT8_DEFAULT_CFG")
+    path = str(tmp_path_factory.mktemp("attn") / "attn_int8.onnx")
+    qpass.export_onnx(model, path)
+    return model, x, path
+
+
+# ------------------------------------------------------------------------------------ INT8
+def test_cnn_int8_qdq_placement(cnn_int8):
+    model, x, path = cnn_int8
+    g = Graph(path)
+    onnx.checker.check_model(g.model, full_check=True)
+    assert 13 <= g.opset
+    # 5 weighted ops (stem, conv1, conv2, up, head): one Q/DQ on each input, one DQ on each weight
+    assert g.count("QuantizeLinear") == 5
+    assert g.count("DequantizeLinear") == 10
+    assert len(g.weight_dqs()) == 5 and len(g.activation_dqs()) == 5
+    for q in g.of("QuantizeLinear"):
+        assert q.input[0] not in g.init  # never on a weight
+        assert [u.op_type for u in g.users(q)] == ["DequantizeLinear"]
+        assert g.value(q.input[2]).dtype == np.int8 and g.value(q.input[2]) == 0
+        assert g.value(q.input[1]).shape == ()
+        assert g.producer.get(q.input[0]) is None or g.producer[q.input[0]].op_type not in {"Conv", "Gemm", "ConvTranspose"}
+    for dq in g.of("DequantizeLinear"):
+        assert g.reaches_weighted(dq), dq.name  # Q/DQ only on inputs of weighted ops
+    for dq in g.weight_dqs():
+        codes = g.init[dq.input[0]]
+        assert codes.data_type == onnx.TensorProto.INT8
+        assert g.attr(dq, "axis", 1) == 0
+        assert g.value(dq.input[1]).shape == (codes.dims[0],)
+        assert not g.value(dq.input[2]).any()
+    # the residual Add and the BatchNorms are not quantized
+    for n in g.nodes:
+        if n.op_type in ("Add", "BatchNormalization", "Relu"):
+            assert all(g.producer.get(i) is None or g.producer[i].op_type != "DequantizeLinear" for i in n.input)
+    # no float copy of a quantized weight
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4 for t in g.model.graph.initializer)
+
+
+def test_cnn_int8_parity_and_dynamic_batch(cnn_int8):
+    model, x, path = cnn_int8
+    assert _min_cosine(compare(model, path, x)) >= 0.9999
+    rep = compare(model, path, torch.randn(5, 3, 8, 8))
+    assert _min_cosine(rep) >= 0.9999 and rep[0]["shape"] == (5, 10)
+
+
+def test_shared_input_group_one_qdq_pair(attn_int8):
+    model, x, path = attn_int8
+    g = Graph(path)
+    assert g.count("QuantizeLinear") == 2  # q/k/v share one, o_proj has its own
+    users = sorted(len([u for u in g.users(dq) if u.op_type == "MatMul"]) for dq in g.activation_dqs())
+    assert users == [1, 3]
+    rep = compare(model, path, x)
+    assert _min_cosine(rep) >= 0.9999 and rep[0]["max_abs_err"] < 1e-4
+    assert _min_cosine(compare(model, path, torch.randn(3, 5, 32))) >= 0.9999  # dynamic batch and sequence
+
+
+def test_export_is_deterministic(attn_int8, tmp_path):
+    model, x, path = attn_int8
+    again = qpass.export_onnx(model, str(tmp_path / "again.onnx"))
+    assert open(path, "rb").read() == open(again, "rb").read()
+
+
+def test_onnxruntime_target_uint8_activations(tmp_path):
+    model, x = _quantized(Attention, (2, 8, 32), "INT8_DEFAULT_CFG")
+    path = qpass.export_onnx(model, str(tmp_path / "ort.onnx"), target="onnxruntime")
+    g = Graph(path)
+    assert g.count("QuantizeLinear") == 2
+    for q in g.of("QuantizeLinear"):
+        zp = g.value(q.input[2])
+        assert zp.dtype == np.uint8 and zp == 128
+    for dq in g.activation_dqs():
+        assert g.value(dq.input[2]).dtype == np.uint8 and g.value(dq.input[2]) == 128
+    for dq in g.weight_dqs():
+        assert g.init[dq.input[0]].data_type == onnx.TensorProto.INT8 and not g.value(dq.input[2]).any()
+    rep = compare(model, path, x)
+    assert _min_cosine(rep) >= 0.9999 and rep[0]["max_abs_err"] < 1e-4
+
+
+# ------------------------------------------------------------------------------------ other formats
+def test_fp8(tmp_path):
+    model, x = _quantized(Attention, (2, 8, 32), "FP8_DEFAULT_CFG")
+    path = qpass.export_onnx(model, str(tmp_path / "fp8.onnx"))
+    g = Graph(path)
+    assert g.opset >= 19
+    assert g.count("QuantizeLinear") == 2 and g.count("DequantizeLinear") == 6
+    for dq in g.weight_dqs():
+        assert g.init[dq.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN
+    for q in g.of("QuantizeLinear"):
+        assert g.const(q.input[2]).data_type == onnx.TensorProto.FLOAT8E4M3FN
+    assert _min_cosine(compare(model, path, x)) >= 0.9999  # ORT runs FP8 Q/DQ on the CPU
+
+
+def test_int4_blockwise(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(d=256, h=64).eval()  # 256 inputs: two blocks of 128 per row of fc1
+    x = torch.randn(4, 256)
+    qpass.quantize(model, qpass.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    path = qpass.export_onnx(model, str(tmp_path / "int4.onnx"), example_inputs=x)
+    g = Graph(path)
+    assert g.opset >= 21
+    assert g.count("QuantizeLinear") == 0 and g.count("DequantizeLinear") == 2
+    fc1 = next(dq for dq in g.weight_dqs() if g.init[dq.input[0]].dims == [64, 256])
+    assert g.init[fc1.input[0]].data_type == onnx.TensorProto.INT4
+    assert g.attr(fc1, "block_size") == 128 and g.attr(fc1, "axis") == 1
+    assert g.value(fc1.input[1]).shape == (64, 2)
+    rep = compare(model, path, x)
+    assert _min_cosine(rep) >= 0.9999 and rep[0]["max_abs_err"] < 1e-5
+
+
+def test_int4_odd_last_axis_repacks(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(d=33, h=16).eval()
+    x = torch.randn(2, 33)
+    qpass.quantize(model, {"quant_cfg": {"default": {"enable": False},
+                                         "*weight_quantizer": {"num_bits": 4, "block_sizes": {-1: 8}}},
+                           "algorithm": "max"})
+    assert model.fc1.weight_quantizer.is_enabled
+    path = qpass.export_onnx(model, str(tmp_path / "odd.onnx"), example_inputs=x)
+    assert _min_cosine(compare(model, path, x)) >= 0.9999
+    assert max(r["max_abs_err"] for r in compare(model, path, x)) < 1e-5
+
+
+def test_nvfp4_graph(tmp_path):
+    model, x = _quantized(MLP, (4, 32), "NVFP4_DEFAULT_CFG")
+    path = qpass.export_onnx(model, str(tmp_path / "nvfp4.onnx"))
+    g = Graph(path)
+    assert g.opset >= 23
+    w = [dq for dq in g.weight_dqs() if g.init[dq.input[0]].data_type == onnx.TensorProto.FLOAT4E2M1]
+    assert len(w) == 2
+    for dq in w:  # FP4 values behind a DequantizeLinear of the FP8 block scales
+        assert g.attr(dq, "block_size") == 16
+        scale_dq = g.producer[dq.input[1]]
+        assert scale_dq.op_type == "DequantizeLinear"
+        assert g.init[scale_dq.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN
+    # activations: dynamic FP4 quantization as standard ops (block amax, FP8 scale cast, E2M1 rounding)
+    assert g.count("ReduceMax") >= 2 and g.count("QuantizeLinear") == 0 and g.count("Round") >= 6
+    # ONNX Runtime 1.32's CPU has no DequantizeLinear-23 kernel: check numerics with ONNX's reference evaluator
+    from onnx.reference import ReferenceEvaluator
+
+    ev = ReferenceEvaluator(path)
+    for inp in (x, torch.randn(3, 32) * 2):
+        got = ev.run(None, {g.model.graph.input[0].name: inp.numpy()})[0]
+        with torch.no_grad():
+            want = model(inp).numpy()
+        assert np.abs(got - want).max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------ errors
+def test_format_without_onnx_form_raises_and_leaves_no_file(tmp_path):
+    model, x = _quantized(MLP, (4, 32), "MXFP8_DEFAULT_CFG")
+    path = tmp_path / "mx.onnx"
+    with pytest.raises(ExportError, match=r"fc1\.(input|weight)_quantizer.*mxfp8.*no ONNX form"):
+        qpass.export_onnx(model, str(path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_export_keeps_existing_file(tmp_path):
+    model, x = _quantized(MLP, (4, 32), "MXFP8_DEFAULT_CFG")
+    path = tmp_path / "old.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(ExportError):
+        qpass.export_onnx(model, str(path))
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["old.onnx"]
+
+
+def test_argument_errors(tmp_path):
+    with pytest.raises(ExportError, match="not quantized"):
+        qpass.export_onnx(MLP(), str(tmp_path / "a.onnx"))
+    model = MLP().eval()
+    qpass.quantize(model, qpass.INT8_WEIGHT_ONLY_CFG)
+    with pytest.raises(ExportError, match="example_inputs"):
+        qpass.export_onnx(model, str(tmp_path / "b.onnx"))
+    with pytest.raises(ExportError, match="target"):
+        qpass.export_onnx(model, str(tmp_path / "c.onnx"), example_inputs=torch.randn(2, 32), target="tflite")
+    assert os.listdir(tmp_path) == []
+    path = qpass.export_onnx(model, str(tmp_path / "d.onnx"), example_inputs=torch.randn(2, 32), dynamic=False)
+    g = Graph(path)
+    assert g.count("QuantizeLinear") == 0 and len(g.weight_dqs()) == 2
+    assert [d.dim_value for d in g.model.graph.input[0].type.tensor_type.shape.dim] == [2, 32]

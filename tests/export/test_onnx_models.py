@@ -1,0 +1,163 @@
+"""ONNX export of real models: Q/DQ placement on MiniLM, ORT parity on MiniLM and SmolLM2 (2 layers).
+
+Parity note. The ONNX graph quantizes exactly like the fake-quant graph (same codes for the
+same input: QuantizeLinear's ``x / scale`` and ModelOpt's ``x * (127 / amax)`` give the same
+code for every element we have checked), but ONNX Runtime's float kernels (MatMul
+accumulation order, attention) differ from PyTorch's by about 1e-6, and wherever such a
+difference straddles a rounding boundary a code flips by one step. Through six quantized
+encoder layers those flips add up: on MiniLM the last hidden state of ORT vs fake quant has a
+cosine of about 0.99 (INT8) and 0.998 (FP8), the pooled sentence embedding about 0.997 /
+0.999 - while fake quant vs FP32 is about 0.97 there. The 2-layer SmolLM2 and the small
+models reach 0.9999. The thresholds below are the measured values with a margin.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import qpass
+from qpass import zoo
+from qpass.export.compare import compare
+
+from conftest import needs_minilm, needs_smollm2
+from export_helpers import Graph
+
+pytest.importorskip("onnxruntime")
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+
+def _embedding_cosine(model, path, batch):
+    from qpass.export.compare import ort_session
+
+    sess = ort_session(path)
+    feed = dict(zip([i.name for i in sess.get_inputs()], [batch[k].numpy() for k in sorted(batch)]))
+    hidden = torch.from_numpy(sess.run(None, feed)[0])
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+    a = zoo.mean_pool(hidden, batch["attention_mask"])
+    b = zoo.mean_pool(ref, batch["attention_mask"])
+    return zoo.mean_cosine(a, b)
+
+
+@pytest.fixture(scope="module")
+def minilm_data():
+    model, tok = zoo.load_minilm()
+    split = zoo.text_split()
+    calib = zoo.minilm_batches(tok, zoo.sentence_chunks(split.calib, 8), batch_size=8, max_length=64)
+    held = zoo.minilm_batches(tok, zoo.sentence_chunks(split.held_out, 4), batch_size=4, max_length=128)[0]
+    return model, calib, dict(held)
+
+
+@pytest.fixture(scope="module")
+def minilm_int8(minilm_data, tmp_path_factory):
+    import copy
+
+    model, calib, held = minilm_data
+    model = copy.deepcopy(model)
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: [m(**b) for b in calib])
+    d = tmp_path_factory.mktemp("minilm")
+    trt = qpass.export_onnx(model, str(d / "minilm_int8.onnx"))
+    ort = qpass.export_onnx(model, str(d / "minilm_int8_ort.onnx"), target="onnxruntime")
+    return model, held, trt, ort
+
+
+@needs_minilm
+def test_minilm_int8_qdq_placement(minilm_int8):
+    model, held, path, _ = minilm_int8
+    g = Graph(path)
+    assert g.opset >= 13
+    # 6 layers x (q/k/v shared, attention output, intermediate, output) + pooler = 25 activation Q/DQ
+    assert g.count("QuantizeLinear") == 25
+    # 6 x 6 Linear weights + pooler = 37 weight DQs, int8 per channel on axis 0, zero point 0
+    assert len(g.weight_dqs()) == 37 and len(g.activation_dqs()) == 25
+    for dq in g.weight_dqs():
+        assert g.attr(dq, "axis", 1) == 0 and not g.value(dq.input[2]).any()
+        assert g.value(dq.input[1]).ndim == 1
+    for q in g.of("QuantizeLinear"):
+        assert q.input[0] not in g.init and [u.op_type for u in g.users(q)] == ["DequantizeLinear"]
+        assert g.value(q.input[2]) == 0 and g.value(q.input[2]).dtype == np.int8
+    for dq in g.of("DequantizeLinear"):
+        assert g.reaches_weighted(dq), dq.name  # only inputs of MatMul/Gemm; LayerNorm, Softmax, Add untouched
+    fanout = sorted(len(g.users(dq)) for dq in g.activation_dqs())
+    assert fanout.count(3) == 6  # one shared Q/DQ pair feeds the q, k and v MatMuls of each layer
+    # no float32 2-D weight left except the embeddings
+    big = [t.name for t in g.model.graph.initializer if t.data_type == 1 and len(t.dims) == 2]
+    assert all("embeddings" in n for n in big), big
+
+
+@needs_minilm
+def test_minilm_int8_parity(minilm_int8):
+    model, held, path, ort_path = minilm_int8
+    rep = compare(model, path, held)
+    assert rep[0]["cosine"] >= 0.98, rep  # see the module docstring
+    assert _embedding_cosine(model, path, held) >= 0.99
+    rep_ort = compare(model, ort_path, held)
+    assert rep_ort[0]["cosine"] >= 0.98, rep_ort
+    g = Graph(ort_path)
+    assert all(g.value(q.input[2]).dtype == np.uint8 and g.value(q.input[2]) == 128 for q in g.of("QuantizeLinear"))
+
+
+@needs_minilm
+def test_minilm_fp8_parity(minilm_data, tmp_path):
+    import copy
+
+    model, calib, held = minilm_data
+    model = copy.deepcopy(model)
+    qpass.quantize(model, qpass.FP8_DEFAULT_CFG, lambda m: [m(**b) for b in calib[:1]])
+    path = qpass.export_onnx(model, str(tmp_path / "minilm_fp8.onnx"))
+    g = Graph(path)
+    assert g.opset >= 19 and g.count("QuantizeLinear") == 25 and len(g.weight_dqs()) == 37
+    rep = compare(model, path, held)
+    assert rep[0]["cosine"] >= 0.995, rep
+    assert _embedding_cosine(model, path, held) >= 0.998
+
+
+# SmolLM2 costs over a minute just to parse its GGUF file, which alone would break the
+# test budget of tests/export: it runs with QPASS_EXPORT_SMOLLM2=1. The tiny random Llama
+# below checks the same graph structure in the default run.
+needs_smollm2_opt_in = pytest.mark.skipif(os.environ.get("QPASS_EXPORT_SMOLLM2") != "1",
+                                          reason="set QPASS_EXPORT_SMOLLM2=1 (parsing SmolLM2 takes over a minute)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = zoo.load_smollm2(num_layers=2)
+    split = zoo.text_split()
+    return model, zoo.token_windows(tok, split.calib, 2, 64), zoo.token_windows(tok, split.held_out, 2, 96)
+
+
+@needs_smollm2
+@needs_smollm2_opt_in
+@pytest.mark.parametrize("cfg", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_smollm2_parity(smollm2, cfg, tmp_path):
+    import copy
+
+    base, calib, held = smollm2
+    model = copy.deepcopy(base)
+    qpass.quantize(model, getattr(qpass, cfg), lambda m: m(input_ids=calib))
+    path = qpass.export_onnx(model, str(tmp_path / f"smollm2_{cfg}.onnx"))
+    g = Graph(path)
+    # 2 layers x (q/k/v shared, o_proj, gate/up shared, down_proj); lm_head is off in the presets
+    assert g.count("QuantizeLinear") == 8 and len(g.weight_dqs()) == 14
+    rep = compare(model, path, {"input_ids": held})
+    assert rep[0]["cosine"] >= 0.9999, rep
+
+
+@pytest.mark.parametrize("cfg", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_tiny_llama_structure_and_parity(cfg, tmp_path):
+    from conftest import tiny_llama
+
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 24))
+    qpass.quantize(model, getattr(qpass, cfg), lambda m: m(input_ids=ids))
+    path = qpass.export_onnx(model, str(tmp_path / "llama.onnx"))
+    g = Graph(path)
+    assert g.count("QuantizeLinear") == 8 and len(g.weight_dqs()) == 14
+    fanout = sorted(len(g.users(dq)) for dq in g.activation_dqs())
+    assert fanout == [1] * 4 + [2] * 2 + [3] * 2  # gate/up share one pair, q/k/v another
+    for dq in g.of("DequantizeLinear"):
+        assert g.reaches_weighted(dq), dq.name
+    rep = compare(model, path, {"input_ids": torch.randint(0, 128, (3, 40))})
+    assert rep[0]["cosine"] >= 0.9999, rep
