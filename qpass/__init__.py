@@ -20,3 +20,4 @@ from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer
 
 __version__ = "0.1.0"
 from qpass.checkpoint import save, restore, restore_modelopt
+from qpass.export.onnx import export_onnx
