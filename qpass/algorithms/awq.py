@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from qpass.algorithms import register_algorithm
 from qpass.algorithms.smoothing import (
-    SEARCH_TOKENS, alpha_grid, apply_scale, capture_pass, check_common_options, finish,
+    SEARCH_TOKENS, Changes, alpha_grid, apply_scale, capture_pass, check_common_options, finish,
     quantized_output, require_forward_loop, smoothable_modules, smoothing_units, validate_quantizers,
 )
 from qpass.errors import QuantConfigError
@@ -92,7 +92,7 @@ def search_unit_scale(model, unit: list[str], stats, grid) -> tuple[torch.Tensor
     return awq_scale(act_mean, w_scale, best), best, losses
 
 
-def _lite(model, state, modules, stats, alpha_step, debug):
+def _lite(model, state, modules, stats, alpha_step, debug, changes):
     grid = alpha_grid(alpha_step)
     plan = []
     for unit in smoothing_units(state, modules, stats):
@@ -103,7 +103,7 @@ def _lite(model, state, modules, stats, alpha_step, debug):
         plan.append((unit, s, alpha, losses))
     applied = []
     for unit, s, alpha, losses in plan:
-        done = apply_scale(model, state, unit, s)
+        done = apply_scale(model, state, unit, s, changes)
         done.alpha = alpha
         applied.append(done)
         if debug:
@@ -196,12 +196,17 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
     validate_quantizers(model)
     modules = smoothable_modules(model, need_input=False)
     stats = capture_pass(model, state, forward_loop, modules, SEARCH_TOKENS)
-    applied = _lite(model, state, modules, stats, alpha_step, debug) if lite else []
-    keep = {}
-    if clip:
-        keep = _clip(model, modules, stats, applied, max_co_batch_size, max_tokens_per_batch,
-                     min_clip_ratio, shrink_step, debug)
-    finish(model, state, forward_loop, applied, stats, keep_weight_amax=keep)
+    changes = Changes()
+    try:
+        applied = _lite(model, state, modules, stats, alpha_step, debug, changes) if lite else []
+        keep = {}
+        if clip:
+            keep = _clip(model, modules, stats, applied, max_co_batch_size, max_tokens_per_batch,
+                         min_clip_ratio, shrink_step, debug)
+        finish(model, state, forward_loop, applied, stats, keep_weight_amax=keep)
+    except BaseException:
+        changes.restore()  # calibrate() restores the amax values
+        raise
     state.smoothing = applied
 
 

@@ -144,6 +144,32 @@ def alpha_grid(step: float) -> list[float]:
 
 
 # ---------------------------------------------------------------------- applying a scale
+class Changes:
+    """Values a smoothing algorithm overwrote, so a failure can put them back."""
+
+    def __init__(self) -> None:
+        self._tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._scales: list[tuple[TensorQuantizer, torch.Tensor | None]] = []
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if not any(t is seen for seen, _ in self._tensors):
+            self._tensors.append((t, t.detach().clone()))
+        return t
+
+    def pre_quant_scale(self, q: TensorQuantizer) -> TensorQuantizer:
+        if not any(q is seen for seen, _ in self._scales):
+            old = q.pre_quant_scale
+            self._scales.append((q, None if old is None else old.clone()))
+        return q
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, value in self._tensors:
+            t.copy_(value)
+        for q, value in self._scales:
+            q.pre_quant_scale = value
+
+
 @dataclass
 class Applied:
     """What happened to one unit, for reports and tests."""
@@ -156,8 +182,10 @@ class Applied:
 
 
 @torch.no_grad()
-def apply_scale(model: nn.Module, state: QpassState, unit: list[str], s: torch.Tensor) -> Applied:
+def apply_scale(model: nn.Module, state: QpassState, unit: list[str], s: torch.Tensor,
+                changes: Changes | None = None) -> Applied:
     """Weights x s on input channels; 1/s folded into the producer, else kept as pre_quant_scale."""
+    changes = changes or Changes()
     graphs = graphs_of(state)
     untied = []
     for p in unit:
@@ -168,18 +196,18 @@ def apply_scale(model: nn.Module, state: QpassState, unit: list[str], s: torch.T
     graphs = graphs_of(state)
     site = find_fold_site(model, graphs, unit, s.numel())
     for p in unit:
-        w = model.get_submodule(p).weight
+        w = changes.tensor(model.get_submodule(p).weight)
         w.mul_(s.to(w.device, w.dtype))
     if site is not None:
         for name in site.vectors:
-            v = model.get_parameter(name)
+            v = changes.tensor(model.get_parameter(name))
             v.div_(s.to(v.device, v.dtype))
         for name in site.rows:
-            w = model.get_parameter(name)
+            w = changes.tensor(model.get_parameter(name))
             w.div_(s.to(w.device, w.dtype)[:, None])
     else:
         for p in unit:
-            q = model.get_submodule(p).input_quantizer
+            q = changes.pre_quant_scale(model.get_submodule(p).input_quantizer)
             old = q.pre_quant_scale
             inv = 1.0 / s
             q.pre_quant_scale = inv if old is None else old.float() * inv

@@ -24,7 +24,7 @@ import torch
 
 from qpass.algorithms import register_algorithm
 from qpass.algorithms.smoothing import (
-    SEARCH_TOKENS, alpha_grid, apply_scale, capture_pass, check_common_options, finish, group_weight,
+    SEARCH_TOKENS, Changes, alpha_grid, apply_scale, capture_pass, check_common_options, finish, group_weight,
     require_forward_loop, smoothable_modules, smoothing_units, validate_quantizers,
 )
 from qpass.errors import QuantConfigError
@@ -105,10 +105,14 @@ def smoothquant(model, state, forward_loop, alpha=1.0, **options):
         if alpha == "auto":
             a, _ = search_alpha(model, unit, st, weight_amax, alpha_grid(AUTO_GRID_STEP))
         plan.append((unit, smoothquant_scale(st.amax, weight_amax, a), a))
-    applied = []
-    for unit, s, a in plan:
-        done = apply_scale(model, state, unit, s)
-        done.alpha = a
-        applied.append(done)
-    finish(model, state, forward_loop, applied, stats)
+    applied, changes = [], Changes()
+    try:
+        for unit, s, a in plan:
+            done = apply_scale(model, state, unit, s, changes)
+            done.alpha = a
+            applied.append(done)
+        finish(model, state, forward_loop, applied, stats)
+    except BaseException:
+        changes.restore()
+        raise
     state.smoothing = applied

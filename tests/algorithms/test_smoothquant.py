@@ -251,3 +251,24 @@ def test_needs_forward_loop():
     model = OneLinear().eval()
     with pytest.raises(Exception, match="forward_loop"):
         qpass.quantize(model, sq_cfg(0.5), None, example_inputs=torch.randn(2, 16))
+
+
+def test_failure_after_smoothing_restores_weights_and_norms(monkeypatch):
+    import qpass.algorithms.smoothing as smoothing
+
+    torch.manual_seed(0)
+    model = NormLinear().eval()
+    x = torch.randn(4, 8, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(_model):
+        raise RuntimeError("weights could not be calibrated")
+
+    monkeypatch.setattr(smoothing, "calibrate_weights", boom)
+    with pytest.raises(RuntimeError, match="calibrated"):
+        qpass.quantize(model, sq_cfg(0.5), lambda m: m(x))
+    assert type(model) is NormLinear
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
