@@ -1,0 +1,176 @@
+"""SmoothQuant and AWQ on SmolLM2-135M: held-out perplexity and wall times, qpass vs ModelOpt.
+
+    python tools/bench_algorithms.py [--layers 8] [--runs fp32,qpass:INT8_DEFAULT_CFG,...] [--json out.json]
+
+Calibration: ``--calib`` windows (default 16) of ``--seq`` tokens (default 256) from the start
+of Python's pydoc text, fed 4 windows per call; evaluation: ``--eval`` windows from its held-out
+end. A run is ``LIB:PRESET`` or ``LIB:PRESET:alpha=VALUE`` (an algorithm option override);
+``fp32`` is the unquantized model. Every run quantizes a fresh copy; the table prints as rows
+finish. Not a test: ModelOpt's smoothquant/AWQ on the full model take minutes on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402  (sets quiet, offline env vars before transformers)
+
+import torch  # noqa: E402
+
+DEFAULT_RUNS = [
+    "fp32",
+    "qpass:INT8_DEFAULT_CFG",
+    "qpass:INT8_SMOOTHQUANT_CFG",
+    "qpass:INT8_SMOOTHQUANT_CFG:alpha=0.5",
+    "qpass:INT8_SMOOTHQUANT_CFG:alpha=auto",
+    "qpass:INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
+    "qpass:INT4_AWQ_CFG",
+    "modelopt:INT8_DEFAULT_CFG",
+    "modelopt:INT8_SMOOTHQUANT_CFG",
+    "modelopt:INT8_SMOOTHQUANT_CFG:alpha=0.5",
+    "modelopt:INT4_AWQ_CFG",
+]
+
+
+def parse_run(token: str):
+    parts = token.split(":")
+    if parts[0] == "fp32":
+        return "fp32", None, {}
+    lib, preset, *opts = parts
+    options = {}
+    for o in opts:
+        k, v = o.split("=", 1)
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+        options[k] = v
+    return lib, preset, options
+
+
+def make_config(lib: str, preset: str, options: dict):
+    if lib == "qpass":
+        import qpass as mod
+    else:
+        mod = bc.import_modelopt()
+    cfg = copy.deepcopy(getattr(mod, preset))
+    if options:
+        algo = cfg["algorithm"]
+        algo = {"method": algo} if isinstance(algo, str) else dict(algo)
+        cfg["algorithm"] = {**algo, **options}
+    return cfg
+
+
+def run(token: str, base, loop, evaluate) -> dict:
+    lib, preset, options = parse_run(token)
+    res = dict(run=token, ppl=None, quant_s=None, eval_s=None, error=None, loop_calls=None)
+    model = copy.deepcopy(base)
+    gc.collect()
+    calls = [0]
+
+    def counting(m):
+        calls[0] += 1
+        loop(m)
+
+    try:
+        if lib != "fp32":
+            cfg = make_config(lib, preset, options)
+            with bc.quiet():
+                t0 = time.perf_counter()
+                if lib == "qpass":
+                    import qpass
+
+                    qpass.quantize(model, cfg, counting)
+                else:
+                    bc.import_modelopt().quantize(model, cfg, counting)
+                res["quant_s"] = time.perf_counter() - t0
+            res["loop_calls"] = calls[0]
+        with bc.quiet():
+            t0 = time.perf_counter()
+            res["ppl"] = float(evaluate(model))
+            res["eval_s"] = time.perf_counter() - t0
+        if lib == "qpass" and preset and ("SMOOTH" in preset or "AWQ" in preset):
+            from qpass.graph.quantized_model import state_of
+
+            applied = getattr(state_of(model), "smoothing", [])
+            res["units"] = len(applied)
+            res["folded"] = sum(a.site is not None for a in applied)
+            alphas = [a.alpha for a in applied if a.alpha is not None]
+            if alphas:
+                res["alphas"] = {str(a): alphas.count(a) for a in sorted(set(alphas))}
+        emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if emb is not None:
+            res["embedding_changed"] = not torch.equal(emb.weight, base.model.embed_tokens.weight)
+    except Exception as e:  # noqa: BLE001 - one row, never the whole table
+        res["error"] = f"{type(e).__name__}: {bc.first_line(e)}"
+    del model
+    gc.collect()
+    return res
+
+
+def fmt(res: dict) -> str:
+    if res["error"]:
+        return f"| {res['run']} | error: {res['error']} | | | | |"
+    q = "" if res["quant_s"] is None else f"{res['quant_s']:.1f}"
+    extra = []
+    if "units" in res:
+        extra.append(f"{res['folded']}/{res['units']} folded")
+    if "alphas" in res:
+        extra.append("alphas " + ",".join(f"{k}x{v}" for k, v in res["alphas"].items()))
+    if res.get("embedding_changed"):
+        extra.append("EMBEDDING CHANGED")
+    calls = "" if res["loop_calls"] is None else str(res["loop_calls"])
+    return f"| {res['run']} | {res['ppl']:.3f} | {q} | {calls} | {res['eval_s']:.1f} | {'; '.join(extra)} |"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all 30)")
+    p.add_argument("--calib", type=int, default=16)
+    p.add_argument("--eval", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS))
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bc.import_modelopt()
+    from qpass import zoo
+
+    with bc.quiet():
+        base, tok = zoo.load_smollm2(args.layers)
+    split = zoo.text_split()
+    calib = zoo.token_windows(tok, split.calib, args.calib, args.seq)
+    evals = zoo.token_windows(tok, split.held_out, args.eval, args.seq)
+
+    def loop(m):
+        for i in range(0, len(calib), 4):
+            m(input_ids=calib[i:i + 4], use_cache=False)
+
+    evaluate = lambda m: zoo.perplexity(m, evals)  # noqa: E731
+    layers = len(base.model.layers)
+    print(f"SmolLM2-135M, {layers} layers; calib {args.calib}x{args.seq} tokens, eval {args.eval}x{args.seq} "
+          f"held-out tokens; torch {torch.__version__}, {args.threads} threads, modelopt {bc.modelopt_version()}",
+          flush=True)
+    print("| run | ppl | quantize s | forward_loop calls | eval s | notes |\n|---|---|---|---|---|---|", flush=True)
+    results = []
+    for token in [t.strip() for t in args.runs.split(",") if t.strip()]:
+        res = run(token, base, loop, evaluate)
+        results.append(res)
+        print(fmt(res), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(layers=layers, calib=args.calib, eval=args.eval, seq=args.seq,
+                               threads=args.threads, results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
