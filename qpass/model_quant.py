@@ -101,9 +101,6 @@ def quantize(
             args, kwargs = _split_example_inputs(example_inputs)
             with torch.no_grad():
                 model(*args, **kwargs)
-        if algorithm is None and forward_loop is not None:
-            with torch.no_grad():  # no calibration, but trace now so every quantizer exists
-                forward_loop(model)
         calibrate(model, algorithm, forward_loop)
         _warn_unmatched(model, config_rules)
     except BaseException:

@@ -7,6 +7,7 @@ the model, whose forward is the traced graph.
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from typing import Callable
 
@@ -139,6 +140,21 @@ def share_group_amax(model: nn.Module, groups: list[list[str]]) -> None:
             q.amax = shared
 
 
+def _may_enable_traced_slots(state: QpassState) -> bool:
+    """Could a config rule enable a quantizer that only tracing creates (attention slots)?"""
+    slots = state.rule_set.attention_slots
+    for rule in state.rules:
+        if rule.cfg is None and not rule.enable:
+            continue
+        if callable(rule.pattern):
+            return True
+        tail = rule.pattern.rsplit(".", 1)[-1]
+        if any(fnmatch.fnmatch(slot, rule.pattern) or fnmatch.fnmatch(slot, tail) for slot in slots):
+            if rule.enable is not False:
+                return True
+    return False
+
+
 def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | None) -> None:
     for _, q in named_tensor_quantizers(model):
         if q.is_enabled:
@@ -146,6 +162,8 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
             q.spec  # noqa: B018 - validates the format before any work
     calibrate_weights(model)
     needs_data = activation_quantizers(model)
+    if not needs_data and not _may_enable_traced_slots(state):
+        return  # nothing needs data; the graph is traced on the model's first call
     if forward_loop is None:
         if needs_data:
             shown = ", ".join(f"'{n}'" for n, _ in needs_data[:3])

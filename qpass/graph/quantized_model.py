@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from qpass.errors import QpassError
-from qpass.graph.trace import TracedGraph, export_graph, matches_static_dims
+from qpass.graph.graph_cache import cached_export
+from qpass.graph.trace import TracedGraph, matches_static_dims
 from qpass.nn.tensor_quantizer import TensorQuantizer, SequentialQuantizer, is_quantizer
 from qpass.passes.insert_quantizers import InsertQuantizers
 from qpass.passes.rules import RuleSet
@@ -127,7 +128,7 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
         if matches_static_dims(traced, tensors):
             break
     else:
-        traced = capture(model, args, kwargs)
+        traced = capture(model, args, kwargs, key)
         state.graphs.setdefault(key, []).append(traced)
     if state.calibrating:
         state.calib_placed.update(traced.placed)
@@ -174,7 +175,7 @@ def remove_created(model: nn.Module, state: QpassState, since: int = 0) -> None:
     del state.created[since:]
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict) -> TracedGraph:
+def capture(model: nn.Module, args: tuple, kwargs: dict, input_key=None) -> TracedGraph:
     """Trace one input structure, place quantizers and record shared-input edges.
 
     Transactional: if anything fails, quantizers created for this trace are removed.
@@ -182,7 +183,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> TracedGraph:
     state = state_of(model)
     since = len(state.created)
     try:
-        traced = export_graph(model, state.original_cls, args, kwargs)
+        if input_key is None:
+            input_key = _input_key(model.training, args, kwargs)[0]
+        traced = cached_export(model, state.original_cls, args, kwargs, input_key)
         insert = InsertQuantizers(
             model, state.rule_set, lambda path, owner, slot: make_quantizer(model, state, path, owner, slot)
         )

@@ -1,0 +1,130 @@
+"""Reuse a traced graph for another model of the same architecture.
+
+torch.export dominates the cost of quantizing a small model: several seconds
+for SmolLM2. The graph it produces depends only on the model's structure (module
+types, parameter shapes and dtypes, scalar attributes, HF config) and the input
+structure, not on weight values. Quantizing the same architecture again in one
+process (another config, auto_quantize candidates, a fresh copy) rebinds the
+cached graph to the new model's parameters instead of exporting again.
+
+The cache holds graphs only, never parameters; it keeps the last few entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from qpass.graph.trace import TracedGraph, export_graph, matches_static_dims
+from qpass.nn.tensor_quantizer import is_quantizer
+
+MAX_ENTRIES = 8
+_SCALARS = (bool, int, float, str, type(None))
+
+
+@dataclass
+class _Entry:
+    graph: fx.Graph  # before quantizer insertion; owns no module
+    constants: dict  # get_attr values that are not the model's (lifted constants, subgraphs)
+    static_dims: list
+
+
+_CACHE: "OrderedDict[tuple, list[_Entry]]" = OrderedDict()
+
+
+def _describe(value) -> str:
+    if isinstance(value, _SCALARS):
+        return repr(value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value):
+        return repr(tuple(value))
+    if isinstance(value, torch.Tensor):
+        return f"T{tuple(value.shape)}{value.dtype}"
+    return type(value).__qualname__
+
+
+def structure_fingerprint(model: nn.Module, original_cls: type) -> str:
+    """What the exported graph can depend on, apart from weight values."""
+    h = hashlib.sha256(f"{original_cls.__module__}.{original_cls.__qualname__}".encode())
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_quantizer(module):
+            continue
+        h.update(f"|{name}:{type(module).__qualname__}".encode())
+        for key, value in sorted(module.__dict__.items()):
+            if key in ("_parameters", "_buffers", "_modules", "_qpass_state") or key.startswith("_forward") \
+                    or key.startswith("_backward") or key.startswith("_state_dict") or key.startswith("_load"):
+                if key.endswith("hooks") and value:
+                    h.update(f";{key}={len(value)}".encode())
+                continue
+            h.update(f";{key}={_describe(value)}".encode())
+        for key, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None:
+                h.update(f";{key}:{tuple(t.shape)}:{t.dtype}:{t.device.type}".encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        h.update(config.to_json_string(use_diff=False).encode())
+    return h.hexdigest()
+
+
+def _fetch(root, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _copy_graph(source: fx.Graph) -> fx.Graph:
+    graph = fx.Graph()
+    value, old_output = graph.graph_copy(source, {}, return_output_node=True)
+    graph.output(value, type_expr=old_output.type).meta.update(old_output.meta)
+    graph._codegen = source._codegen
+    return graph
+
+
+def _entry_from(gm: fx.GraphModule, model: nn.Module, static_dims: list) -> _Entry:
+    graph = _copy_graph(gm.graph)
+    constants = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            try:
+                _fetch(model, node.target)
+            except AttributeError:
+                constants[node.target] = _fetch(gm, node.target)
+    return _Entry(graph=graph, constants=constants, static_dims=static_dims)
+
+
+def _rebind(entry: _Entry, model: nn.Module, tensors) -> TracedGraph:
+    graph = _copy_graph(entry.graph)
+    root = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            root[node.target] = entry.constants[node.target] if node.target in entry.constants \
+                else _fetch(model, node.target)
+    gm = fx.GraphModule(root, graph)
+    gm.meta["qpass_example_inputs"] = tuple(t.detach() for t in tensors)
+    return TracedGraph(gm=gm, static_dims=list(entry.static_dims))
+
+
+def cached_export(model: nn.Module, original_cls: type, args: tuple, kwargs: dict, input_key) -> TracedGraph:
+    """export_graph, reusing the graph of an identical architecture and input structure."""
+    leaves = pytree.tree_leaves((args, dict(sorted(kwargs.items()))))
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    key = (structure_fingerprint(model, original_cls), input_key)
+    for entry in _CACHE.get(key, ()):
+        if matches_static_dims(entry, tensors):
+            _CACHE.move_to_end(key)
+            return _rebind(entry, model, tensors)
+    traced = export_graph(model, original_cls, args, kwargs)
+    _CACHE.setdefault(key, []).append(_entry_from(traced.gm, model, traced.static_dims))
+    _CACHE.move_to_end(key)
+    while len(_CACHE) > MAX_ENTRIES:
+        _CACHE.popitem(last=False)
+    return _rebind(_CACHE[key][-1], model, tensors)
+
+
+def clear() -> None:
+    _CACHE.clear()
