@@ -86,21 +86,17 @@ def select_graph(model, example_inputs=None):
     except QpassError as e:
         raise ExportError(str(e)) from None
     if example_inputs is None:
-        for key, graphs in state.graphs.items():
-            if key[0]:  # traced in training mode: prefer an eval graph
-                continue
-            for g in graphs:
-                ex = g.gm.meta.get("qpass_example_inputs")
-                if ex is not None:
-                    return g, list(ex), None
-        for graphs in state.graphs.values():
-            for g in graphs:
-                ex = g.gm.meta.get("qpass_example_inputs")
-                if ex is not None:
-                    return g, list(ex), None
+        ordered = [(key, g) for key, gs in state.graphs.items() if not key[0] for g in gs]  # eval graphs first
+        ordered += [(key, g) for key, gs in state.graphs.items() if key[0] for g in gs]
+        for key, g in ordered:
+            ex = g.gm.meta.get("qpass_example_inputs")
+            if ex is None:
+                ex = _inputs_from_meta(g.gm)
+            if ex is not None:
+                return g, list(ex), _names_from_key(key, len(ex))
         raise ExportError(
-            f"{type(model).__name__} has no traced graph with stored inputs (a weight-only config "
-            "quantizes without running the model): pass example_inputs to export_onnx")
+            f"{type(model).__name__} has no traced graph yet (quantize ran no forward pass, e.g. a "
+            "weight-only config or one that needs no calibration): pass example_inputs to export_onnx")
     args, kwargs = _split_inputs(example_inputs)
     names = _input_names(args, kwargs)
     if "use_cache" not in kwargs and _takes_use_cache(type(model)):
@@ -113,6 +109,45 @@ def select_graph(model, example_inputs=None):
         with torch.no_grad():  # trace this input structure (the quantized model's own dispatch)
             model(*args, **kwargs)
     raise ExportError("could not find or trace a graph for example_inputs")  # pragma: no cover
+
+
+def _names_from_key(key, n: int) -> list[str] | None:
+    """Keyword names of a graph traced from keyword tensors only (``model(**batch)``)."""
+    import re
+
+    try:
+        spec, leaves = key[1], key[2]
+        m = re.fullmatch(r"TreeSpec\(tuple, None, \[TreeSpec\(tuple, None, \[\]\),\s*TreeSpec\(dict, \[(.*?)\],.*",
+                         spec, flags=re.S)
+        if m is None:
+            return None
+        keys = [k.strip().strip("'\"") for k in m.group(1).split(",")]
+        if len(keys) != len(leaves):  # a kwarg that is not a single leaf
+            return None
+        names = [k for k, leaf in zip(keys, leaves) if leaf[0] == "T"]
+        return names if len(names) == n and all(k.isidentifier() for k in names) else None
+    except Exception:  # noqa: BLE001 - names are cosmetic
+        return None
+
+
+def _inputs_from_meta(gm):
+    """Zero tensors shaped like the traced inputs (their traced sizes), or None if unknown.
+    Values do not matter for re-tracing a graph that is already straight-line code."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        shape = []
+        for d in val.shape:
+            try:
+                shape.append(int(d) if isinstance(d, int) else int(d.node.hint))
+            except (AttributeError, TypeError):
+                return None
+        out.append(torch.zeros(shape, dtype=val.dtype))
+    return out
 
 
 def lowered_for_export(model, example_inputs=None):
@@ -214,6 +249,9 @@ def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: 
                                   verbose=False, report=False)
     if names:
         kwargs["input_names"] = names
+    out_names = _output_names(lowered)
+    if out_names:
+        kwargs["output_names"] = out_names
     try:
         program = _torch_onnx_export(lowered, tuple(tensors), table, kwargs)
     except ExportError:
@@ -227,6 +265,23 @@ def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: 
     _drop_unused_initializers(model)
     _strip_nondeterminism(model)
     return ir.serde.serialize_model(model)
+
+
+def _output_names(lowered) -> list[str] | None:
+    """Output names from the model's output structure (``last_hidden_state``, ``logits``, ...)."""
+    try:
+        spec = lowered.graph._codegen.pytree_info.out_spec
+        dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+        leaves, _ = pytree.tree_flatten_with_path(dummy)
+    except Exception:  # noqa: BLE001 - names are cosmetic
+        return None
+    names = []
+    for path, _ in leaves:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", "")))) for k in path]
+        names.append("_".join(parts) or "output")
+    if len(set(names)) != len(names):
+        return None
+    return [n if not n[0].isdigit() else f"output_{n}" for n in names]
 
 
 _BASE_REGISTRIES: dict[int, Any] = {}
@@ -253,7 +308,7 @@ def _torch_onnx_export(lowered, args: tuple, table: dict, kwargs: dict):
     for torch_op, onnx_op in table.items():
         registry.register_op(torch_op, onnx_op, is_complex=False)
     return _core.export(lowered, args, None, registry=registry, dynamic_shapes=kwargs["dynamic_shapes"],
-                        input_names=kwargs.get("input_names"), output_names=None, report=False, verify=False,
+                        input_names=kwargs.get("input_names"), output_names=kwargs.get("output_names"), report=False, verify=False,
                         verbose=False, optimize=kwargs["optimize"], opset_version=opset)
 
 

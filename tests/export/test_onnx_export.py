@@ -191,7 +191,7 @@ def test_format_without_onnx_form_raises_and_leaves_no_file(tmp_path):
     model, x = _quantized(MLP, (4, 32), "MXFP8_DEFAULT_CFG")
     path = tmp_path / "mx.onnx"
     with pytest.raises(ExportError, match=r"fc1\.(input|weight)_quantizer.*mxfp8.*no ONNX form"):
-        qpass.export_onnx(model, str(path))
+        qpass.export_onnx(model, str(path), example_inputs=x)
     assert os.listdir(tmp_path) == []
 
 
@@ -199,8 +199,8 @@ def test_failed_export_keeps_existing_file(tmp_path):
     model, x = _quantized(MLP, (4, 32), "MXFP8_DEFAULT_CFG")
     path = tmp_path / "old.onnx"
     path.write_bytes(b"old")
-    with pytest.raises(ExportError):
-        qpass.export_onnx(model, str(path))
+    with pytest.raises(ExportError, match="no ONNX form"):
+        qpass.export_onnx(model, str(path), example_inputs=x)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["old.onnx"]
 
 
@@ -209,7 +209,7 @@ def test_argument_errors(tmp_path):
         qpass.export_onnx(MLP(), str(tmp_path / "a.onnx"))
     model = MLP().eval()
     qpass.quantize(model, qpass.INT8_WEIGHT_ONLY_CFG)
-    with pytest.raises(ExportError, match="example_inputs"):
+    with pytest.raises(ExportError, match="no traced graph.*example_inputs"):
         qpass.export_onnx(model, str(tmp_path / "b.onnx"))
     with pytest.raises(ExportError, match="target"):
         qpass.export_onnx(model, str(tmp_path / "c.onnx"), example_inputs=torch.randn(2, 32), target="tflite")
@@ -218,3 +218,14 @@ def test_argument_errors(tmp_path):
     g = Graph(path)
     assert g.count("QuantizeLinear") == 0 and len(g.weight_dqs()) == 2
     assert [d.dim_value for d in g.model.graph.input[0].type.tensor_type.shape.dim] == [2, 32]
+
+
+def test_graph_without_stored_inputs_uses_traced_shapes(tmp_path):
+    model, x = _quantized(MLP, (4, 32), "INT8_DEFAULT_CFG")
+    from qpass.graph.quantized_model import state_of
+
+    for graphs in state_of(model).graphs.values():
+        for g in graphs:
+            g.gm.meta.pop("qpass_example_inputs", None)
+    path = qpass.export_onnx(model, str(tmp_path / "m.onnx"))
+    assert _min_cosine(compare(model, path, torch.randn(7, 32))) >= 0.9999
