@@ -65,6 +65,8 @@ def make_table(opset: int, target: str) -> dict:
         return y
 
     def quantize_per_tensor(x, scale, ref, fmt):
+        if x.dtype is not None and x.dtype != ir.DataType.FLOAT:  # fake quant computes in float32 too
+            x = op.Cast(x, to=int(ir.DataType.FLOAT))
         return op.QuantizeLinear(x, scale, zero_point(fmt, True))
 
     def dequantize_per_tensor(codes, scale, ref, fmt, dtype):
