@@ -241,3 +241,9 @@ def test_float16_model(tmp_path):
     qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(x))
     path = qpass.export_onnx(model, str(tmp_path / "half.onnx"))
     assert _min_cosine(compare(model, path, x)) >= 0.9999
+
+
+def test_compare_is_reachable_as_qpass_export_compare(attn_int8):
+    model, x, path = attn_int8
+    rep = qpass.export.compare(model, path, x)
+    assert [sorted(r) for r in rep] == [["cosine", "max_abs_err", "name", "shape"]]
