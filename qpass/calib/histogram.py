@@ -342,12 +342,13 @@ def _mse_amax(hist: torch.Tensor, width: torch.Tensor, fmt, stride: int, start_b
     if idx.numel() == 0:
         raise QuantConfigError(f"histogram method 'mse': start_bin={start_bin} leaves no candidate among {n} bins")
     spec = QuantSpec(fmt, axis=0)  # one amax per row: a row per candidate
-    counts = hist.float()
+    used = hist > 0  # empty bins add no error
+    counts, values = hist[used].float(), centers[used]
     errs = []
-    rows = max(1, _CHUNK // n)
+    rows = max(1, _CHUNK // max(1, values.numel()))
     for chunk in idx.split(rows):
         amax = centers[chunk][:, None]
-        xs = centers.expand(len(chunk), n)
+        xs = values.expand(len(chunk), values.numel())
         fq = spec.fake_quant(xs, amax)
         errs.append((((fq - xs) ** 2) * counts).double().sum(1))
     err = torch.cat(errs)
@@ -443,3 +444,40 @@ def calibrate_histogram(
     finally:
         _ACTIVE = previous
     return model
+
+
+# ---------------------------------------------------------------------- distributed reduction
+def _register_reducer() -> None:
+    from qpass.calib.distributed import register_reducer
+
+    @register_reducer(HistogramCalibrator)
+    def _reduce_histogram(items, comm) -> None:
+        """Range MAX, re-bin every rank onto num_bins bins over it, counts SUM."""
+        cals = [it.obj for it in items]
+        devices = [it.device for it in items]
+        names = [it.name for it in items]
+        nbins = comm.all_reduce([torch.tensor([c.num_bins for c in cals], dtype=torch.int64)], comm.dist.ReduceOp.MAX)[0]
+        low = comm.all_reduce([torch.tensor([-c.num_bins for c in cals], dtype=torch.int64)], comm.dist.ReduceOp.MAX)[0]
+        if not torch.equal(nbins, -low):
+            bad = [n for n, a, b in zip(names, nbins.tolist(), (-low).tolist()) if a != b]
+            raise CalibrationError(f"histogram calibrators differ in num_bins across ranks: {', '.join(bad[:5])}")
+        tops = comm.all_reduce_optional(
+            [c._top if c._hist is not None else None for c in cals], comm.dist.ReduceOp.MAX, devices=devices, names=names
+        )
+        zeros = comm.all_reduce([torch.tensor([c._zeros for c in cals], dtype=torch.int64)], comm.dist.ReduceOp.SUM)[0]
+        for c, top in zip(cals, tops):
+            c._zeros = 0
+            if top is not None and c._hist is not None:
+                c.align(top)
+        hists = comm.all_reduce_optional(
+            [c._hist for c in cals], comm.dist.ReduceOp.SUM, devices=devices, names=names
+        )
+        for c, top, hist, z in zip(cals, tops, hists, zeros.tolist()):
+            if hist is not None:
+                c.load_state({"hist": hist, "range": top})
+                c._hist[0] += z  # zeros seen before a rank's first nonzero batch
+            else:
+                c._zeros = int(z)
+
+
+_register_reducer()

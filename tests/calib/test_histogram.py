@@ -189,6 +189,58 @@ def test_mse_matches_modelopt_numerics(num_bits, unsigned):
     assert float(cal.compute_amax("mse")) == pytest.approx(best[1], rel=1e-3)
 
 
+# ---------------------------------------------------------------------- distributed
+def _dist_data():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(8, 32, generator=g) * s for s in (1.0, 0.5, 3.0, 2.0)]
+
+
+def _dist_worker(rank, store_path, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=150))
+    try:
+        mine = _dist_data()[2 * rank:2 * rank + 2]
+        torch.manual_seed(0)
+        model = MLP().eval()
+        qpass.quantize(model, _hist_cfg(), lambda m: [m(x) for x in mine])
+        calibrate_histogram(model, lambda m: [m(x) for x in mine], "percentile", percentile=99.0)
+        torch.save({n: q.amax for n, q in model.named_modules() if n.endswith("input_quantizer")},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_agree_with_single_process(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_dist_worker, args=(r, str(tmp_path / "store"), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    torch.manual_seed(0)
+    single = MLP().eval()
+    data = _dist_data()
+    qpass.quantize(single, _hist_cfg(), lambda m: [m(x) for x in data])
+    calibrate_histogram(single, lambda m: [m(x) for x in data], "percentile", percentile=99.0)
+    for name, amax in r0.items():
+        assert torch.equal(amax, r1[name])  # every rank computes the same amax
+        # re-binning onto the union range costs at most a bin or two of resolution
+        assert float(amax) == pytest.approx(float(single.get_submodule(name).amax), rel=0.02)
+
+
 # ---------------------------------------------------------------------- in a model
 def _hist_cfg(base="INT8_DEFAULT_CFG", algorithm=None):
     cfg = copy.deepcopy(qpass.config.get_preset(base))
@@ -233,22 +285,23 @@ def test_max_algorithm_with_histogram_calibrator_says_how():
 
 @needs_minilm
 def test_minilm_int8_histogram_methods_against_max():
-    """Mean cosine to FP32 on held-out text. Measured (32 calib / 32 held-out texts): max 0.982,
-    percentile 99.999 0.987, mse 0.983, percentile 99.99 0.962, entropy 0.954: the default
-    percentile and entropy clip BERT's large but meaningful FFN activations (ModelOpt's
-    calibrator picks the same ranges), so they get a looser bar."""
+    """Mean cosine to FP32 on held-out text. Measured with 32 calibration / 32 held-out texts:
+    max 0.982, percentile 99.999 0.987, mse 0.983, percentile 99.99 0.962, entropy 0.954. The
+    default percentile and entropy clip BERT's large but meaningful FFN activations (ModelOpt's
+    calibrator picks the same ranges: tools/bench_calibrators.py), so they get a looser bar."""
     from qpass import zoo
 
     model, tok = zoo.load_minilm()
     split = zoo.text_split()
-    calib = zoo.minilm_batches(tok, zoo.sentence_chunks(split.calib, 32))
-    evals = zoo.minilm_batches(tok, zoo.sentence_chunks(split.held_out, 32))
+    calib = zoo.minilm_batches(tok, zoo.sentence_chunks(split.calib, 16))
+    evals = zoo.minilm_batches(tok, zoo.sentence_chunks(split.held_out, 16))
     loop = lambda m: [m(**b) for b in calib]  # noqa: E731
     ref = zoo.embed(model, evals)
-    max_model = copy.deepcopy(model)
-    qpass.quantize(max_model, "INT8_DEFAULT_CFG", loop)
-    cos_max = zoo.mean_cosine(ref, zoo.embed(max_model, evals))
-    qpass.quantize(model, _hist_cfg(), loop)
+    qpass.quantize(model, "INT8_DEFAULT_CFG", loop)
+    cos_max = zoo.mean_cosine(ref, zoo.embed(model, evals))
+    for name, q in model.named_modules():  # same graph, histogram calibrators on the inputs
+        if name.endswith("input_quantizer") and q.is_enabled:
+            q.set_from_attribute_config({"num_bits": 8, "axis": None, "calibrator": "histogram"})
     for method, options, slack in [
         ("percentile", {"percentile": 99.999}, 0.01), ("mse", {}, 0.01),
         ("percentile", {"percentile": 99.99}, 0.04), ("entropy", {}, 0.05),
