@@ -1,0 +1,143 @@
+"""Candidate formats: per-layer rules, their own calibration, and the per-module quantizer slots.
+
+Each candidate is calibrated on a deep copy of the unquantized model with the public
+``qpass.quantize`` (its own algorithm: AWQ smooths and folds weights, max only sets amax).
+Calibrating on a copy keeps the caller's weights untouched (tied embeddings stay bit-identical)
+and lets every algorithm run unchanged; what the search needs from the copy is extracted per
+weighted module as a :class:`Slot`: standalone input/weight quantizers (attributes, amax,
+pre_quant_scale) and, when the algorithm scaled the weight, the scaled weight. A fold of
+``1/s`` into a producer (norm or Linear) is turned into the module's own ``pre_quant_scale``,
+so each slot is self-contained and slots of different formats can be mixed freely.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qpass.config import Rule, normalize_config, resolve_attributes
+from qpass.graph.quantized_model import iter_tensor_quantizers, state_of
+
+NONE_NAME = "None"
+
+
+@dataclass
+class Candidate:
+    name: str
+    rules: list | None  # per-layer rules; None = unquantized
+    algorithm: object = None
+
+
+@dataclass
+class Slot:
+    """One module's quantizers (and scaled weight, if any) under one candidate format."""
+
+    input_quantizer: nn.Module | None
+    weight_quantizer: nn.Module
+    weight: torch.Tensor | None = None  # None: the module's original weight
+    qweight: torch.Tensor | None = None  # fake-quantized weight, cached while scoring
+
+    @property
+    def effective_bits(self) -> float:
+        on = [q for q in iter_tensor_quantizers(self.weight_quantizer) if q.is_enabled]
+        return float(on[0].spec.effective_bits) if on else 16.0
+
+
+def is_per_layer(rule: Rule) -> bool:
+    """A rule that selects quantizers by their own slot name (or a parent class), not by model path."""
+    if rule.parent_class is not None or callable(rule.pattern):
+        return True
+    rest = rule.pattern[1:] if rule.pattern.startswith("*") else rule.pattern
+    return "*" not in rest and "." not in rest
+
+
+def make_candidates(formats) -> list[Candidate]:
+    from qpass.errors import QuantConfigError
+
+    if not isinstance(formats, (list, tuple)) or not formats:
+        raise QuantConfigError(f"quantization_formats must be a non-empty list, got {formats!r}")
+    out, names = [], set()
+    for i, fmt in enumerate(formats):
+        if fmt is None:
+            cand = Candidate(NONE_NAME, None)
+        else:
+            rules, algorithm = normalize_config(fmt)
+            name = fmt if isinstance(fmt, str) else f"format_{i}"
+            cand = Candidate(name, [r for r in rules if is_per_layer(r)], algorithm)
+        if cand.name in names:
+            raise QuantConfigError(f"quantization_formats lists {cand.name!r} twice")
+        names.add(cand.name)
+        out.append(cand)
+    return out
+
+
+def quantizes(cand: Candidate, path: str, module: nn.Module) -> bool:
+    if cand.rules is None:
+        return False
+    attrs = resolve_attributes(cand.rules, f"{path}.weight_quantizer", module)
+    return attrs is not None and any(a.enable for a in (attrs if isinstance(attrs, list) else [attrs]))
+
+
+def usable_algorithm(cand: Candidate):
+    """The candidate's algorithm, or max (with a warning naming the format) if qpass lacks it."""
+    from qpass.algorithms import ALGORITHMS, _load_builtin
+
+    _load_builtin()
+    algos = cand.algorithm if isinstance(cand.algorithm, list) else [cand.algorithm]
+    missing = [a["method"] for a in algos if a is not None and a["method"] not in ALGORITHMS]
+    if not missing:
+        return cand.algorithm
+    warnings.warn(
+        f"auto_quantize: format {cand.name!r} asks for calibration algorithm {missing[0]!r}, which qpass "
+        "does not implement; it is calibrated with 'max' instead", stacklevel=4)
+    return "max"
+
+
+def _standalone(q: nn.Module | None) -> nn.Module | None:
+    if q is None:
+        return None
+    for tq in iter_tensor_quantizers(q):
+        tq._weight_cache = None  # holds a weakref, which cannot be copied
+    return copy.deepcopy(q)
+
+
+@torch.no_grad()
+def calibrate_candidate(original: nn.Module, cand: Candidate, paths: list[str], forward_loop) -> dict[str, Slot]:
+    """Calibrate ``cand`` on a copy of ``original``; one Slot per module path it quantizes."""
+    from qpass.model_quant import quantize
+
+    work = copy.deepcopy(original)
+    quantize(work, {"quant_cfg": list(cand.rules), "algorithm": usable_algorithm(cand)}, forward_loop)
+    scaled: dict[str, torch.Tensor] = {}
+    folded: dict[str, torch.Tensor] = {}
+    for applied in getattr(state_of(work), "smoothing", None) or []:
+        for p in applied.unit:
+            w = original.get_submodule(p).weight.detach()
+            scaled[p] = w * applied.scale.to(w.device, w.dtype)
+            if applied.site is not None:
+                folded[p] = applied.scale
+    slots = {}
+    for p in paths:
+        owner = work.get_submodule(p)
+        if not quantizes(cand, p, owner):
+            continue
+        in_q = _standalone(owner._modules.get("input_quantizer"))
+        w_q = _standalone(owner._modules["weight_quantizer"])
+        if p in folded and in_q is not None:
+            old = in_q.pre_quant_scale
+            inv = 1.0 / folded[p].float()
+            in_q.pre_quant_scale = inv if old is None else old.float() * inv
+        expected = scaled.get(p, original.get_submodule(p).weight.detach())
+        if not torch.equal(owner.weight.detach(), expected):  # rows changed by a fold into this Linear
+            for tq in iter_tensor_quantizers(w_q):
+                if tq.needs_calibration:
+                    tq.reset_amax()
+                    tq.collect(expected)
+                    tq.load_calib_amax()
+        slots[p] = Slot(in_q, w_q, scaled[p].clone() if p in scaled else None)
+    del work
+    return slots

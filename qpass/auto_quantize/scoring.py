@@ -1,0 +1,182 @@
+"""Sensitivity scores of every (module, candidate format).
+
+``gradient``: one forward with quantization off and one backward per score batch serve every
+candidate. A graph rewrite puts a :class:`ScoreTap` after each searched weighted op of every
+traced graph; the tap registers a tensor hook on the op's output Y. When the backward reaches
+Y, the hook recomputes the op once per candidate with that candidate's quantizers (input
+quantizer on the op's input, cached fake-quantized weight) and adds
+``sum((grad_Y * (Y_quant - Y))**2)``. Nothing is kept between forward and backward beyond what
+autograd already holds. The taps are removed afterwards.
+
+``kl_div``: label-free; per (group, format), only that group quantized, the KL divergence of
+the output distribution from the unquantized one, summed over the score batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qpass.auto_quantize.solver import AutoQuantizeError
+from qpass.passes.insert_quantizers import QUANTIZER_META, READS_META, SLOT_META, quantizer_nodes
+
+TAP_META = "qpass_auto_quantize_tap"
+
+
+class ScoreTap(nn.Module):
+    """Identity on the op output Y; registers the scoring hook when Y needs a gradient."""
+
+    def __init__(self, scorer: "GradientScorer", path: str, target, i_in: int, i_w: int) -> None:
+        super().__init__()
+        self.scorer, self.path, self.target, self.i_in, self.i_w = scorer, path, target, i_in, i_w
+
+    def forward(self, y, x, *args, **kwargs):
+        if torch.is_grad_enabled() and y.requires_grad:
+            y.register_hook(self.scorer.hook(self, y.detach(), x.detach(), args, kwargs))
+        return y
+
+
+class GradientScorer:
+    def __init__(self, slots: dict, n_formats: int) -> None:
+        self.slots = slots  # path -> {format index: Slot}
+        self.scores = {p: [0.0] * n_formats for p in slots}
+        self.bad_grad: str | None = None
+        self.seen: set[str] = set()
+
+    def hook(self, tap: ScoreTap, y, x, args, kwargs):
+        def on_grad(g):
+            self.seen.add(tap.path)
+            if not bool(torch.isfinite(g).all()):
+                self.bad_grad = tap.path
+                return
+            with torch.no_grad():
+                g = g.float()
+                for f, slot in self.slots[tap.path].items():
+                    a = list(args)
+                    xin = x if slot.input_quantizer is None else slot.input_quantizer(x)
+                    a[tap.i_in], a[tap.i_w] = xin, slot.qweight
+                    diff = tap.target(*a, **kwargs).float() - y.float()
+                    self.scores[tap.path][f] += float(((g * diff) ** 2).sum())
+        return on_grad
+
+
+def insert_taps(gm: fx.GraphModule, scorer: GradientScorer) -> int:
+    """Put a ScoreTap after each searched weighted op of ``gm``; returns how many."""
+    graph, added = gm.graph, 0
+    weight_q = {n.meta[READS_META]: n for n in quantizer_nodes(gm) if n.meta[SLOT_META] == "weight_quantizer"}
+    for qn in quantizer_nodes(gm):
+        if qn.meta[SLOT_META] != "input_quantizer":
+            continue
+        op, path = qn.meta[READS_META], qn.meta[QUANTIZER_META].rpartition(".")[0]
+        if path not in scorer.slots or op not in weight_q or any(TAP_META in u.meta for u in op.users):
+            continue
+        name = f"_qpass_aq_tap_{len([n for n in graph.nodes if TAP_META in n.meta])}"
+        gm.add_submodule(name, ScoreTap(scorer, path, op.target, op.args.index(qn), op.args.index(weight_q[op])))
+        with graph.inserting_after(op):
+            tap = graph.call_module(name, (op, qn.args[0], *op.args), dict(op.kwargs))
+        op.replace_all_uses_with(tap, delete_user_cb=lambda u: u is not tap)
+        tap.meta.update(op.meta)
+        tap.meta[TAP_META] = path
+        added += 1
+    if added:
+        gm.recompile()
+    return added
+
+
+def remove_taps(gm: fx.GraphModule) -> None:
+    taps = [n for n in gm.graph.nodes if TAP_META in n.meta]
+    for tap in taps:
+        tap.replace_all_uses_with(tap.args[0])
+        gm.graph.erase_node(tap)
+        gm.delete_submodule(tap.target)
+    if taps:
+        gm.recompile()
+
+
+def _graphs(model):
+    from qpass.graph.quantized_model import state_of
+
+    return [t.gm for ts in state_of(model).graphs.values() for t in ts]
+
+
+def check_gradient_inputs(loss_func, forward_backward_step) -> None:
+    if loss_func is None and forward_backward_step is None:
+        raise AutoQuantizeError(
+            "auto_quantize(method='gradient') needs loss_func(output, batch) -> loss or "
+            "forward_backward_step(model, batch); give one of them, or use method='kl_div' (no labels needed)"
+        )
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        raise AutoQuantizeError(
+            "auto_quantize(method='gradient') needs gradients, but it was called under torch.no_grad() "
+            "or torch.inference_mode(); call it outside that context, or use method='kl_div'"
+        )
+
+
+def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, forward_backward_step,
+                    progress=None, history=None) -> dict[str, list[float]]:
+    scorer = GradientScorer(slots, n_formats)
+    params = [p for p in model.parameters()]
+    flags = [(p, p.requires_grad, p.grad) for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for i, batch in enumerate(batches):
+            for gm in _graphs(model):
+                insert_taps(gm, scorer)
+            if forward_backward_step is not None:
+                forward_backward_step(model, batch)
+            else:
+                out = forward_step(model, batch)
+                for gm in _graphs(model):  # a new input structure traced by this call
+                    if insert_taps(gm, scorer):
+                        out = forward_step(model, batch)
+                loss = loss_func(out, batch)
+                loss.backward()
+            if scorer.bad_grad is not None:
+                raise AutoQuantizeError(
+                    f"score batch {i}: the gradient reaching '{scorer.bad_grad}' has NaN or Inf; check the "
+                    "loss (e.g. labels all ignored) and the data of that batch")
+            for p in params:
+                p.grad = None
+            if history is not None:
+                history.append([sum(scorer.scores[p][f] for p in scorer.scores) for f in range(n_formats)])
+            if progress is not None:
+                progress.update(1)
+    finally:
+        for p, flag, grad in flags:
+            p.requires_grad_(flag)
+            p.grad = grad
+        for gm in _graphs(model):
+            remove_taps(gm)
+    missing = [p for p in slots if p not in scorer.seen]
+    if missing:
+        raise AutoQuantizeError(
+            f"{len(missing)} searched layer(s) got no gradient while scoring ({', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}); the loss must depend on every quantizable layer")
+    return scorer.scores
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """The floating tensors of a model output (logits first for causal LMs)."""
+    from torch.utils import _pytree as pytree
+
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return [logits.detach()]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    found = [t.detach() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not found:
+        raise AutoQuantizeError(f"forward_step returned {type(out).__name__} with no floating tensor; kl_div needs one")
+    return found
+
+
+def kl_div(refs: list[torch.Tensor], outs: list[torch.Tensor]) -> float:
+    """KL(p_ref || p_quant) of the softmax over the last dim, summed over positions and outputs."""
+    total = 0.0
+    for ref, out in zip(refs, outs):
+        ref_logp = F.log_softmax(ref.double(), dim=-1).flatten(0, -2)
+        logp = F.log_softmax(out.double(), dim=-1).flatten(0, -2)
+        total += float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
+    return max(total, 0.0)

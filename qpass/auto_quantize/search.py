@@ -1,0 +1,250 @@
+"""auto_quantize: per-layer format search under a weight-size budget.
+
+Flow: candidates (per-layer rules of each format) -> groups (graph shared-input groups united
+with :attr:`AutoQuantizeSearcher.rules`) -> per-candidate calibration (:mod:`.candidates`) ->
+scores (:mod:`.scoring`) -> exact knapsack (:mod:`.solver`) -> the chosen slots installed.
+
+The model itself is quantized once with every quantizer off; choosing a format for a module
+installs that candidate's quantizer objects at its ``input_quantizer``/``weight_quantizer``
+(the candidates differ in type: W4A8's weight quantizer is a sequence) and points every traced
+graph's call_module target at them.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+
+import torch
+from torch import nn
+
+from qpass.auto_quantize.candidates import NONE_NAME, calibrate_candidate, make_candidates, quantizes
+from qpass.auto_quantize.scoring import check_gradient_inputs, gradient_scores, kl_div, output_tensors
+from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, solve
+from qpass.graph.quantized_model import is_quantized, state_of
+from qpass.passes.insert_quantizers import _register
+
+SEARCH_ATTR = "_qpass_auto_quantize"
+
+
+class AutoQuantizeSearcher:
+    """Holds the editable grouping rules: regexes on module names, first capture group = group key."""
+
+    rules: list[str] = [
+        r"^(.*?)\.(q_proj|k_proj|v_proj)$",
+        r"^(.*?)\.(gate_proj|up_proj)$",
+        r"^(.*?)\.(query|key|value)$",
+    ]
+
+
+def default_forward_step(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def search_groups(paths: list[str], graph_groups: list[list[str]], rules: list[str]) -> list[list[str]]:
+    parent = {p: p for p in paths}
+
+    def find(p):
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    def union(a, b):
+        parent[find(a)] = find(b)
+
+    for g in graph_groups:
+        members = [p for p in g if p in parent]
+        for a, b in zip(members, members[1:]):
+            union(a, b)
+    for i, rule in enumerate(rules):
+        first: dict[str, str] = {}
+        for p in paths:
+            m = re.match(rule, p)
+            if m and m.groups():
+                key = m.group(1)
+                if key in first:
+                    union(p, first[key])
+                else:
+                    first[key] = p
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        groups.setdefault(find(p), []).append(p)
+    return list(groups.values())
+
+
+def group_name(members: list[str]) -> str:
+    if len(members) == 1:
+        return members[0]
+    prefix = members[0].rpartition(".")[0]
+    if all(m.rpartition(".")[0] == prefix for m in members):
+        return f"{prefix}.{{{','.join(m.rpartition('.')[2] for m in members)}}}"
+    return "+".join(members)
+
+
+class _Search:
+    """Everything kept on the model for re-solving without re-scoring."""
+
+    def __init__(self, formats, slots, base, original_weights):
+        self.formats = formats  # candidate names
+        self.slots = slots  # path -> {format index: Slot}
+        self.base = base  # path -> (input quantizer, weight quantizer) with quantization off
+        self.original_weights = original_weights  # path -> weight before any algorithm
+
+
+def _install(model: nn.Module, path: str, in_q, w_q, weight) -> None:
+    from qpass.algorithms.fold import untie_weight
+
+    owner = model.get_submodule(path)
+    graphs = [t.gm for ts in state_of(model).graphs.values() for t in ts]
+    for slot, q in (("input_quantizer", in_q), ("weight_quantizer", w_q)):
+        if q is None or slot not in owner._modules:
+            continue
+        owner._modules[slot] = q
+        for gm in graphs:
+            _register(gm, f"{path}.{slot}", q)
+    if not torch.equal(owner.weight.detach(), weight):
+        untie_weight(model, graphs, path)  # a tied weight (lm_head) gets its own copy first
+        with torch.no_grad():
+            owner.weight.copy_(weight)
+
+
+def apply_choice(model: nn.Module, groups: list[list[str]], choice: list[int]) -> None:
+    search: _Search = model.__dict__.get(SEARCH_ATTR)
+    if search is None:
+        raise AutoQuantizeError("this model has no auto_quantize search attached; pass the model auto_quantize returned")
+    for members, f in zip(groups, choice):
+        for p in members:
+            slot = search.slots[p].get(f)
+            orig = search.original_weights[p]
+            if slot is None:
+                _install(model, p, copy.deepcopy(search.base[p][0]), copy.deepcopy(search.base[p][1]), orig)
+            else:
+                _install(model, p, copy.deepcopy(slot.input_quantizer), copy.deepcopy(slot.weight_quantizer),
+                         orig if slot.weight is None else slot.weight)
+
+
+def _kl_scores(model, groups, search: _Search, batches, forward_step, progress):
+    with torch.no_grad():
+        refs = [output_tensors(forward_step(model, b)) for b in batches]
+        scores = []
+        for members in groups:
+            row = []
+            for f in range(len(search.formats)):
+                if all(f not in search.slots[p] for p in members):
+                    row.append(0.0)
+                    continue
+                apply_choice(model, [members], [f])
+                row.append(sum(kl_div(r, output_tensors(forward_step(model, b))) for r, b in zip(refs, batches)))
+                apply_choice(model, [members], [-1])
+                if progress is not None:
+                    progress.update(1)
+            scores.append(row)
+    return scores
+
+
+def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A8_AWQ_BETA_CFG", "FP8_DEFAULT_CFG", None),
+                  data_loader=None, forward_step=None, loss_func=None, forward_backward_step=None,
+                  num_calib_steps: int = 512, num_score_steps: int = 128, verbose: bool = False,
+                  method: str = "gradient"):
+    """Choose a format per layer group minimising the sensitivity score under ``constraints``.
+
+    Returns ``(model, state_dict)``; see :func:`qpass.auto_quantize.report.format_table` for the
+    state_dict contents. ``method``: ``"gradient"`` (needs ``loss_func`` or
+    ``forward_backward_step``) or ``"kl_div"`` (label-free).
+    """
+    from qpass.model_quant import quantize
+
+    constraints = {"effective_bits": 4.8} if constraints is None else constraints
+    if method not in ("gradient", "kl_div"):
+        raise AutoQuantizeError(f"method must be 'gradient' or 'kl_div', got {method!r}")
+    if method == "gradient":
+        check_gradient_inputs(loss_func, forward_backward_step)
+    budget_bits(constraints, 1)  # validate the shape before any work
+    if is_quantized(model):
+        raise AutoQuantizeError("auto_quantize needs an unquantized model; pass a fresh copy of the original model")
+    if data_loader is None:
+        raise AutoQuantizeError("auto_quantize needs a data_loader of calibration/score batches")
+    candidates = make_candidates(list(quantization_formats))
+    forward_step = forward_step or default_forward_step
+    batches = list(itertools.islice(iter(data_loader), max(num_calib_steps, num_score_steps)))
+    if not batches:
+        raise AutoQuantizeError("data_loader yielded no batches")
+    calib, score = batches[:num_calib_steps], batches[:num_score_steps]
+    original = copy.deepcopy(model)
+    quantize(model, {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": None})
+    with torch.no_grad():
+        forward_step(model, score[0])  # trace the graph the scores run on
+    owners = [(p, m) for p, m in model.named_modules() if "weight_quantizer" in m._modules]
+    paths = [p for p, m in owners if any(quantizes(c, p, original.get_submodule(p)) for c in candidates)]
+    if not paths:
+        raise AutoQuantizeError("no format in quantization_formats quantizes any layer of this model")
+    groups = search_groups(paths, state_of(model).groups, AutoQuantizeSearcher.rules)
+    tqdm = _tqdm(verbose)
+    slots: dict[str, dict] = {p: {} for p in paths}
+    for f, cand in enumerate(tqdm(candidates, desc="auto_quantize: calibrating formats")):
+        if cand.rules is None:
+            continue
+        loop = lambda m: [forward_step(m, b) for b in calib]  # noqa: E731
+        for p, slot in calibrate_candidate(original, cand, paths, loop).items():
+            slots[p][f] = slot
+    base = {p: (model.get_submodule(p)._modules.get("input_quantizer"), model.get_submodule(p).weight_quantizer)
+            for p in paths}
+    weights = {p: model.get_submodule(p).weight.detach().clone() for p in paths}
+    search = _Search([c.name for c in candidates], slots, base, weights)
+    model.__dict__[SEARCH_ATTR] = search
+    del original
+    history: list = []
+    if method == "gradient":
+        with torch.no_grad():
+            for p in paths:
+                for slot in slots[p].values():
+                    w = slot.weight if slot.weight is not None else weights[p]
+                    slot.qweight = slot.weight_quantizer(w)
+        bar = tqdm(total=len(score), desc="auto_quantize: scoring") if verbose else None
+        per_module = gradient_scores(model, slots, len(candidates), score, forward_step, loss_func,
+                                     forward_backward_step, bar, history)
+        for s in slots.values():
+            for slot in s.values():
+                slot.qweight = None
+        group_scores = [[sum(per_module[p][f] for p in g) for f in range(len(candidates))] for g in groups]
+    else:
+        bar = tqdm(total=len(groups) * len(candidates), desc="auto_quantize: scoring (kl_div)") if verbose else None
+        group_scores = _kl_scores(model, groups, search, score, forward_step, bar)
+    if bar is not None:
+        bar.close()
+    state_dict = _state_dict(model, method, search, groups, group_scores, history)
+    from qpass.auto_quantize.report import auto_quantize_resolve, format_table
+
+    auto_quantize_resolve(model, state_dict, constraints)
+    if verbose:
+        print(format_table(state_dict))
+    return model, state_dict
+
+
+def _state_dict(model, method, search: _Search, groups, group_scores, history) -> dict:
+    stats = {}
+    for members, row in zip(groups, group_scores):
+        costs = []
+        n = sum(model.get_submodule(p).weight.numel() for p in members)
+        for f in range(len(search.formats)):
+            bits = [search.slots[p][f].effective_bits if f in search.slots[p] else 16.0 for p in members]
+            costs.append(sum(b * model.get_submodule(p).weight.numel() for b, p in zip(bits, members)))
+        stats[group_name(members)] = {"members": list(members), "formats": list(search.formats),
+                                      "scores": [float(s) for s in row], "costs": costs, "weights": n}
+    total = sum(s["weights"] for s in stats.values())
+    return {"method": method, "candidate_stats": stats, "total_weights": total,
+            "score_history": history, "best": None}
+
+
+def _tqdm(verbose: bool):
+    if verbose:
+        from tqdm.auto import tqdm
+
+        return tqdm
+    return lambda it=None, **_: it

@@ -1,0 +1,163 @@
+import copy
+import io
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qpass
+from conftest import tiny_bert, tiny_llama
+from qpass.auto_quantize import (
+    AutoQuantizeError, AutoQuantizeSearcher, auto_quantize, auto_quantize_report, auto_quantize_resolve,
+    auto_quantize_sweep,
+)
+from qpass.auto_quantize.candidates import is_per_layer
+
+FORMATS = ["W4A8_AWQ_BETA_CFG", "FP8_DEFAULT_CFG", None]
+
+
+def _data(n=2, vocab=128):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(n)]
+
+
+def forward_step(model, batch):
+    return model(input_ids=batch)
+
+
+def loss_func(out, batch):
+    logits = out.logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def _run(model, bits=6.0, **kw):
+    kw = {"num_calib_steps": 2, "num_score_steps": 2, **kw}
+    return auto_quantize(model, {"effective_bits": bits}, FORMATS, _data(), forward_step, loss_func, **kw)
+
+
+@pytest.fixture(scope="module")
+def searched():
+    model = tiny_llama(tie=True)
+    ids = _data()[0]
+    emb = model.model.embed_tokens(ids).detach().clone()
+    model, sd = _run(model)
+    return model, sd, ids, emb
+
+
+def test_budget_met_and_groups_consistent(searched):
+    model, sd, _, _ = searched
+    best = sd["best"]
+    assert best["is_satisfied"] and best["effective_bits"] <= 6.0
+    recipe = best["recipe"]
+    assert "model.layers.0.self_attn.{q_proj,k_proj,v_proj}" in recipe
+    assert "model.layers.0.mlp.{gate_proj,up_proj}" in recipe
+    assert "lm_head" in recipe  # name-level rules (*lm_head*: off) are not applied in the search
+    for name, stats in sd["candidate_stats"].items():
+        describe = {model.get_submodule(p).weight_quantizer.describe() for p in stats["members"]}
+        assert len(describe) == 1, name
+        assert len(stats["scores"]) == len(stats["costs"]) == 3
+        assert stats["scores"][2] == 0.0 and stats["scores"][0] > stats["scores"][1] > 0
+
+
+def test_tied_embedding_bit_identical(searched):
+    model, _, ids, emb = searched
+    assert torch.equal(model.model.embed_tokens(ids), emb)
+
+
+def test_state_dict_round_trip(searched):
+    _, sd, _, _ = searched
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back["best"] == sd["best"] and back["candidate_stats"] == sd["candidate_stats"]
+    assert len(back["score_history"]) == 2
+
+
+def test_resolve_without_rescoring(searched, tmp_path):
+    model, sd, ids, _ = searched
+    sd = copy.deepcopy(sd)
+    model, sd = auto_quantize_resolve(model, sd, {"effective_bits": 4.2})
+    assert set(sd["best"]["recipe"].values()) == {"W4A8_AWQ_BETA_CFG"}
+    assert sd["best"]["effective_bits"] == pytest.approx(4.125)
+    out_low = model(input_ids=ids).logits
+    model, sd = auto_quantize_resolve(model, sd, {"weight_memory_bytes": 10**9})
+    assert set(sd["best"]["recipe"].values()) == {"None"}
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, out_low)
+    with pytest.raises(AutoQuantizeError, match="minimum achievable is .*4.125"):
+        auto_quantize_resolve(model, sd, {"effective_bits": 3.0})
+    png = auto_quantize_report(sd, str(tmp_path / "heat.png"))
+    assert (tmp_path / "heat.png").stat().st_size > 1000 and png.endswith(".png")
+    rows = auto_quantize_sweep(model, sd, [3.0, 4.5, 8.0], lambda m: 1.0, str(tmp_path / "sweep.png"))
+    assert [r[0] for r in rows] == [4.5, 8.0] and (tmp_path / "sweep.png").exists()
+    auto_quantize_resolve(model, sd, {"effective_bits": 6.0})
+
+
+def test_all_awq_matches_plain_quantize():
+    """Every layer on W4A8 AWQ: the search's per-module slots reproduce qpass.quantize's model.
+
+    Where AWQ folded 1/s into a norm the weights and amax are the same; where it folded 1/s into
+    the rows of a previous Linear, the slot keeps it as that module's pre_quant_scale instead (so
+    formats can be mixed), which quantizes the previous weight unscaled: close, not identical.
+    """
+    ref = tiny_llama(tie=False)
+    model = copy.deepcopy(ref)
+    data = _data()
+    rules = [r for r in qpass.config.normalize_config("W4A8_AWQ_BETA_CFG")[0] if is_per_layer(r)]
+    cfg = {"quant_cfg": rules, "algorithm": "awq_lite"}
+    qpass.quantize(ref, cfg, lambda m: [forward_step(m, b) for b in data])
+    model, sd = _run(model, bits=4.2)
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):
+        r, m = ref.get_submodule(path), model.get_submodule(path)
+        assert torch.equal(r.weight, m.weight)
+        assert torch.equal(r.weight_quantizer[0].amax, m.weight_quantizer[0].amax)
+        assert torch.equal(r.input_quantizer.amax, m.input_quantizer.amax)
+    with torch.no_grad():
+        a, b = ref(input_ids=data[0]).logits, model(input_ids=data[0]).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_kl_div_without_labels():
+    model = tiny_bert()
+    data = [{"input_ids": ids} for ids in _data()]
+    model, sd = auto_quantize(model, {"effective_bits": 10.0}, ["INT8_DEFAULT_CFG", None], data,
+                              num_calib_steps=2, num_score_steps=2, method="kl_div")
+    assert sd["best"]["is_satisfied"] and sd["best"]["effective_bits"] <= 10.0
+    assert "encoder.layer.0.attention.self.{query,key,value}" in sd["candidate_stats"]
+    assert all(s["scores"][0] > 0 for s in sd["candidate_stats"].values())
+
+
+def test_mlp_rule_appended():
+    AutoQuantizeSearcher.rules.append(r"^(.*?)\.mlp")
+    try:
+        model, sd = _run(tiny_llama(layers=1, tie=False))
+    finally:
+        AutoQuantizeSearcher.rules.pop()
+    assert "model.layers.0.mlp.{gate_proj,up_proj,down_proj}" in sd["candidate_stats"]
+
+
+def test_missing_loss_is_an_error_before_work():
+    model = tiny_llama(layers=1)
+    with pytest.raises(AutoQuantizeError, match="needs loss_func.*or forward_backward_step"):
+        auto_quantize(model, {"effective_bits": 6.0}, FORMATS, _data(), forward_step)
+    assert not qpass.graph.quantized_model.is_quantized(model)
+
+
+def test_no_grad_is_an_error_before_work():
+    model = tiny_llama(layers=1)
+    with torch.no_grad(), pytest.raises(AutoQuantizeError, match=re.escape("torch.no_grad()")):
+        _run(model)
+    assert not qpass.graph.quantized_model.is_quantized(model)
+
+
+def test_nan_gradient_names_the_batch():
+    def bad_loss(out, batch):
+        return loss_func(out, batch) * (float("nan") if batch[0, 0] == batch_two[0, 0] else 1.0)
+
+    data = _data(3)
+    batch_two = data[1]
+    with pytest.raises(AutoQuantizeError, match="score batch 1: the gradient"):
+        auto_quantize(tiny_llama(layers=1), {"effective_bits": 6.0}, FORMATS, data, forward_step, bad_loss,
+                      num_calib_steps=1, num_score_steps=3)
