@@ -50,3 +50,32 @@ def format_summary(model: nn.Module) -> str:
     calibrated = sum(r["amax"] is not None for r in rows if r["enabled"])
     lines.append(f"{len(rows)} quantizers: {enabled} enabled, {len(rows) - enabled} disabled, {calibrated} with amax")
     return "\n".join(lines)
+
+
+def summary_json(model: nn.Module) -> str:
+    """The rows of :func:`quantizer_rows` and the totals as one JSON document."""
+    import json
+
+    rows = quantizer_rows(model)
+    doc = {
+        "quantizers": rows,
+        "total": len(rows),
+        "enabled": sum(r["enabled"] for r in rows),
+        "with_amax": sum(r["amax"] is not None for r in rows if r["enabled"]),
+    }
+    return json.dumps(doc, indent=1, allow_nan=True)
+
+
+def write_json(model: nn.Module, path) -> str:
+    """Write :func:`summary_json` to ``path``; returns the path."""
+    import os
+
+    path = os.fspath(path)
+    with open(path, "w") as f:
+        f.write(summary_json(model) + "\n")
+    return path
+
+
+def print_quant_summary_json(model: nn.Module, file=None) -> None:
+    """``print_quant_summary`` as JSON (the same rows)."""
+    print(summary_json(model), file=file)
