@@ -309,14 +309,16 @@ def cmd_auto_quantize(args) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     t = time.perf_counter()
 
-    def loss_func(output, batch):
+    if job.kind == "causal":  # next-token loss: the gradient sensitivity score
+        data = [dict(b, labels=b["input_ids"]) for b in job.calib]
+        kwargs = dict(data_loader=data, forward_step=call, loss_func=lambda out, batch: out.loss)
+    else:  # no labels: the label-free KL-divergence score
         from qpass.cli_models import _first_tensor
 
-        return _first_tensor(output).float().pow(2).mean()
-
+        kwargs = dict(data_loader=job.calib, forward_step=lambda m, b: _first_tensor(call(m, b)), method="kl_div")
     with _warnings_as_lines(args.debug):
-        result = auto(job.model, constraints={"effective_bits": args.effective_bits}, quantization_formats=formats,
-                      data_loader=job.calib, forward_step=call, loss_func=loss_func)
+        result = auto(job.model, constraints={"effective_bits": args.effective_bits},
+                      quantization_formats=formats, **kwargs)
     model = result[0] if isinstance(result, tuple) else result
     elapsed = time.perf_counter() - t
     qpass.print_quant_summary(model)

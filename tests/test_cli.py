@@ -149,3 +149,15 @@ def test_quickstart_minilm_defaults(tmp_path):
     assert cos > 0.99
     assert "saved: out/minilm.qpass" in r.stdout and "onnx: out/minilm.onnx" in r.stdout
     assert (tmp_path / "out" / "minilm.qpass").exists() and (tmp_path / "out" / "minilm.onnx").exists()
+
+
+def test_auto_quantize_runs_when_available(tmp_path, capsys):
+    import qpass
+
+    if not callable(getattr(qpass, "auto_quantize", None)):
+        pytest.skip("qpass.auto_quantize is not in this version")
+    save = tmp_path / "a.qpass"
+    rc, out, err = _run(["auto-quantize", "--model", SPEC, "--effective-bits", "6",
+                         "--formats", "FP8_DEFAULT_CFG,INT4_AWQ_CFG", "--save", str(save)], capsys)
+    assert rc == 0, err
+    assert "mean cosine to FP32 outputs" in out and save.exists()
