@@ -58,6 +58,14 @@ def _warn_unmatched(model: nn.Module, rules: list) -> None:
             warnings.warn(f"quant_cfg pattern {rule.pattern!r} matched no quantizer in the model", stacklevel=3)
 
 
+def _check_formats(model: nn.Module) -> None:
+    """Build every enabled quantizer's format now: a bad attribute (num_bits=9) fails quantize
+    and leaves the model untouched, instead of failing the first forward after it."""
+    for _, q in named_tensor_quantizers(model):
+        if q.is_enabled and q._attrs.get("backend") is None:
+            q.spec
+
+
 def _split_example_inputs(example_inputs) -> tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
@@ -102,6 +110,7 @@ def quantize(
             with torch.no_grad():
                 model(*args, **kwargs)
         calibrate(model, algorithm, forward_loop)
+        _check_formats(model)
         _warn_unmatched(model, config_rules)
     except BaseException:
         _unquantize(model)

@@ -362,3 +362,17 @@ def test_real_quant_weights_equal_fake_quant(mlp, weight_cfg):
         qpass.quantize(model, cfg)
         outs.append(model(x))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("algorithm", [None, "<missing>"])
+def test_unsupported_format_fails_quantize_not_the_first_forward(mlp, algorithm):
+    """num_bits=9 passes attribute validation (ModelOpt's rule); without calibration nothing built
+    the format, so quantize returned and the first forward raised. Found by tests/robustness."""
+    x = torch.randn(2, 32)
+    ref = mlp(x)
+    cfg = {"quant_cfg": {"*weight_quantizer": {"num_bits": 9}}}
+    if algorithm != "<missing>":
+        cfg["algorithm"] = algorithm
+    with pytest.raises(QuantConfigError, match="num_bits=9 is not supported"):
+        qpass.quantize(mlp, cfg, _loop([x]))
+    _assert_untouched(mlp, ref, x, MLP)
