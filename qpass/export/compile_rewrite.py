@@ -1,0 +1,267 @@
+"""Kernel rewrites of the lowered graph for the "qpass" torch.compile backend.
+
+Inputs are graphs made by :func:`qpass.passes.lower.lower_graph`: ``qpass::`` quantize /
+dequantize ops whose scales and folded weight codes are ``get_attr`` constants. The rewrites
+read those constants (never recompute them from amax):
+
+* :func:`rewrite_cpu_int8` - int8 ops become the PT2E ``quantized_decomposed`` Q/DQ pattern
+  that inductor's x86 freezing passes fuse into oneDNN int8 linear/conv;
+* :func:`rewrite_cuda` - FP8 and INT8 linear layers become ``qpass_compile::fp8_linear``
+  (``torch._scaled_mm``) and ``qpass_compile::int8_linear`` (``torch._int_mm``); int4 block
+  weights are unpacked and dequantized in the graph (inductor fuses it with the matmul).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
+
+from qpass.passes.lower import OPS, _fetch, _install
+
+qd = torch.ops.quantized_decomposed
+aten = torch.ops.aten
+
+_INT8 = ("int8", "int8n")
+_LINEAR = (aten.linear.default, torch.nn.functional.linear)
+
+
+def _const(gm: fx.GraphModule, node) -> torch.Tensor:
+    assert isinstance(node, fx.Node) and node.op == "get_attr", node
+    return _fetch(gm, node.target)
+
+
+def _new_const(gm: fx.GraphModule, base: str, value: torch.Tensor) -> fx.Node:
+    target, n = base, 1
+    while _has(gm, target):
+        n += 1
+        target = f"{base}{n}"
+    _install(gm, target, value)
+    first = next(iter(gm.graph.nodes))
+    with gm.graph.inserting_before(first) if first.op != "placeholder" else gm.graph.inserting_after(
+            [p for p in gm.graph.nodes if p.op == "placeholder"][-1]):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = value
+    return node
+
+
+def _has(gm, target: str) -> bool:
+    try:
+        _fetch(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _qmin(fmt: str) -> int:
+    return -127 if fmt.endswith("n") else -128
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: quantized_decomposed Q/DQ for inductor's oneDNN int8 passes
+# ---------------------------------------------------------------------------------------------
+def rewrite_cpu_int8(gm: fx.GraphModule) -> int:
+    """Rewrite int8 ``qpass::`` ops in place; returns how many ops were rewritten.
+
+    Activations: int8 codes with zero point 0 are written as uint8 with zero point 128 (the
+    same numbers, X86InductorQuantizer's encoding); narrow range clamps at code 1 (= -127).
+    """
+    g = gm.graph
+    count = 0
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is OPS["quantize_per_tensor"] and node.args[3] in _INT8:
+            x, scale_n, _amax, fmt = node.args
+            s = float(_const(gm, scale_n))
+            with g.inserting_before(node):
+                new = g.call_function(qd.quantize_per_tensor.default,
+                                      (x, s, 128, _qmin(fmt) + 128, 255, torch.uint8))
+            _replace(node, new, torch.uint8)
+            count += 1
+        elif node.target is OPS["dequantize_per_tensor"] and node.args[3] in _INT8:
+            codes, scale_n, _ref, fmt, dtype = node.args
+            s = float(_const(gm, scale_n))
+            with g.inserting_before(node):
+                if codes.op == "get_attr":  # a per-tensor weight: int8 codes, zero point 0
+                    new = g.call_function(qd.dequantize_per_tensor.default, (codes, s, 0, _qmin(fmt), 127, torch.int8))
+                else:
+                    new = g.call_function(qd.dequantize_per_tensor.default,
+                                          (codes, s, 128, _qmin(fmt) + 128, 255, torch.uint8))
+                if dtype != torch.float32:
+                    new = g.call_function(aten._to_copy.default, (new,), {"dtype": dtype})
+            _replace(node, new, dtype)
+            count += 1
+        elif node.target is OPS["dequantize_per_channel"] and node.args[3] in _INT8:
+            codes, scale_n, _ref, fmt, axis, dtype = node.args
+            scales = _const(gm, scale_n).float().reshape(-1)
+            zps = _new_const(gm, f"{scale_n.target.rsplit('.', 1)[0]}.zero_point", torch.zeros(scales.numel(), dtype=torch.int64))
+            with g.inserting_before(node):
+                new = g.call_function(qd.dequantize_per_channel.default,
+                                      (codes, scale_n, zps, axis, _qmin(fmt), 127, torch.int8))
+                if dtype != torch.float32:
+                    new = g.call_function(aten._to_copy.default, (new,), {"dtype": dtype})
+            _fix_scale_dtype(gm, scale_n)
+            _replace(node, new, dtype)
+            count += 1
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return count
+
+
+def _fix_scale_dtype(gm, scale_n: fx.Node) -> None:
+    t = _const(gm, scale_n)
+    if t.dtype != torch.float32 or t.dim() != 1:
+        *path, leaf = scale_n.target.split(".")
+        mod = gm.get_submodule(".".join(path)) if path else gm
+        mod._buffers[leaf] = t.float().reshape(-1)
+
+
+def _replace(old: fx.Node, new: fx.Node, dtype) -> None:
+    val = old.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        new.meta["val"] = val.new_empty(val.shape, dtype=dtype) if val.dtype != dtype else val
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: _scaled_mm (FP8), _int_mm (INT8), fused int4 dequantize
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("qpass_compile::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x @ (w * w_scale).T + bias`` with x quantized to E4M3 per tensor (``x_scale``: the
+    dequantization step) on ``torch._scaled_mm``. ``w``: E4M3 weight [N, K] row-major, so
+    ``w.t()`` is the column-major [K, N] operand _scaled_mm wants; ``w_scale``: 0-dim
+    (tensor-wise) or [1, N] (row-wise)."""
+    w_t = w.t()
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq = (x2.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    m = x2.shape[0]
+    if w_scale.numel() == 1:
+        out = torch._scaled_mm(xq, w_t, scale_a=x_scale.reshape(()).float(), scale_b=w_scale.reshape(()).float(),
+                               bias=None, out_dtype=out_dtype)
+    else:  # row-wise: scale_a [M, 1], scale_b [1, N]
+        sa = x_scale.float().reshape(1, 1).expand(m, 1).contiguous()
+        out = torch._scaled_mm(xq, w_t, scale_a=sa, scale_b=w_scale.float().reshape(1, -1), bias=None,
+                               out_dtype=out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*shape[:-1], w_t.shape[1])
+
+
+@fp8_linear.register_fake
+def _(x, x_scale, w, w_scale, bias, out_dtype):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("qpass_compile::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, x_scale: float, qmin: int, w_t: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8 on ``torch._int_mm`` (int32 accumulation); ``w_t``: int8 [K, N]; ``w_scale``: [N] or
+    0-dim. _int_mm needs M > 16 and K, N multiples of 8: other shapes dequantize instead."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq = torch.clamp(torch.round(x2.float() * (1.0 / x_scale)), qmin, 127).to(torch.int8)
+    m, k = x2.shape
+    n = w_t.shape[1]
+    if m > 16 and k % 8 == 0 and n % 8 == 0:
+        acc = torch._int_mm(xq, w_t)
+        out = acc.float() * (x_scale * w_scale.float().reshape(1, -1) if w_scale.numel() > 1 else x_scale * w_scale.float())
+    else:
+        out = (xq.float() @ w_t.float()) * x_scale * w_scale.float().reshape(1, -1)
+    out = out.to(out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*shape[:-1], n)
+
+
+@int8_linear.register_fake
+def _(x, x_scale, qmin, w_t, w_scale, bias, out_dtype):
+    return x.new_empty((*x.shape[:-1], w_t.shape[1]), dtype=out_dtype)
+
+
+def _linear_args(node: fx.Node):
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return x, w, b
+
+
+def rewrite_cuda(gm: fx.GraphModule) -> dict[str, int]:
+    """Replace ``linear(dq(q(x)), dq(w))`` with FP8/INT8 kernel ops; unpack int4 blocks in the
+    graph. Returns counts per kernel."""
+    from qpass.passes.lower import spec_of_token
+
+    g = gm.graph
+    counts = {"fp8_linear": 0, "int8_linear": 0, "int4_dequant": 0}
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in _LINEAR:
+            continue
+        x, w, b = _linear_args(node)
+        if not (isinstance(x, fx.Node) and isinstance(w, fx.Node)):
+            continue
+        if x.target is not OPS["dequantize_per_tensor"] or w.target not in (OPS["dequantize_per_tensor"],
+                                                                           OPS["dequantize_per_channel"]):
+            continue
+        q = x.args[0]
+        if not isinstance(q, fx.Node) or q.target is not OPS["quantize_per_tensor"]:
+            continue
+        fmt_a, fmt_w = q.args[3], w.args[3]
+        src = q.args[0]
+        x_scale = float(_const(gm, q.args[1]))
+        codes = _const(gm, w.args[0])
+        w_scale = _const(gm, w.args[1]).float()
+        out_dtype = node.meta["val"].dtype if isinstance(node.meta.get("val"), torch.Tensor) else torch.float32
+        base = w.args[0].target.rsplit(".", 1)[0]
+        if fmt_a == "e4m3" and fmt_w == "e4m3":
+            wt = w.args[0]  # the folded [N, K] E4M3 codes
+            ws = _new_const(gm, f"{base}.scale_row", w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.reshape(()))
+            xs = _new_const(gm, f"{base}.x_scale", torch.tensor(x_scale, dtype=torch.float32, device=codes.device))
+            with g.inserting_before(node):
+                new = g.call_function(torch.ops.qpass_compile.fp8_linear.default, (src, xs, wt, ws, b, out_dtype))
+            counts["fp8_linear"] += 1
+        elif fmt_a in _INT8 and fmt_w in _INT8:
+            wt = _new_const(gm, f"{base}.codes_t", codes.t().contiguous())
+            ws = _new_const(gm, f"{base}.scale_n", w_scale.reshape(-1))
+            with g.inserting_before(node):
+                new = g.call_function(torch.ops.qpass_compile.int8_linear.default,
+                                      (src, x_scale, _qmin(fmt_a), wt, ws, b, out_dtype))
+            counts["int8_linear"] += 1
+        else:
+            continue
+        new.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    # int4 block weights: unpack + dequantize as plain aten ops inductor can fuse
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is OPS["dequantize_blockwise"] and node.args[3] in ("int4", "int4n", "uint4"):
+            codes_n, scale_n, _ref, fmt, axis, block, shape, dtype = node.args
+            if axis != len(shape) - 1 or shape[-1] % block or shape[-1] % 2:
+                continue
+            with g.inserting_before(node):
+                new = g.call_function(_int4_block_dequant, (codes_n, scale_n, fmt, block, list(shape), dtype))
+            new.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            counts["int4_dequant"] += 1
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return counts
+
+
+def _int4_block_dequant(packed: torch.Tensor, scale: torch.Tensor, fmt: str, block: int, shape: list, dtype):
+    """Unpack two 4-bit codes per byte (low nibble first) and multiply by per-block scales.
+    Matches qpass.formats' packing (see formats/packing.py)."""
+    lo = (packed & 0x0F).to(torch.int16)
+    hi = (packed >> 4).to(torch.int16)
+    if fmt != "uint4":
+        lo = torch.where(lo > 7, lo - 16, lo)
+        hi = torch.where(hi > 7, hi - 16, hi)
+    codes = torch.stack((lo, hi), dim=-1).reshape(*shape[:-1], -1)[..., : shape[-1]]
+    vals = codes.reshape(*shape[:-1], shape[-1] // block, block).float() * scale.float().unsqueeze(-1)
+    return vals.reshape(shape).to(dtype)

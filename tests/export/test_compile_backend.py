@@ -1,0 +1,204 @@
+"""torch.compile(qmodel, backend="qpass"): real int8 kernels (oneDNN on CPU) from the lowered graph.
+
+Compiled outputs are compared by cosine, not bit for bit: the kernels accumulate in int32 and
+quantize activations with ``x * (1 / scale)`` where fake quant multiplies by
+``127 / amax`` (a rounding-boundary element can land one code away).
+"""
+
+import copy
+import logging
+import re
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+import qpass
+from qpass.export import compile_backend as cb
+
+from conftest import MLP, Attention, tiny_bert
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # no inductor caches: a cache hit would skip the code generation the tests inspect
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+def _quantized(model, x, cfg=qpass.INT8_DEFAULT_CFG):
+    qpass.quantize(model, cfg, lambda m: m(x))
+    return model
+
+
+def _cos(a, b):
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def _onednn_ops(code) -> Counter:
+    return Counter(re.findall(r"torch\.ops\.onednn\.(\w+)", "\n".join(code)))
+
+
+def test_backend_registered_on_import():
+    assert "qpass" in torch._dynamo.list_backends(exclude_tags=())
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("qpass") is cb.qpass_backend
+
+
+def test_int8_qdq_numerics_equal_fake_quant():
+    """The quantized_decomposed encoding the rewrite emits (uint8, zero point 128; scale
+    amax/127) gives the fake-quant values on small inputs, full and narrow range."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    from qpass.formats import QuantSpec
+
+    qd = torch.ops.quantized_decomposed
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) * 2
+    amax = torch.tensor(3.0)
+    for narrow, qmin in ((False, 0), (True, 1)):
+        spec = QuantSpec.from_attributes(8, narrow_range=narrow)
+        s = float(amax / 127)
+        y = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, s, 128, qmin, 255, torch.uint8), s, 128, qmin, 255,
+                                     torch.uint8)
+        assert torch.allclose(y, spec.fake_quant(x, amax), rtol=0, atol=1e-6)
+    # weights: int8 per-channel codes from the spec, dequantized per channel
+    w = torch.randn(8, 16)
+    wspec = QuantSpec.from_attributes(8, axis=0)
+    wamax = wspec.amax_of(w)
+    codes, scale = wspec.quantize(w, wamax)
+    y = qd.dequantize_per_channel(codes, scale.float().reshape(-1), torch.zeros(8, dtype=torch.int64), 0, -128, 127,
+                                  torch.int8)
+    assert torch.allclose(y, wspec.fake_quant(w, wamax), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,shape", [(MLP, (16, 32)), (Attention, (2, 8, 32))])
+def test_int8_compiled_matches_fake_quant_on_onednn(cls, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    model = _quantized(cls().eval(), x)
+    x2 = torch.randn(*shape) * 1.5
+    x2_before = x2.clone()
+    with torch.no_grad():
+        ref = model(x2)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), x2)
+        again = torch.compile(model, backend="qpass")(x2)
+    assert torch.equal(x2, x2_before), "the compiled model must not write into its input"
+    assert _cos(out, ref) >= 0.999 and _cos(again, ref) >= 0.999
+    ops = _onednn_ops(code)
+    n_linear = 2 if cls is MLP else 4
+    assert ops["qlinear_pointwise"] == n_linear, ops
+    rep = cb.report(model)
+    assert not rep.fell_back and len(rep.lowered) == 2 * n_linear
+    assert {d.kernel for d in rep.lowered} == {"onednn_int8"}
+    with torch.no_grad():  # eager still runs fake quant afterwards
+        assert torch.equal(model(x2), ref)
+
+
+def test_int8_tiny_bert_on_onednn():
+    model = tiny_bert(layers=1)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(input_ids=ids, attention_mask=mask))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), input_ids=ids, attention_mask=mask)
+    assert _cos(out.last_hidden_state, ref) >= 0.999
+    assert _onednn_ops(code)["qlinear_pointwise"] == 7  # q, k, v, attn out, ffn in/out, pooler
+    assert not cb.report(model).fell_back
+
+
+def test_fallback_is_logged_and_reported(caplog):
+    """fc2 in FP8 (no CPU kernel) keeps fused fake quant; fc1 stays on oneDNN int8."""
+    cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+    for slot in ("input", "weight"):
+        cfg["quant_cfg"].append({"quantizer_name": f"fc2.{slot}_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}})
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    model = _quantized(MLP().eval(), x, cfg)
+    with caplog.at_level(logging.INFO, logger="qpass.compile"), torch.no_grad():
+        ref = model(x)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), x)
+    assert _cos(out, ref) >= 0.999
+    assert _onednn_ops(code)["qlinear_pointwise"] == 1
+    logged = caplog.text
+    assert "fc2.input_quantizer" in logged and "fc2.weight_quantizer" in logged and "fake quant" in logged
+    assert "fc1.input_quantizer" not in logged
+    rep = cb.report(model)
+    assert sorted(d.quantizer for d in rep.fell_back) == ["fc2.input_quantizer", "fc2.weight_quantizer"]
+    assert "no CPU kernel" in rep.fell_back[0].reason
+    assert "fc2.weight_quantizer: fake quant" in str(rep)
+
+
+def test_nothing_to_lower_falls_back_to_inductor():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    model = _quantized(MLP().eval(), x, qpass.FP8_DEFAULT_CFG)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="qpass")(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert len(cb.report(model).fell_back) == 4
+
+
+# ------------------------------------------------------------------------------------- CUDA
+def _cuda_mlp(cfg, d=256, h=512, m=64, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    model = MLP(d, h).to("cuda", dtype).eval()
+    x = torch.randn(m, d, device="cuda", dtype=dtype)
+    _quantized(model, x, cfg)
+    return model, x
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_scaled_mm_matches_fake_quant():
+    from qpass.export.compile_rewrite import rewrite_cuda  # noqa: F401 - registers the ops
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 _scaled_mm needs sm_89+")
+    model, x = _cuda_mlp(qpass.FP8_DEFAULT_CFG)
+    with torch.no_grad():
+        ref = model(x)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), x)
+    assert _cos(out.float(), ref.float()) >= 0.995
+    assert "fp8_linear" in "\n".join(code) or "_scaled_mm" in "\n".join(code)
+    assert {d.kernel for d in cb.report(model).lowered} == {"scaled_mm_fp8"}
+
+
+@pytest.mark.cuda
+def test_cuda_int8_int_mm_matches_fake_quant():
+    model, x = _cuda_mlp(qpass.INT8_DEFAULT_CFG, dtype=torch.float16)
+    with torch.no_grad():
+        ref = model(x)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), x)
+    assert _cos(out.float(), ref.float()) >= 0.995
+    assert "int8_linear" in "\n".join(code) or "_int_mm" in "\n".join(code)
+    assert {d.kernel for d in cb.report(model).lowered} == {"int_mm_int8"}
+
+
+@pytest.mark.parametrize("cfg,kernel", [("FP8_DEFAULT_CFG", "fp8_linear"), ("INT8_DEFAULT_CFG", "int8_linear"),
+                                        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4_dequant")])
+def test_cuda_kernel_rewrite_numerics_on_cpu(cfg, kernel):
+    """The CUDA rewrite of the lowered graph (_scaled_mm, _int_mm, in-graph int4 unpacking),
+    run eagerly on torch's CPU implementations of those ops, matches fake quant."""
+    from qpass.export.compile_rewrite import rewrite_cuda
+    from qpass.graph.quantized_model import state_of
+    from qpass.passes.lower import lower_graph
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = _quantized(MLP(64, 128).eval(), x, getattr(qpass, cfg))
+    with torch.no_grad():
+        ref = model(x)
+        low = lower_graph(next(iter(state_of(model).graphs.values()))[0].gm)
+        counts = rewrite_cuda(low)
+        out = low(x)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert counts[kernel] >= 1
+    assert _cos(out, ref) >= 0.999
