@@ -116,7 +116,9 @@ def check_gradient_inputs(loss_func, forward_backward_step) -> None:
 def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, forward_backward_step,
                     progress=None, history=None) -> dict[str, list[float]]:
     scorer = GradientScorer(slots, n_formats)
-    params = [p for p in model.parameters()]
+    # Each searched op's output needs a gradient: its own weight requiring one is enough (and
+    # skips the embedding's gradient); the activations between them then carry gradients too.
+    params = list({id(p): p for p in (model.get_submodule(path).weight for path in slots)}.values())
     flags = [(p, p.requires_grad, p.grad) for p in params]
     try:
         for p in params:
