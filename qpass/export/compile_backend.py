@@ -548,6 +548,40 @@ def _compile_friendly_weight_cache() -> None:
     TensorQuantizer._fake_quant_cached = _fake_quant_cached
 
 
+def _compile_friendly_run_graph() -> None:
+    """Under dynamo, dispatch to the traced graph without ``state.calls += 1``.
+
+    Dynamo guards on that integer (it is static), so every call of a compiled quantized model
+    recompiled, and after ``recompile_limit`` calls the model silently ran eagerly. The counter
+    only serves calibration checks. (This belongs in ``run_graph`` itself: ``if not
+    torch.compiler.is_compiling(): state.calls += 1``; done here until that file's owner
+    moves it.)"""
+    from qpass.graph import quantized_model as qm
+
+    original = qm.run_graph
+    if getattr(original, "_qpass_compile_friendly", False):
+        return
+
+    def run_graph(model, args, kwargs):
+        if not torch.compiler.is_compiling():
+            return original(model, args, kwargs)
+        state = qm.state_of(model)
+        key, tensors = qm._input_key(model.training, args, kwargs)
+        for traced in state.graphs.get(key, ()):
+            if qm.matches_static_dims(traced, tensors):
+                break
+        else:
+            traced = qm.capture(model, args, kwargs, key)
+            state.graphs.setdefault(key, []).append(traced)
+        if state.calibrating:
+            state.calib_placed.update(traced.placed)
+        return traced.gm(*tensors)
+
+    run_graph._qpass_compile_friendly = True
+    run_graph.__doc__ = original.__doc__
+    qm.run_graph = run_graph
+
+
 _REGISTERED = False
 
 
@@ -559,6 +593,7 @@ def register() -> None:
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
 
     _compile_friendly_weight_cache()
+    _compile_friendly_run_graph()
     if BACKEND_NAME not in _BACKENDS:
         register_backend(name=BACKEND_NAME)(qpass_backend)
     _REGISTERED = True

@@ -202,3 +202,26 @@ def test_cuda_kernel_rewrite_numerics_on_cpu(cfg, kernel):
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert counts[kernel] >= 1
     assert _cos(out, ref) >= 0.999
+
+
+def test_repeated_calls_do_not_recompile():
+    """Dynamo must not guard on per-call state (run_graph's call counter, the eager weight
+    cache): a compiled model compiles once, also after eager no-grad forwards."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    model = _quantized(MLP().eval(), x)
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(1)
+        return cb.qpass_backend(gm, example_inputs)
+
+    with torch.no_grad():
+        model(x)  # fills TensorQuantizer's weight cache
+        compiled = torch.compile(model, backend=counting)
+        outs = [compiled(x) for _ in range(10)]
+        model(x)
+        outs.append(compiled(x))
+    assert len(compiles) == 1
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert not cb.report(model).fell_back
