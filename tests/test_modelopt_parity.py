@@ -131,6 +131,7 @@ def test_minilm_parity(minilm_case, config, rules):
 
 
 @needs_smollm2
+@pytest.mark.slow  # parsing the GGUF file alone takes most of a minute on 2 cores
 @pytest.mark.parametrize("rules", ["default", "modelopt"])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_smollm2_parity(smollm2_case, config, rules):
