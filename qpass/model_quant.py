@@ -194,26 +194,23 @@ def sync_graph_attributes(model: nn.Module) -> None:
                     setattr(parent, leaf, value)
 
 
-def _is_shared_parameter(model: nn.Module, param: torch.Tensor) -> bool:
-    return sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is param) > 1
-
-
 def fold_weight(model: nn.Module) -> None:
     """Replace weights by their fake-quantized values and drop weight quantizers from the graph.
 
     A weight shared with another module (tied embeddings) is untied first, so
     the other user keeps its original values.
     """
+    from qpass.algorithms.fold import untie_weight
+
     state = state_of(model)
+    graphs = [t.gm for ts in state.graphs.values() for t in ts]
     with torch.no_grad():
-        for _, module, q in weight_quantizer_owners(model):
+        for path, module, q in weight_quantizer_owners(model):
             if not q.is_enabled:
                 continue
             folded = q(module.weight)
-            if _is_shared_parameter(model, module.weight):
-                module.weight = nn.Parameter(folded.clone(), requires_grad=module.weight.requires_grad)
-            else:
-                module.weight.copy_(folded)
+            untie_weight(model, graphs, path)  # a tied weight's other users keep their values
+            module.weight.copy_(folded)
             q.disable()
     for traced_list in state.graphs.values():
         for traced in traced_list:

@@ -290,9 +290,12 @@ def test_fold_weight_unties_shared_weights():
     cfg = copy.deepcopy(qpass.INT8_WEIGHT_ONLY_CFG)
     cfg["quant_cfg"].append({"quantizer_name": "*lm_head*", "enable": True})
     qpass.quantize(model, cfg, lambda m: m(input_ids=ids))
+    out = model(input_ids=ids).logits
     qpass.fold_weight(model)
     assert torch.equal(model.model.embed_tokens.weight, emb)
     assert not torch.equal(model.lm_head.weight, emb)
+    # The graph's embedding lookup still reads the original table, so outputs are unchanged.
+    torch.testing.assert_close(model(input_ids=ids).logits, out)
 
 
 def test_print_quant_summary_lists_every_quantizer(mlp):

@@ -50,6 +50,12 @@ def _describe(value) -> str:
 def structure_fingerprint(model: nn.Module, original_cls: type) -> str:
     """What the exported graph can depend on, apart from weight values."""
     h = hashlib.sha256(f"{original_cls.__module__}.{original_cls.__qualname__}".encode())
+    first_name: dict[int, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        # Tied tensors change the graph (torch.export names a shared parameter once).
+        owner = first_name.setdefault(id(t), name)
+        if owner != name:
+            h.update(f"|tie:{name}={owner}".encode())
     for name, module in model.named_modules(remove_duplicate=False):
         if is_quantizer(module):
             continue
