@@ -523,65 +523,6 @@ def _get(env, g: fx.Graph, a: fx.Node, params, value_of) -> fx.Node:
     raise KeyError(f"node {a.name} is not available")  # pragma: no cover
 
 
-def _compile_friendly_weight_cache() -> None:
-    """Under dynamo, fake-quantize weights without TensorQuantizer's eager weight cache.
-
-    The cache check compares ``w._version``, which dynamo treats as data-dependent: with a
-    populated cache (any eager no-grad forward before compiling) every weight quantizer becomes
-    a graph break, and with an empty one the compiled code stores into the cache and the next
-    call recompiles. Eager behaviour is unchanged. (This belongs in
-    ``TensorQuantizer._fake_quant_cached`` itself: ``if torch.compiler.is_compiling(): return
-    self._fake_quant(w)``; done here until that file's owner moves it.)"""
-    from qpass.nn.tensor_quantizer import TensorQuantizer
-
-    original = TensorQuantizer._fake_quant_cached
-    if getattr(original, "_qpass_compile_friendly", False):
-        return
-
-    def _fake_quant_cached(self, w):
-        if torch.compiler.is_compiling():
-            return self._fake_quant(w)
-        return original(self, w)
-
-    _fake_quant_cached._qpass_compile_friendly = True
-    _fake_quant_cached.__doc__ = original.__doc__
-    TensorQuantizer._fake_quant_cached = _fake_quant_cached
-
-
-def _compile_friendly_run_graph() -> None:
-    """Under dynamo, dispatch to the traced graph without ``state.calls += 1``.
-
-    Dynamo guards on that integer (it is static), so every call of a compiled quantized model
-    recompiled, and after ``recompile_limit`` calls the model silently ran eagerly. The counter
-    only serves calibration checks. (This belongs in ``run_graph`` itself: ``if not
-    torch.compiler.is_compiling(): state.calls += 1``; done here until that file's owner
-    moves it.)"""
-    from qpass.graph import quantized_model as qm
-
-    original = qm.run_graph
-    if getattr(original, "_qpass_compile_friendly", False):
-        return
-
-    def run_graph(model, args, kwargs):
-        if not torch.compiler.is_compiling():
-            return original(model, args, kwargs)
-        state = qm.state_of(model)
-        key, tensors = qm._input_key(model.training, args, kwargs)
-        for traced in state.graphs.get(key, ()):
-            if qm.matches_static_dims(traced, tensors):
-                break
-        else:
-            traced = qm.capture(model, args, kwargs, key)
-            state.graphs.setdefault(key, []).append(traced)
-        if state.calibrating:
-            state.calib_placed.update(traced.placed)
-        return traced.gm(*tensors)
-
-    run_graph._qpass_compile_friendly = True
-    run_graph.__doc__ = original.__doc__
-    qm.run_graph = run_graph
-
-
 _REGISTERED = False
 
 
@@ -592,8 +533,6 @@ def register() -> None:
         return
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
 
-    _compile_friendly_weight_cache()
-    _compile_friendly_run_graph()
     if BACKEND_NAME not in _BACKENDS:
         register_backend(name=BACKEND_NAME)(qpass_backend)
     _REGISTERED = True

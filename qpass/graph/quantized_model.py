@@ -122,7 +122,8 @@ def _input_key(training: bool, args, kwargs):
 
 def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     state = state_of(model)
-    state.calls += 1
+    if not torch.compiler.is_compiling():
+        state.calls += 1  # only calibration reads it; under dynamo it would force recompiles
     key, tensors = _input_key(model.training, args, kwargs)
     for traced in state.graphs.get(key, ()):
         if matches_static_dims(traced, tensors):

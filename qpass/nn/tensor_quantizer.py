@@ -248,7 +248,8 @@ class TensorQuantizer(nn.Module):
     def _fake_quant_cached(self, w: nn.Parameter) -> torch.Tensor:
         # Weights do not change between eval forwards: quantize once, reuse until the
         # weight or this quantizer changes. Never cache when autograd needs the graph.
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            # Under dynamo the version check would be data-dependent: compile the quantizer itself.
             return self._fake_quant(w)
         amax = self._buffers.get("_amax")
         key = (w._version, self._state_version, None if amax is None else amax._version)
