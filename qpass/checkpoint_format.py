@@ -70,10 +70,8 @@ def class_path(cls: type) -> str:
 
 
 # ---------------------------------------------------------------------- model structure
-def model_structure(model: nn.Module, root_cls: type | None = None) -> dict:
-    """Modules (name -> class) and tensors (name -> [shape, dtype]) of the model, quantizers excluded."""
-    modules: dict[str, str] = {}
-    tensors: dict[str, list] = {}
+def model_modules(model: nn.Module):
+    """(name, module) of every module that is not a quantizer or inside one."""
     skip = None  # named_modules is pre-order: a quantizer's members follow it directly
     for name, module in model.named_modules(remove_duplicate=False):
         if skip is not None and name.startswith(skip):
@@ -81,6 +79,14 @@ def model_structure(model: nn.Module, root_cls: type | None = None) -> dict:
         if is_quantizer(module):
             skip = name + "."
             continue
+        yield name, module
+
+
+def model_structure(model: nn.Module, root_cls: type | None = None) -> dict:
+    """Modules (name -> class) and tensors (name -> [shape, dtype]) of the model, quantizers excluded."""
+    modules: dict[str, str] = {}
+    tensors: dict[str, list] = {}
+    for name, module in model_modules(model):
         cls = root_cls if (name == "" and root_cls is not None) else type(module)
         modules[name] = class_path(cls)
         for kind in ("_parameters", "_buffers"):

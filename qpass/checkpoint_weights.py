@@ -18,7 +18,7 @@ import hashlib
 import torch
 from torch import nn
 
-from qpass.nn.tensor_quantizer import is_quantizer
+from qpass.checkpoint_format import model_modules
 
 PREFIX = "weights/"  # safetensors key prefix of stored model tensors
 WEIGHT_CHANGING_METHODS = ("smoothquant", "awq_lite", "awq_clip", "awq_full")
@@ -27,13 +27,7 @@ WEIGHT_CHANGING_METHODS = ("smoothquant", "awq_lite", "awq_clip", "awq_full")
 def model_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, str, torch.Tensor]]:
     """name -> (owner module, '_parameters'/'_buffers', local name, tensor), quantizers excluded."""
     out = {}
-    skip = None
-    for name, module in model.named_modules(remove_duplicate=False):
-        if skip is not None and name.startswith(skip):
-            continue
-        if is_quantizer(module):
-            skip = name + "."
-            continue
+    for name, module in model_modules(model):
         for kind in ("_parameters", "_buffers"):
             for local, t in getattr(module, kind).items():
                 if t is not None:

@@ -29,14 +29,6 @@ pytestmark = [pytest.mark.modelopt, pytest.mark.filterwarnings("ignore::UserWarn
 warnings.filterwarnings("ignore", module="modelopt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: these tensors are tiny and a loaded 2-core box spends far
-    longer in thread hand-offs than in arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(64, 256), (3, 40, 200), (1, 128), (100, 300)]

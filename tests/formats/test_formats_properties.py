@@ -14,14 +14,6 @@ MX = {"type": "dynamic", "scale_bits": (8, 0)}
 NV = {"type": "dynamic", "scale_bits": (4, 3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: these tensors are tiny and a loaded 2-core box spends far
-    longer in thread hand-offs than in arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 SPECS = {
     "int8": dict(num_bits=8),

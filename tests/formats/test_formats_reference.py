@@ -24,14 +24,6 @@ from qpass.formats.dynamic import e8m0_exponent
 f32 = np.float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: these tensors are tiny and a loaded 2-core box spends far
-    longer in thread hand-offs than in arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def enumerate_values(e_bits, m_bits):
