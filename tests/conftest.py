@@ -134,3 +134,13 @@ def tiny_bert(layers=2):
     cfg = BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                      num_attention_heads=4, max_position_embeddings=128)
     return BertModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch: small tensors on a loaded 2-core box spend far longer in
+    thread hand-offs than in arithmetic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,7 +24,7 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.config import QuantizerAttributeConfig  # noqa: E402
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
 
-pytestmark = [pytest.mark.modelopt, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.modelopt, pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 warnings.filterwarnings("ignore", module="modelopt")
 

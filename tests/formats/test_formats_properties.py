@@ -10,6 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 from qpass.formats import QuantSpec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MX = {"type": "dynamic", "scale_bits": (8, 0)}
 NV = {"type": "dynamic", "scale_bits": (4, 3)}
 

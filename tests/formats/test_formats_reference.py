@@ -21,6 +21,8 @@ import torch
 from qpass.formats import E0M3, E1M2, E2M1, E2M3, E3M0, E3M2, E4M3, E5M2, QuantSpec
 from qpass.formats.dynamic import e8m0_exponent
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 f32 = np.float32
 
 
