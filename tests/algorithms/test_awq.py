@@ -64,7 +64,8 @@ def test_awq_lite_beats_max_on_salient_channels():
         m = copy.deepcopy(base)
         loop, calls = _counting([x[:256], x[256:]])
         qpass.quantize(m, _cfg(name), loop)
-        assert len(calls) == 1
+        # max calibration of weights alone needs no data; AWQ needs exactly one pass
+        assert len(calls) == (0 if name == "INT4_BLOCKWISE_WEIGHT_ONLY_CFG" else 1)
         errs[name] = _err(m, x, ref)
     assert errs["INT4_AWQ_CFG"] < 0.8 * errs["INT4_BLOCKWISE_WEIGHT_ONLY_CFG"]
 
