@@ -41,8 +41,8 @@ def minilm_case():
 
 @pytest.fixture(scope="module")
 def smollm2_case():
-    model, tok = zoo.load_smollm2(num_layers=2)
-    windows = zoo.token_windows(tok, zoo.text_split().calib, 4, 32)
+    model, tok = zoo.load_smollm2(num_layers=4)
+    windows = zoo.token_windows(tok, zoo.text_split().calib, 4, 48)
     batches = [dict(input_ids=windows[i : i + 2], use_cache=False) for i in (0, 2)]
     return model, batches, lambda m, b: m(**b).logits
 
