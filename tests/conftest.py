@@ -144,3 +144,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def counting_loop(batches):
+    """A forward_loop over ``batches`` and the list its calls are counted in."""
+    calls = []
+
+    def loop(m):
+        calls.append(1)
+        for b in batches:
+            m(b)
+
+    return loop, calls

@@ -12,7 +12,7 @@ from qpass.algorithms.smoothing import alpha_grid
 from qpass.errors import QuantConfigError
 from qpass.graph.quantized_model import state_of
 
-from conftest import tiny_llama
+from conftest import counting_loop as _counting, tiny_llama
 
 
 class OneLinear(nn.Module):
@@ -43,17 +43,6 @@ def _cfg(name, **options):
         algo = {"method": algo} if isinstance(algo, str) else dict(algo)
         cfg["algorithm"] = {**algo, **options}
     return cfg
-
-
-def _counting(batches):
-    calls = []
-
-    def loop(m):
-        calls.append(1)
-        for b in batches:
-            m(b)
-
-    return loop, calls
 
 
 def test_awq_lite_beats_max_on_salient_channels():

@@ -13,6 +13,7 @@ from qpass.graph.quantized_model import state_of
 from qpass.passes.insert_quantizers import quantizer_nodes
 
 from conftest import ExplicitAttention, tiny_llama
+from conftest import counting_loop as _counting
 
 def quant_cfg(weight, inp):
     return [{"quantizer_name": "*", "enable": False},
@@ -44,17 +45,6 @@ class NormLinear(nn.Module):
 
     def forward(self, x):
         return self.fc(self.norm(x))
-
-
-def _counting(batches):
-    calls = []
-
-    def loop(m):
-        calls.append(1)
-        for b in batches:
-            m(b)
-
-    return loop, calls
 
 
 def _node_counts(model):
