@@ -156,3 +156,14 @@ def counting_loop(batches):
             m(b)
 
     return loop, calls
+
+
+def minilm_calibration_case(n: int):
+    """MiniLM with n calibration and n held-out texts: (model, forward_loop, eval batches, FP32 embeddings)."""
+    from qpass import zoo
+
+    model, tok = zoo.load_minilm()
+    split = zoo.text_split()
+    calib = zoo.minilm_batches(tok, zoo.sentence_chunks(split.calib, n))
+    evals = zoo.minilm_batches(tok, zoo.sentence_chunks(split.held_out, n))
+    return model, (lambda m: [m(**b) for b in calib]), evals, zoo.embed(model, evals)

@@ -11,6 +11,7 @@ from qpass.errors import QuantConfigError
 from qpass.nn.tensor_quantizer import TensorQuantizer
 
 from conftest import MLP, has_package, needs_minilm
+from conftest import minilm_calibration_case
 
 needs_modelopt = pytest.mark.skipif(not has_package("modelopt"), reason="nvidia-modelopt not installed")
 
@@ -128,12 +129,7 @@ def test_failed_mse_leaves_previous_amax():
 def test_minilm_int8_mse_not_worse_than_max():
     from qpass import zoo
 
-    model, tok = zoo.load_minilm()
-    split = zoo.text_split()
-    calib = zoo.minilm_batches(tok, zoo.sentence_chunks(split.calib, 16))
-    evals = zoo.minilm_batches(tok, zoo.sentence_chunks(split.held_out, 16))
-    loop = lambda m: [m(**b) for b in calib]  # noqa: E731
-    ref = zoo.embed(model, evals)
+    model, loop, evals, ref = minilm_calibration_case(16)
     qpass.quantize(model, "INT8_DEFAULT_CFG", loop)
     cos_max = zoo.mean_cosine(ref, zoo.embed(model, evals))
     qpass.calibrate(model, {"method": "mse"}, loop)

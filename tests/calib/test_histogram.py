@@ -12,6 +12,7 @@ from qpass.errors import CalibrationError, QuantConfigError
 from qpass.nn.tensor_quantizer import TensorQuantizer
 
 from conftest import MLP, has_package, needs_minilm
+from conftest import minilm_calibration_case
 
 needs_modelopt = pytest.mark.skipif(not has_package("modelopt"), reason="nvidia-modelopt not installed")
 
@@ -291,12 +292,7 @@ def test_minilm_int8_histogram_methods_against_max():
     calibrator picks the same ranges: tools/bench_calibrators.py), so they get a looser bar."""
     from qpass import zoo
 
-    model, tok = zoo.load_minilm()
-    split = zoo.text_split()
-    calib = zoo.minilm_batches(tok, zoo.sentence_chunks(split.calib, 16))
-    evals = zoo.minilm_batches(tok, zoo.sentence_chunks(split.held_out, 16))
-    loop = lambda m: [m(**b) for b in calib]  # noqa: E731
-    ref = zoo.embed(model, evals)
+    model, loop, evals, ref = minilm_calibration_case(16)
     qpass.quantize(model, "INT8_DEFAULT_CFG", loop)
     cos_max = zoo.mean_cosine(ref, zoo.embed(model, evals))
     for name, q in model.named_modules():  # same graph, histogram calibrators on the inputs
