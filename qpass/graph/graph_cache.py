@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from qpass.graph.block_export import export_with_blocks
 from qpass.graph.trace import TracedGraph, export_graph, matches_static_dims
 from qpass.nn.tensor_quantizer import is_quantizer
 
@@ -47,8 +48,12 @@ def _describe(value) -> str:
     return type(value).__qualname__
 
 
-def structure_fingerprint(model: nn.Module, original_cls: type) -> str:
-    """What the exported graph can depend on, apart from weight values."""
+def structure_fingerprint(model: nn.Module, original_cls: type, ignore: frozenset = frozenset()) -> str:
+    """What the exported graph can depend on, apart from weight values.
+
+    ``ignore``: attribute names left out (a block's ``layer_idx``, when the caller
+    checks by other means that the graph does not depend on it).
+    """
     h = hashlib.sha256(f"{original_cls.__module__}.{original_cls.__qualname__}".encode())
     first_name: dict[int, str] = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
@@ -61,6 +66,8 @@ def structure_fingerprint(model: nn.Module, original_cls: type) -> str:
             continue
         h.update(f"|{name}:{type(module).__qualname__}".encode())
         for key, value in sorted(module.__dict__.items()):
+            if key in ignore:
+                continue
             if key in ("_parameters", "_buffers", "_modules", "_qpass_state") or key.startswith("_forward") \
                     or key.startswith("_backward") or key.startswith("_state_dict") or key.startswith("_load"):
                 if key.endswith("hooks") and value:
@@ -124,7 +131,7 @@ def cached_export(model: nn.Module, original_cls: type, args: tuple, kwargs: dic
         if matches_static_dims(entry, tensors):
             _CACHE.move_to_end(key)
             return _rebind(entry, model, tensors)
-    traced = export_graph(model, original_cls, args, kwargs)
+    traced = export_with_blocks(model, original_cls, args, kwargs) or export_graph(model, original_cls, args, kwargs)
     _CACHE.setdefault(key, []).append(_entry_from(traced.gm, model, traced.static_dims))
     _CACHE.move_to_end(key)
     while len(_CACHE) > MAX_ENTRIES:

@@ -21,8 +21,10 @@ from qpass.errors import TraceError
 DYNAMIC_DIMS = 2
 
 
-def _dim_spec(x: torch.Tensor):
-    return {d: torch.export.Dim.AUTO for d in range(min(x.dim(), DYNAMIC_DIMS))} or None
+def _dim_spec(x: torch.Tensor, dynamic_dims=DYNAMIC_DIMS):
+    """Dims traced as dynamic: the first ``dynamic_dims`` (an int), or the listed ones (a collection)."""
+    dims = range(min(x.dim(), dynamic_dims)) if isinstance(dynamic_dims, int) else dynamic_dims
+    return {d: torch.export.Dim.AUTO for d in dims} or None
 
 
 class _FlatCall(nn.Module):
@@ -104,11 +106,13 @@ def _static_dims(gm: fx.GraphModule) -> list:
     return out
 
 
-def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict) -> TracedGraph:
+def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict,
+                 dynamic_dims: int | list = DYNAMIC_DIMS) -> TracedGraph:
     """Export the model's own forward (its class before qpass wrapped it) for these inputs.
 
     The graph takes the input tensors flat, in ``pytree.tree_flatten((args, kwargs))`` order
-    (kwargs sorted by name), and returns the caller's output structure.
+    (kwargs sorted by name), and returns the caller's output structure. ``dynamic_dims``:
+    how many leading dims of each input are traced as dynamic, or per input tensor, which dims.
     """
     leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
     tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
@@ -119,7 +123,8 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
         with watcher.watching():
             ep = torch.export.export(
                 _FlatCall(model, original_cls, spec, leaves), tensors,
-                dynamic_shapes=(tuple(_dim_spec(t) for t in tensors),), strict=False,
+                dynamic_shapes=(tuple(_dim_spec(t, dynamic_dims if isinstance(dynamic_dims, int) else dynamic_dims[i])
+                                   for i, t in enumerate(tensors)),), strict=False,
             )
     except Exception as e:  # noqa: BLE001 - every export failure becomes one clear error
         where = watcher.failing_module()
