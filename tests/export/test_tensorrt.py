@@ -110,6 +110,11 @@ def test_torch_tensorrt_graph(cls, shape, cfg):
     assert torch.nn.functional.cosine_similarity(out.float().cpu().flatten(), want.flatten(), dim=0) > 0.999
 
 
+def test_reachable_as_qpass_export():
+    assert qpass.export.build_tensorrt_engine is build_tensorrt_engine
+    assert qpass.export.compile_torch_tensorrt is compile_torch_tensorrt
+
+
 def test_torch_tensorrt_graph_refuses_blocks():
     torch.manual_seed(0)
     model, x = MLP(d=256, h=64).eval(), torch.randn(4, 256)
