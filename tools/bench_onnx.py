@@ -9,22 +9,24 @@ chunks (``zoo.sentence_chunks`` of the calibration split, max 128 tokens):
 * ``ort static``: ``onnxruntime.quantization.quantize_static`` on the FP32 ONNX, QDQ format,
   uint8 activations / int8 weights, ``per_channel=True``, MinMax calibration, restricted to the
   MatMuls of the linear layers (those with a weight initializer), whose outputs stay float;
-* ``ort static all`` (``--ort-all``): quantize_static with its defaults (every op it knows).
+* ``ort static all`` (``--ort-all``): quantize_static with its defaults (every op it knows);
+* ``--s8``: qpass's ``target="tensorrt"`` file too (int8 activations, zero point 0).
 
 Latency: median of ``--runs`` runs after warm-up at 1 x 128 and 8 x 128 (real text windows),
 ``ORT_ENABLE_ALL``, ``intra_op_num_threads=1``; the ratio column is latency / FP32 latency.
 Accuracy: mean cosine of mean-pooled embeddings to those of the FP32 PyTorch model on held-out
 text; for qpass also the fake-quant PyTorch model's cosine (the export should keep it).
 
-    python tools/bench_onnx.py [--calib 128] [--held 64] [--runs 20] [--ort-all] [--keep DIR]
+    python tools/bench_onnx.py [--calib 128] [--held 64] [--runs 20] [--ort-all] [--s8] [--keep DIR]
     python tools/bench_onnx.py --parity [--models minilm,smollm2] [--configs INT8_DEFAULT_CFG,...]
 
 ``--parity`` prints, per model and config, ONNX Runtime (or, where ORT has no kernel, ONNX's
 reference evaluator) vs qpass's fake-quant PyTorch model: cosine and max abs error of the first
 output, the number of QuantizeLinear codes that differ from qpass's for ORT's own input
 (:func:`qpass.export.compare.compare_quantizers`) and the "noise floor": the fake-quant model's
-cosine to itself after scaling its first norm weight by ``1 + 1e-6`` - how far float rounding
-alone moves this model's output through its chain of quantizers.
+cosine to itself after scaling each element of its input embeddings by ``1 + 1e-6 * N(0, 1)``
+- how far float-rounding-sized changes alone move this model's output through its chain of
+quantizers (a uniform scale would be invisible to dynamic block formats).
 """
 
 from __future__ import annotations
@@ -141,11 +143,6 @@ PARITY_CONFIGS = ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_
                   "NVFP4_DEFAULT_CFG"]
 
 
-def _first_norm(model):
-    for m in model.modules():
-        if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None:
-            return m
-    raise ValueError(f"{type(model).__name__} has no norm layer")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -205,7 +202,9 @@ def parity(args) -> None:
                 codes = f"{sum(r['mismatches'] for r in q)}/{sum(r['total'] for r in q)}" if q else "no Q"
             with torch.no_grad():
                 want = torch.utils._pytree.tree_leaves(model(**held))[0]
-                _first_norm(model).weight.mul_(1 + 1e-6)
+                w = model.get_input_embeddings().weight
+                noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+                w.mul_(1 + 1e-6 * noise)
                 moved = torch.utils._pytree.tree_leaves(model(**held))[0]
             floor = _cos(want, moved)
             print(f"{mname:20s}{cfg:32s}{runner:8s}{cos:10.6f}{err:13.3g}{codes:>14s}{floor:11.6f}{secs:10.1f}",
@@ -218,6 +217,7 @@ def main(argv=None) -> None:
     ap.add_argument("--held", type=int, default=64, help="held-out text chunks for the cosine")
     ap.add_argument("--runs", type=int, default=20, help="timed runs per shape (median)")
     ap.add_argument("--ort-all", action="store_true", help="also quantize_static with its defaults")
+    ap.add_argument("--s8", action="store_true", help="also qpass's target='tensorrt' file (int8 activations)")
     ap.add_argument("--keep", default=None, help="write the ONNX files here (default: a temp dir)")
     ap.add_argument("--parity", action="store_true", help="parity table instead of the speed table")
     ap.add_argument("--models", default="minilm,smollm2", help="--parity: minilm,smollm2")
@@ -250,6 +250,10 @@ def main(argv=None) -> None:
     fq_cos = zoo.mean_cosine(zoo.embed(qmodel, held), ref)
     path = qpass.export_onnx(qmodel, os.path.join(d, "minilm_qpass_int8_ort.onnx"), target="onnxruntime")
     rows.append(("qpass int8 (onnxruntime)", path, fq_cos, time.perf_counter() - t))
+    if args.s8:
+        t = time.perf_counter()
+        path = qpass.export_onnx(qmodel, os.path.join(d, "minilm_qpass_int8_trt.onnx"), target="tensorrt")
+        rows.append(("qpass int8 (tensorrt form: s8 acts)", path, fq_cos, time.perf_counter() - t))
 
     t = time.perf_counter()
     path = ort_static(fp32, os.path.join(d, "minilm_ort_static_linear.onnx"), calib, linear_only=True)
