@@ -104,11 +104,13 @@ def test_minilm_int8_parity(minilm_int8):
 
 
 def _assert_quantizers_agree(model, path, held):
-    """ORT's codes equal qpass's for ORT's own inputs (exact rounding ties: at most 1 in 1e5)."""
+    """ORT's codes equal qpass's for ORT's own inputs, up to exact rounding ties (QuantizeLinear
+    divides by the scale, ModelOpt multiplies by its inverse: measured 1-3 in 8.3M codes)."""
     q = compare_quantizers(model, path, held)
     assert len(q) == 25
+    assert sum(r["mismatches"] for r in q) <= 1e-5 * sum(r["total"] for r in q), q
     for r in q:
-        assert r["mismatches"] <= r["total"] * 1e-5, r
+        assert r["mismatches"] <= r["total"] * 1e-4, r
     assert q[0]["input_rel_err"] < 1e-5  # upstream of the first quantizer only float rounding
 
 
@@ -159,7 +161,7 @@ def test_smollm2_parity(smollm2, cfg, tmp_path):
     # measured (2 x 128 tokens): INT8 0.99980, FP8 0.99997 - the quantizer chain again
     assert rep[0]["cosine"] >= {"INT8_DEFAULT_CFG": 0.999, "FP8_DEFAULT_CFG": 0.9998}[cfg], rep
     q = compare_quantizers(model, path, {"input_ids": held})
-    assert len(q) == 16 and all(r["mismatches"] <= r["total"] * 1e-5 for r in q), q
+    assert len(q) == 16 and sum(r["mismatches"] for r in q) <= 1e-5 * sum(r["total"] for r in q), q
 
 
 def test_tiny_llama_structure_and_parity(tmp_path):
