@@ -12,7 +12,8 @@ chunks (``zoo.sentence_chunks`` of the calibration split, max 128 tokens):
 * ``ort static all`` (``--ort-all``): quantize_static with its defaults (every op it knows);
 * ``--s8``: qpass's ``target="tensorrt"`` file too (int8 activations, zero point 0).
 
-Latency: median of ``--runs`` runs after warm-up at 1 x 128 and 8 x 128 (real text windows),
+Latency: median of ``--runs`` runs after warm-up at 1 x 128 and 8 x 128 (real text windows; the
+models take turns run by run),
 ``ORT_ENABLE_ALL``, ``intra_op_num_threads=1``; the ratio column is latency / FP32 latency.
 Accuracy: mean cosine of mean-pooled embeddings to those of the FP32 PyTorch model on held-out
 text; for qpass also the fake-quant PyTorch model's cosine (the export should keep it).
@@ -122,16 +123,20 @@ def ort_embeddings(sess, batches: list[dict]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def latency_ms(sess, batch: dict, runs: int) -> float:
-    feed = _feed(sess, batch)
-    for _ in range(3):
-        sess.run(None, feed)
-    ts = []
+def latencies_ms(sessions: list, batch: dict, runs: int) -> list[float]:
+    """Median latency of each session on ``batch``; the sessions take turns run by run, so
+    load from other processes on the machine hits them alike."""
+    feeds = [_feed(s, batch) for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(3):
+            s.run(None, f)
+    ts = [[] for _ in sessions]
     for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            s.run(None, f)
+            ts[i].append(time.perf_counter() - t)
+    return [statistics.median(t) * 1e3 for t in ts]
 
 
 def timing_batch(tok, text: str, batch: int, seq: int) -> dict:
@@ -263,12 +268,12 @@ def main(argv=None) -> None:
         path = ort_static(fp32, os.path.join(d, "minilm_ort_static_all.onnx"), calib, linear_only=False)
         rows.append(("ort quantize_static (defaults)", path, None, time.perf_counter() - t))
 
+    sessions = [ort_session(path, threads=1) for _, path, _, _ in rows]
+    cosines = [zoo.mean_cosine(ort_embeddings(sess, held), ref) for sess in sessions]
+    per_shape = {k: latencies_ms(sessions, b, args.runs) for k, b in shapes.items()}
     results = []
-    for label, path, fq, secs in rows:
-        sess = ort_session(path, threads=1)
-        cos = zoo.mean_cosine(ort_embeddings(sess, held), ref)
-        lat = {k: latency_ms(sess, b, args.runs) for k, b in shapes.items()}
-        results.append((label, lat, cos, fq, secs))
+    for i, (label, path, fq, secs) in enumerate(rows):
+        results.append((label, {k: v[i] for k, v in per_shape.items()}, cosines[i], fq, secs))
     base = results[0][1]
     print(f"MiniLM, ONNX Runtime {_ort_version()} CPU, 1 thread, median of {args.runs} runs; "
           f"calibration {args.calib} chunks, cosine on {args.held} held-out chunks (to FP32 PyTorch)")
