@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from qpass.errors import ExportError
 
-__all__ = ["compare", "ort_session"]
+__all__ = ["compare", "compare_quantizers", "ort_session"]
 
 
 def ort_session(onnx_path, threads: int | None = None):
@@ -63,3 +63,83 @@ def compare(model, onnx_path, inputs, session=None) -> list[dict]:
         cos = float(np.dot(g.ravel(), w.ravel()) / denom) if denom > 0 else float(np.array_equal(g, w))
         report.append({"name": name, "shape": tuple(w.shape), "max_abs_err": err, "cosine": cos})
     return report
+
+
+def compare_quantizers(model, onnx_path, inputs) -> list[dict]:
+    """Per QuantizeLinear of a qpass ONNX export: does ONNX Runtime quantize like qpass?
+
+    Runs the ONNX file (every QuantizeLinear's input and codes made graph outputs) and the
+    lowered PyTorch graph on ``inputs``, and returns, in graph order, one dict per
+    QuantizeLinear: ``{"node", "quantizer", "format", "mismatches", "total", "input_rel_err"}``.
+    ``mismatches``: elements whose ONNX Runtime code differs from qpass's code **for ONNX
+    Runtime's own input** to that node - the quantization arithmetic alone (0, or a handful
+    of exact rounding ties). ``input_rel_err``: ``max|x_ort - x_torch| / max|x_torch|`` of the
+    node's input - how far the float computation upstream has drifted. A chain of quantizers
+    amplifies that drift (each flipped code perturbs the next quantizer's input), so the final
+    outputs of a deep model can differ by more than float rounding even when every quantizer
+    agrees; this report tells the two apart.
+    """
+    import onnx
+
+    from qpass.export.onnx import _split_inputs, lowered_for_export
+    from qpass.passes.lower import OPS, spec_of_token
+
+    args, kwargs = _split_inputs(inputs)
+    lowered, _, _, _ = lowered_for_export(model, inputs)
+    flat_in = _flat_tensors((args, dict(sorted(kwargs.items()))))
+    by_scale = {}  # scale initializer name -> (quantize node, amax, fmt)
+    for node in lowered.graph.nodes:
+        if node.target is OPS["quantize_per_tensor"]:
+            amax = _fetch(lowered, node.args[2].target)
+            by_scale[node.args[1].target] = (node, amax, node.args[3])
+    torch_in = {}
+
+    class _Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.target is OPS["quantize_per_tensor"]:
+                torch_in[n] = self.env[n.args[0]].detach().float()
+            return super().run_node(n)
+
+    with torch.no_grad():
+        _Capture(lowered).run(*flat_in)
+    proto = onnx.load(os.fspath(onnx_path))
+    qnodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    outputs = {o.name for o in proto.graph.output}
+    for n in qnodes:
+        for name in (n.input[0], n.output[0]):
+            if name not in outputs:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                outputs.add(name)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    got = dict(zip([o.name for o in sess.get_outputs()],
+                   sess.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, flat_in)})))
+    report = []
+    for n in qnodes:
+        entry = by_scale.get(n.input[1])
+        if entry is None:
+            raise ExportError(f"ONNX node '{n.name}': scale '{n.input[1]}' matches no quantize op of the lowered graph")
+        qnode, amax, fmt = entry
+        x = torch.from_numpy(np.asarray(got[n.input[0]]).astype(np.float32))
+        ort_codes = np.asarray(got[n.output[0]])
+        ours = spec_of_token(fmt).quantize(x, amax)[0]
+        if ours.dtype.is_floating_point:  # float8 codes: compare the bytes
+            a, b = ours.view(torch.uint8).numpy(), ort_codes.view(np.uint8)
+        else:
+            a = ours.numpy().astype(np.int32)
+            b = ort_codes.astype(np.int32) - (128 if ort_codes.dtype == np.uint8 and fmt == "int8" else 0)
+        ref = torch_in[qnode]
+        rel = float((ref - x).abs().max() / ref.abs().max().clamp(min=1e-30)) if ref.numel() else 0.0
+        report.append({"node": n.name, "quantizer": qnode.meta["qpass_lowered"]["quantizer"], "format": fmt,
+                       "mismatches": int((a != b).sum()), "total": int(a.size), "input_rel_err": rel})
+    return report
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

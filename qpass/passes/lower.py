@@ -11,7 +11,8 @@ traced graph of a quantized model:
   uint8; FP4 packed as ``torch.float4_e2m1fn_x2``) with its scales, behind one
   ``qpass::dequantize_per_tensor`` / ``dequantize_per_channel`` / ``dequantize_blockwise``
   / ``dequantize_nvfp4`` op. The float weight is dropped unless something else reads it;
-* a **disabled** quantizer (or one that does not quantize, as during calibration) is removed;
+* a **disabled** quantizer (or one that does not quantize, as during calibration) is removed,
+  except for its ``pre_quant_scale``, which its forward applies anyway (a ``mul``);
 * quantizers reading the same tensor with the same numerics (a shared-input group:
   q/k/v, gate/up) are merged into one quantize/dequantize pair feeding all readers;
 * anything else (per-channel or block activations, MX formats, dynamic NVFP4 activations,
@@ -292,10 +293,14 @@ def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
                 for m in members:
                     if _active(m):
                         out = _lower_fallback(b, node, m, out)
+                    elif m.pre_quant_scale is not None:
+                        out = _lower_scale_only(b, node, m, out)
             else:
                 for m in members:
                     if isinstance(m, TensorQuantizer) and _active(m):
                         out = _lower_one(b, node, m, node.args[0], out)
+                    elif isinstance(m, TensorQuantizer) and m.pre_quant_scale is not None:
+                        out = _lower_scale_only(b, node, m, out)
             b.env[node] = out
             continue
         if node.op == "get_attr":
@@ -448,6 +453,18 @@ def _lower_activation(b: _Builder, node: fx.Node, q, src: fx.Node) -> fx.Node:
                  _meta(node, q, "activation"))
     b.cse[key] = out
     return out
+
+
+def _lower_scale_only(b: _Builder, node: fx.Node, q, src) -> fx.Node:
+    """A quantizer that does not quantize still multiplies by its ``pre_quant_scale``, as its
+    forward does (weight-only AWQ: the input quantizer is disabled, the weights carry the
+    inverse scale)."""
+    x = _resolve_src(b, src)
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    pqs = q.pre_quant_scale.detach()
+    if isinstance(val, torch.Tensor):
+        pqs = pqs.to(val.dtype)
+    return b.graph.call_function(torch.ops.aten.mul.Tensor, (x, b.constant(node.target, "pre_quant_scale", pqs)))
 
 
 def _fallback_call(b: _Builder, node: fx.Node, q, src: fx.Node) -> fx.Node:

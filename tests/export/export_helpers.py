@@ -73,3 +73,27 @@ class Graph:
         if not users:
             return False
         return all(u.op_type in WEIGHTED or (u.op_type in LAYOUT and self.reaches_weighted(u)) for u in users)
+
+
+def run_tensorrt_graph(gm, *inputs):
+    """Run a :func:`qpass.export.tensorrt_graph` GraphModule on the CPU: ``tensorrt::quantize_op``
+    (whose ModelOpt kernel needs CUDA) evaluated with qpass's own fake quantization."""
+    import torch
+
+    from qpass.formats import QuantSpec
+
+    def quantize_op(x, amax, num_bits, exponent_bits, unsigned, narrow_range):
+        bits = (exponent_bits, num_bits - exponent_bits - 1) if exponent_bits else num_bits
+        axes = [i for i, n in enumerate(amax.shape) if n > 1]
+        axis = axes[0] if amax.numel() > 1 else None
+        spec = QuantSpec.from_attributes(bits, axis=axis, unsigned=unsigned, narrow_range=narrow_range)
+        return spec.fake_quant(x, amax)
+
+    class Interp(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if target is torch.ops.tensorrt.quantize_op.default:
+                return quantize_op(*args, **kwargs)
+            return super().call_function(target, args, kwargs)
+
+    with torch.no_grad():
+        return Interp(gm).run(*inputs)
