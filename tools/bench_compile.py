@@ -11,15 +11,18 @@ is the full 30-layer model) prefill at 1 x ``--seq``, ``--threads`` threads (def
   ``convert_pt2e`` -> ``torch.compile`` (inductor) with ``torch._inductor.config.freezing =
   True``, as PT2E's x86 inductor docs require;
 * **qpass**: ``qpass.quantize(model, INT8_DEFAULT_CFG)`` calibrated on the same data, then
-  ``torch.compile(backend="qpass")`` (oneDNN int8 kernels).
+  ``torch.compile(backend="qpass")`` (oneDNN int8 kernels). INT8_DEFAULT_CFG, like ModelOpt's,
+  leaves SmolLM2's ``lm_head`` in FP32 (PT2E quantizes it: a quarter of SmolLM2-135M's linear
+  work, half of it at 8 layers); ``--lm-head`` adds a qpass row with ``lm_head`` quantized too.
 
-Latency: the three compiled models run interleaved (one call of each per round, the order
+Latency: the compiled models run interleaved (one call of each per round, the order
 rotating) so that load on a shared machine hits them alike; median of ``--runs`` rounds after
 ``--warmup``. Speedup: FP32 compiled median / median. Accuracy: MiniLM mean cosine of
 mean-pooled embeddings to the FP32 model's on held-out text windows; SmolLM2 perplexity on
-held-out windows (all of them through the compiled models).
+held-out windows and the mean per-token KL divergence of the next-token distribution from FP32's
+(all through the compiled models; a truncated SmolLM2's perplexity is meaningless, its KL is not).
 
-    python tools/bench_compile.py [--models minilm,smollm2] [--layers 8] [--seq 256] [--runs 15]
+    python tools/bench_compile.py [--models minilm,smollm2] [--layers 8] [--seq 256] [--runs 15] [--lm-head]
     python tools/bench_compile.py --gpu      # H100: SmolLM2-shaped bf16 model, 8 x 512, FP8
 
 PT2E needs torchao (the dev extra; torch 2.13 removed ``torch.ao.quantization.quantize_pt2e``).
@@ -43,9 +46,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import qpass  # noqa: E402
 from qpass import zoo  # noqa: E402
 from qpass.export import compile_backend as cb  # noqa: E402
-
-VARIANTS = ("fp32", "pt2e", "qpass")
-
 
 def _interleaved_medians(fns: dict, warmup: int, runs: int, sync=None) -> dict:
     """Median seconds per callable; each round calls every callable once, order rotating."""
@@ -87,25 +87,39 @@ def pt2e_x86(model, example_kwargs: dict, calib_kwargs: list, dynamic_shapes=Non
     return convert_pt2e(prepared)
 
 
-def _compile_three(fp32, pt2e, q, call):
-    """The three compiled callables; each compiles on its first call (timed)."""
+def _compile_all(fp32, pt2e, qmodels: dict, call):
+    """The compiled callables (fp32, pt2e, then each qpass model); each compiles on its first
+    call (timed)."""
     c_fp32 = torch.compile(fp32, backend="inductor", dynamic=False)
     with torch._inductor.config.patch(freezing=True):
         c_pt2e = torch.compile(pt2e, backend="inductor", dynamic=False)
         t_pt2e = _timed(lambda: call(c_pt2e))
-    c_q = torch.compile(q, backend="qpass", dynamic=False)
-    res = {"compile_s_fp32": _timed(lambda: call(c_fp32)), "compile_s_pt2e": t_pt2e,
-           "compile_s_qpass": _timed(lambda: call(c_q))}
-    return {"fp32": c_fp32, "pt2e": c_pt2e, "qpass": c_q}, res
+    compiled = {"fp32": c_fp32, "pt2e": c_pt2e}
+    res = {"compile_s_fp32": _timed(lambda: call(c_fp32)), "compile_s_pt2e": t_pt2e}
+    for name, q in qmodels.items():
+        compiled[name] = torch.compile(q, backend="qpass", dynamic=False)
+        res[f"compile_s_{name}"] = _timed(lambda: call(compiled[name]))
+    return compiled, res
 
 
 def _latency(compiled: dict, call, args) -> dict:
     fns = {n: (lambda c=c: call(c)) for n, c in compiled.items()}
     med = _interleaved_medians(fns, args.warmup, args.runs)
-    out = {f"ms_{n}": 1e3 * med[n] for n in VARIANTS}
-    for n in ("pt2e", "qpass"):
-        out[f"speedup_{n}"] = med["fp32"] / med[n]
+    out = {f"ms_{n}": 1e3 * med[n] for n in compiled}
+    for n in compiled:
+        if n != "fp32":
+            out[f"speedup_{n}"] = med["fp32"] / med[n]
     return out
+
+
+def _with_lm_head(cfg: dict) -> dict:
+    """INT8_DEFAULT_CFG with lm_head quantized too (W8A8, as PT2E's X86InductorQuantizer does)."""
+    cfg = copy.deepcopy(cfg)
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [
+        {"quantizer_name": "*lm_head.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+        {"quantizer_name": "*lm_head.input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+    ]
+    return cfg
 
 
 def bench_minilm(args) -> dict:
@@ -128,7 +142,7 @@ def bench_minilm(args) -> dict:
     x = inputs(0)
     res = {"model": "MiniLM-L6", "shape": f"1x{args.seq}"}
     with torch.no_grad():
-        compiled, times = _compile_three(fp32, pt2e, q, lambda c: c(**x))
+        compiled, times = _compile_all(fp32, pt2e, {"qpass": q}, lambda c: c(**x))
         res.update(times)
         res.update(_latency(compiled, lambda c: c(**x), args))
         cos = {n: [] for n in ("pt2e", "qpass", "qpass_fake_quant_eager")}
@@ -154,31 +168,44 @@ def bench_smollm2(args) -> dict:
     fp32 = model
     q = copy.deepcopy(model)
     qpass.quantize(q, qpass.INT8_DEFAULT_CFG, lambda m: [m(**kw) for kw in calib])
+    qmodels = {"qpass": q}
+    if args.lm_head:
+        qmodels["qpass_lm_head"] = copy.deepcopy(model)
+        qpass.quantize(qmodels["qpass_lm_head"], _with_lm_head(qpass.INT8_DEFAULT_CFG),
+                       lambda m: [m(**kw) for kw in calib])
     batch = torch.export.Dim("batch", max=64)
     pt2e = pt2e_x86(_NoCache(copy.deepcopy(model)), calib[0], calib, dynamic_shapes=dict(input_ids={0: batch}))
     name = f"SmolLM2-135M ({layers} layers)" if layers else "SmolLM2-135M (30 layers)"
     res = {"model": name, "shape": f"1x{args.seq}"}
     x = windows[:1]
     with torch.no_grad():
-        compiled, times = _compile_three(_NoCache(fp32), pt2e, q, lambda c: c(input_ids=x))
+        compiled, times = _compile_all(_NoCache(fp32), pt2e, qmodels, lambda c: c(input_ids=x))
         res.update(times)
         res.update(_latency(compiled, lambda c: c(input_ids=x), args))
 
-        def ppl(fn):
-            total, count = 0.0, 0
+        ref_logp = [torch.log_softmax(fp32(input_ids=windows[i : i + 1], use_cache=False).logits.float(), -1)
+                    for i in range(len(windows))]
+
+        def ppl_kl(fn):
+            """(perplexity, mean KL(FP32 || model) per token); KL stays meaningful for a
+            truncated model, whose perplexity is not."""
+            total, kl, count = 0.0, 0.0, 0
             for i in range(len(windows)):
                 ids = windows[i : i + 1]
-                logits = _logits(fn(input_ids=ids)).float()
-                total += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+                logp = torch.log_softmax(_logits(fn(input_ids=ids)).float(), -1)
+                total += torch.nn.functional.nll_loss(logp[0, :-1], ids[0, 1:], reduction="sum").item()
+                kl += (ref_logp[i].exp() * (ref_logp[i] - logp)).sum().item()
                 count += ids.shape[1] - 1
-            return float(torch.exp(torch.tensor(total / count)))
+            return float(torch.exp(torch.tensor(total / count))), kl / (count + len(windows))
 
-        res["ppl_fp32"] = ppl(_NoCache(fp32))
-        for n in ("pt2e", "qpass"):
-            res[f"ppl_{n}"] = ppl(compiled[n])
-        res["ppl_qpass_fake_quant_eager"] = ppl(q)
-    rep = cb.report(q)
-    res["lowered"], res["fell_back"] = len(rep.lowered), len(rep.fell_back)
+        res["ppl_fp32"] = ppl_kl(_NoCache(fp32))[0]
+        for n in compiled:
+            if n != "fp32":
+                res[f"ppl_{n}"], res[f"kl_{n}"] = ppl_kl(compiled[n])
+        res["ppl_qpass_fake_quant_eager"], res["kl_qpass_fake_quant_eager"] = ppl_kl(q)
+    for n, qm in qmodels.items():
+        rep = cb.report(qm)
+        res[f"lowered_{n}"], res[f"fell_back_{n}"] = len(rep.lowered), len(rep.fell_back)
     return res
 
 
@@ -236,18 +263,20 @@ def bench_gpu(args) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'model':<28} {'variant':<14} {'ms':>9} {'speedup':>8}  accuracy"]
+    labels = {"fp32": "FP32 compiled", "pt2e": "PT2E x86", "qpass": "qpass INT8", "qpass_lm_head": "qpass +lm_head"}
+    lines = [f"{'model':<28} {'variant':<15} {'ms':>9} {'speedup':>8}  accuracy"]
     for r in rows:
         if "ms_fp32" not in r:
             continue
-        for n in VARIANTS:
+        for n in labels:
+            if f"ms_{n}" not in r:
+                continue
             if "cosine_pt2e" in r:
                 acc = "cosine 1" if n == "fp32" else f"cosine {r[f'cosine_{n}']:.4f}"
             else:
-                acc = f"ppl {r[f'ppl_{n}']:.2f}"
+                acc = f"ppl {r[f'ppl_{n}']:.4g}" + ("" if n == "fp32" else f", KL to FP32 {r[f'kl_{n}']:.4f}")
             sp = "1.00x" if n == "fp32" else f"{r[f'speedup_{n}']:.2f}x"
-            label = {"fp32": "FP32 compiled", "pt2e": "PT2E x86", "qpass": "qpass INT8"}[n]
-            lines.append(f"{r['model']:<28} {label:<14} {r[f'ms_{n}']:>9.1f} {sp:>8}  {acc}")
+            lines.append(f"{r['model']:<28} {labels[n]:<15} {r[f'ms_{n}']:>9.1f} {sp:>8}  {acc}")
     return "\n".join(lines)
 
 
@@ -260,6 +289,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lm-head", action="store_true",
+                   help="SmolLM2: also qpass with lm_head quantized (INT8_DEFAULT_CFG leaves it FP32; PT2E does not)")
     p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
     if args.gpu:

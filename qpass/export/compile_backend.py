@@ -22,7 +22,9 @@ Path
      numbers as int8 with zero point 0, the encoding X86InductorQuantizer produces - and int8
      weights as constants). Inductor's x86 int8 freezing passes fuse ``dq -> linear/conv`` into
      ``onednn.qlinear_pointwise`` / ``onednn.qconv_pointwise`` (``freezing=True`` is set for the
-     inductor call, as the PT2E flow requires).
+     inductor call, as the PT2E flow requires; weights are packed once, at compile time).
+     Linears that read the same quantized activation (q/k/v, gate/up) first become one GEMM
+     over their concatenated int8 weights (:mod:`qpass.export.compile_fuse`).
    * CUDA FP8 (E4M3 per-tensor activations, per-tensor or per-channel E4M3 weights) on
      ``torch._scaled_mm``; CUDA INT8 W8A8 on ``torch._int_mm`` (M > 16, K and N multiples of 8,
      checked at run time with a dequantize fallback); weight-only INT4 blocks: unpacked and

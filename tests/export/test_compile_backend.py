@@ -374,3 +374,33 @@ def test_cuda_int4_weight_only_is_unpacked_in_graph(monkeypatch):
     assert [(d.quantizer, d.kernel) for d in rep.lowered] == [("fc2.weight_quantizer", "int4_dequant_fused")]
     assert [d.quantizer for d in rep.fell_back] == ["fc1.weight_quantizer"]
     assert "do not tile" in rep.fell_back[0].reason
+
+
+class _TiedHead(torch.nn.Module):
+    """An output projection sharing its weight with the input embedding (SmolLM2's lm_head)."""
+
+    def __init__(self, vocab=64, d=32):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_tied_weight_is_folded_and_runs_on_onednn():
+    """The embedding reads the tied parameter before the head's weight quantizer: lowering must
+    still fold it into int8 codes (not a fake-quant fallback) so that oneDNN gets the layer."""
+    from qpass.graph.quantized_model import state_of
+    from qpass.passes.lower import OPS, lower_graph
+
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = _quantized(_TiedHead().eval(), ids)
+    low = lower_graph(next(iter(state_of(model).graphs.values()))[0].gm)
+    assert _count(low, OPS["fake_quant"]) == 0 and _count(low, OPS["dequantize_per_channel"]) == 1
+    with torch.no_grad():
+        ref = model(ids)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), ids)
+    assert _cos(out, ref) >= 0.999
+    assert _onednn_ops(code)["qlinear_pointwise"] == 1
