@@ -187,6 +187,119 @@ def test_fallback_log_names_layers_by_module_path(caplog):
     assert [d.quantizer for d in cb.report(model).fell_back] == ["layers.1.fc2.input_quantizer"]
 
 
+def test_fallback_is_logged_and_reported(caplog):
+    """fc2 in FP8 (no CPU kernel) keeps fused fake quant; fc1 stays on oneDNN int8."""
+    cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+    for slot in ("input", "weight"):
+        cfg["quant_cfg"].append({"quantizer_name": f"fc2.{slot}_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}})
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    model = _quantized(MLP().eval(), x, cfg)
+    with caplog.at_level(logging.INFO, logger="qpass.compile"), torch.no_grad():
+        ref = model(x)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), x)
+    assert _cos(out, ref) >= 0.999
+    assert _onednn_ops(code)["qlinear_pointwise"] == 1
+    logged = caplog.text
+    assert "fc2.input_quantizer" in logged and "fc2.weight_quantizer" in logged and "fake quant" in logged
+    assert "fc1.input_quantizer" not in logged
+    rep = cb.report(model)
+    assert sorted(d.quantizer for d in rep.fell_back) == ["fc2.input_quantizer", "fc2.weight_quantizer"]
+    assert "no CPU kernel" in rep.fell_back[0].reason
+    assert "fc2.weight_quantizer: fake quant" in str(rep)
+
+
+def test_nothing_to_lower_falls_back_to_inductor():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    model = _quantized(MLP().eval(), x, qpass.FP8_DEFAULT_CFG)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="qpass")(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert len(cb.report(model).fell_back) == 4
+
+
+# ------------------------------------------------------------------------------------- CUDA
+def _cuda_mlp(cfg, d=256, h=512, m=64, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    model = MLP(d, h).to("cuda", dtype).eval()
+    x = torch.randn(m, d, device="cuda", dtype=dtype)
+    _quantized(model, x, cfg)
+    return model, x
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_scaled_mm_matches_fake_quant():
+    from qpass.export.compile_rewrite import rewrite_cuda  # noqa: F401 - registers the ops
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 _scaled_mm needs sm_89+")
+    model, x = _cuda_mlp(qpass.FP8_DEFAULT_CFG)
+    with torch.no_grad():
+        ref = model(x)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), x)
+    assert _cos(out.float(), ref.float()) >= 0.995
+    assert "fp8_linear" in "\n".join(code) or "_scaled_mm" in "\n".join(code)
+    assert {d.kernel for d in cb.report(model).lowered} == {"scaled_mm_fp8"}
+
+
+@pytest.mark.cuda
+def test_cuda_int8_int_mm_matches_fake_quant():
+    model, x = _cuda_mlp(qpass.INT8_DEFAULT_CFG, dtype=torch.float16)
+    with torch.no_grad():
+        ref = model(x)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), x)
+    assert _cos(out.float(), ref.float()) >= 0.995
+    assert "int8_linear" in "\n".join(code) or "_int_mm" in "\n".join(code)
+    assert {d.kernel for d in cb.report(model).lowered} == {"int_mm_int8"}
+
+
+@pytest.mark.parametrize("cfg,kernel", [("FP8_DEFAULT_CFG", "fp8_linear"), ("INT8_DEFAULT_CFG", "int8_linear"),
+                                        ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4_dequant")])
+def test_cuda_kernel_rewrite_numerics_on_cpu(cfg, kernel):
+    """The CUDA rewrite of the lowered graph (_scaled_mm, _int_mm, in-graph int4 unpacking),
+    run eagerly on torch's CPU implementations of those ops, matches fake quant."""
+    from qpass.export.compile_rewrite import rewrite_cuda
+    from qpass.graph.quantized_model import state_of
+    from qpass.passes.lower import lower_graph
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = _quantized(MLP(64, 128).eval(), x, getattr(qpass, cfg))
+    with torch.no_grad():
+        ref = model(x)
+        low = lower_graph(next(iter(state_of(model).graphs.values()))[0].gm)
+        counts = rewrite_cuda(low)
+        out = low(x)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert counts[kernel] >= 1
+    assert _cos(out, ref) >= 0.999
+
+
+def test_repeated_calls_do_not_recompile():
+    """Dynamo must not guard on per-call state (run_graph's call counter, the eager weight
+    cache): a compiled model compiles once, also after eager no-grad forwards."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    model = _quantized(MLP().eval(), x)
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(1)
+        return cb.qpass_backend(gm, example_inputs)
+
+    with torch.no_grad():
+        model(x)  # fills TensorQuantizer's weight cache
+        compiled = torch.compile(model, backend=counting)
+        outs = [compiled(x) for _ in range(10)]
+        model(x)
+        outs.append(compiled(x))
+    assert len(compiles) == 1
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert not cb.report(model).fell_back
+
+
 # ------------------------------------------------------------- CUDA rewrite, checked on CPU
 class _Spy:
     """Records the operands of a kernel call and runs torch's CPU implementation."""
