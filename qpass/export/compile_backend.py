@@ -22,7 +22,9 @@ Path
      numbers as int8 with zero point 0, the encoding X86InductorQuantizer produces - and int8
      weights as constants). Inductor's x86 int8 freezing passes fuse ``dq -> linear/conv`` into
      ``onednn.qlinear_pointwise`` / ``onednn.qconv_pointwise`` (``freezing=True`` is set for the
-     inductor call, as the PT2E flow requires).
+     inductor call, as the PT2E flow requires; weights are packed once, at compile time).
+     Linears that read the same quantized activation (q/k/v, gate/up) first become one GEMM
+     over their concatenated int8 weights (:mod:`qpass.export.compile_fuse`).
    * CUDA FP8 (E4M3 per-tensor activations, per-tensor or per-channel E4M3 weights) on
      ``torch._scaled_mm``; CUDA INT8 W8A8 on ``torch._int_mm`` (M > 16, K and N multiples of 8,
      checked at run time with a dequantize fallback); weight-only INT4 blocks: unpacked and
@@ -48,6 +50,7 @@ import contextlib
 import ctypes
 import logging
 import operator
+import re
 import weakref
 from dataclasses import dataclass, field
 
@@ -147,9 +150,12 @@ def _innermost_quantizer(node: fx.Node):
 
 
 def _module_path(dynamo_path: str) -> str:
-    # "L['self'].__dict__['_qpass_state'].graphs[...][0].gm.fc1.input_quantizer" -> "fc1.input_quantizer"
+    """The model's module path of a quantizer from dynamo's source expression:
+    "L['self'].__dict__['_qpass_state'].graphs[...][0].gm.fc1.input_quantizer" -> "fc1.input_quantizer",
+    "getattr(L[...].gm.encoder.layer, '0').attention.input_quantizer" -> "encoder.layer.0.attention.input_quantizer"."""
     i = dynamo_path.rfind(".gm.")
     p = dynamo_path[i + 4:] if i >= 0 else dynamo_path
+    p = re.sub(r", '([^']*)'\)", r".\1", p)
     return p.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "")
 
 
@@ -303,6 +309,11 @@ def _kernel_for(r: _Region, is_weight: bool, device: str) -> tuple[str | None, s
                 return None, "per-channel/block activations have no int8 kernel"
             return "int_mm_int8", ""
         if is_weight and tok in ("int4", "int4n", "uint4") and spec.block_sizes:
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+            g = _granularity(spec, shape) if shape else None
+            if g is None or g[0] != "block" or g[1] != len(shape) - 1 or shape[-1] % g[2] or shape[-1] % 2:
+                return None, (f"int4 blocks {g} do not tile the last axis of the {shape} weight (the in-graph "
+                              "unpacking needs blocks along K that divide an even K)")
             return "int4_dequant_fused", ""
         return None, f"{q.describe()} has no CUDA kernel in qpass"
     return None, f"no low-precision kernels for device {device!r}"
@@ -333,9 +344,12 @@ def qpass_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         return compile_fx(gm, example_inputs)
     lowered, keep, const_outputs, device = prepared
     if device == "cpu":
+        from qpass.export.compile_fuse import fuse_shared_input_linears
         from qpass.export.compile_rewrite import rewrite_cpu_int8
 
         rewrite_cpu_int8(lowered)
+        for group in fuse_shared_input_linears(lowered):
+            log.debug("qpass compile: one int8 GEMM for %s (shared input)", ", ".join(group))
     elif device == "cuda":
         from qpass.export.compile_rewrite import rewrite_cuda
 

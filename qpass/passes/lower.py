@@ -339,7 +339,9 @@ def _meta(node: fx.Node, q, kind: str) -> dict:
 
 
 def _lower_one(b: _Builder, node: fx.Node, q, old_src: fx.Node, src) -> fx.Node:
-    if old_src.op == "get_attr" and isinstance(src, _LazyAttr):  # a parameter: fold it
+    # a parameter: fold it (src is already a get_attr node when another op read the same
+    # parameter first, e.g. an embedding tied to lm_head)
+    if old_src.op == "get_attr" and (isinstance(src, _LazyAttr) or (isinstance(src, fx.Node) and src.op == "get_attr")):
         return _lower_weight(b, node, q, old_src.target)
     return _lower_activation(b, node, q, _resolve_src(b, src))
 

@@ -92,7 +92,7 @@ def test_int8_compiled_matches_fake_quant_on_onednn(cls, shape):
     assert _cos(out, ref) >= 0.999 and _cos(again, ref) >= 0.999
     ops = _onednn_ops(code)
     n_linear = 2 if cls is MLP else 4
-    assert ops["qlinear_pointwise"] == n_linear, ops
+    assert ops["qlinear_pointwise"] == 2, ops  # Attention: q/k/v share an input: one GEMM, then o_proj
     rep = cb.report(model)
     assert not rep.fell_back and len(rep.lowered) == 2 * n_linear
     assert {d.kernel for d in rep.lowered} == {"onednn_int8"}
@@ -110,8 +110,81 @@ def test_int8_tiny_bert_on_onednn():
         ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
         out, code = run_and_get_code(torch.compile(model, backend="qpass"), input_ids=ids, attention_mask=mask)
     assert _cos(out.last_hidden_state, ref) >= 0.999
-    assert _onednn_ops(code)["qlinear_pointwise"] == 7  # q, k, v, attn out, ffn in/out, pooler
+    # q/k/v read one quantized input: one GEMM; then attn out, ffn in/out, pooler
+    assert _onednn_ops(code)["qlinear_pointwise"] == 5
     assert not cb.report(model).fell_back
+
+
+def _lowered_cpu_int8(model, x):
+    from qpass.export.compile_rewrite import rewrite_cpu_int8
+    from qpass.graph.quantized_model import state_of
+    from qpass.passes.lower import lower_graph
+
+    low = lower_graph(next(iter(state_of(model).graphs.values()))[0].gm)
+    rewrite_cpu_int8(low)
+    return low
+
+
+def _count(gm, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def test_shared_input_linears_become_one_int8_gemm():
+    """q/k/v read one quantized activation: one linear over the concatenated int8 weights,
+    sliced back per layer, with the same numbers; out_proj (another input) stays alone."""
+    from qpass.export.compile_fuse import fuse_shared_input_linears
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    model = _quantized(Attention().eval(), x)
+    low = _lowered_cpu_int8(model, x)
+    qd, aten = torch.ops.quantized_decomposed, torch.ops.aten
+    assert _count(low, aten.linear.default) == 4
+    with torch.no_grad():
+        before = low(x)
+        groups = fuse_shared_input_linears(low)
+        after = low(x)
+    assert groups == [["q_proj", "k_proj", "v_proj"]]
+    assert _count(low, aten.linear.default) == 2 and _count(low, qd.dequantize_per_channel.default) == 2
+    fused = next(n for n in low.graph.nodes if n.target is aten.linear.default and len(n.users) == 3)
+    assert [u.target for u in fused.users] == [aten.slice.Tensor] * 3
+    assert [u.args[2:] for u in fused.users] == [(0, 32), (32, 64), (64, 96)]
+    before, after = (t[0] if isinstance(t, (tuple, list)) else t for t in (before, after))
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_linears_with_other_inputs_are_not_fused():
+    from qpass.export.compile_fuse import fuse_shared_input_linears
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    model = _quantized(MLP().eval(), x)
+    low = _lowered_cpu_int8(model, x)
+    assert fuse_shared_input_linears(low) == []
+    assert _count(low, torch.ops.aten.linear.default) == 2
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([MLP(), MLP()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_fallback_log_names_layers_by_module_path(caplog):
+    """Dynamo spells ModuleList members as getattr(..., '1'); logs use the model's path."""
+    cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+    cfg["quant_cfg"].append({"quantizer_name": "layers.1.fc2.input_quantizer", "cfg": {"num_bits": (4, 3)}})
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    model = _quantized(_Stack().eval(), x, cfg)
+    with caplog.at_level(logging.INFO, logger="qpass.compile"), torch.no_grad():
+        torch.compile(model, backend="qpass")(x)
+    assert "layers.1.fc2.input_quantizer falls back to fused fake quant" in caplog.text
+    assert [d.quantizer for d in cb.report(model).fell_back] == ["layers.1.fc2.input_quantizer"]
 
 
 def test_fallback_is_logged_and_reported(caplog):
@@ -225,3 +298,119 @@ def test_repeated_calls_do_not_recompile():
     assert len(compiles) == 1
     assert all(torch.equal(o, outs[0]) for o in outs)
     assert not cb.report(model).fell_back
+
+
+# ------------------------------------------------------------- CUDA rewrite, checked on CPU
+class _Spy:
+    """Records the operands of a kernel call and runs torch's CPU implementation."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+def _compile_as_cuda(model, x, monkeypatch):
+    """The "qpass" backend's CUDA path (decisions, lowering, rewrite_cuda) on CPU tensors: the
+    device is reported as cuda, the rewritten graph runs eagerly on the kernels' CPU versions."""
+    from qpass.export.compile_rewrite import rewrite_cuda
+
+    monkeypatch.setattr(cb, "_device_of", lambda example_inputs: "cuda")
+    counts = {}
+
+    def backend(gm, example_inputs):
+        lowered, keep, const_outputs, device = cb.prepare(gm, example_inputs)
+        assert device == "cuda"
+        counts.update(rewrite_cuda(lowered))
+        return cb._Adapter(lowered, keep, const_outputs)
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+    return out, counts
+
+
+def test_cuda_fp8_rewrite_passes_scaled_mm_its_operands(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = _quantized(MLP(64, 128).eval(), x, qpass.FP8_DEFAULT_CFG)
+    spy = _Spy(torch._scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    with torch.no_grad():
+        ref = model(x)
+    out, counts = _compile_as_cuda(model, x, monkeypatch)
+    assert counts["fp8_linear"] == 2 and _cos(out, ref) >= 0.999
+    assert {d.kernel for d in cb.report(model).lowered} == {"scaled_mm_fp8"} and not cb.report(model).fell_back
+    (a, b), kw = spy.calls[0]
+    assert a.dtype == b.dtype == torch.float8_e4m3fn
+    assert tuple(a.shape) == (32, 64) and tuple(b.shape) == (64, 128) and b.stride() == (1, 64)  # column-major
+    assert torch.allclose(kw["scale_a"], model.fc1.input_quantizer.amax.float() / 448)
+    assert torch.allclose(kw["scale_b"], model.fc1.weight_quantizer.amax.float() / 448)  # per tensor
+    assert kw["out_dtype"] == torch.float32
+
+
+@pytest.mark.parametrize("m,uses_int_mm", [(32, True), (8, False)])
+def test_cuda_int8_rewrite_uses_int_mm_where_its_shape_rules_allow(monkeypatch, m, uses_int_mm):
+    """_int_mm needs M > 16 (and K, N multiples of 8): a smaller M dequantizes instead."""
+    torch.manual_seed(0)
+    x = torch.randn(m, 64)
+    model = _quantized(MLP(64, 128).eval(), torch.randn(32, 64))
+    spy = _Spy(torch._int_mm)
+    monkeypatch.setattr(torch, "_int_mm", spy)
+    with torch.no_grad():
+        ref = model(x)
+    out, counts = _compile_as_cuda(model, x, monkeypatch)
+    assert counts["int8_linear"] == 2 and _cos(out, ref) >= 0.999
+    assert {d.kernel for d in cb.report(model).lowered} == {"int_mm_int8"}
+    if uses_int_mm:
+        shapes = [(tuple(a.shape), tuple(b.shape), a.dtype, b.dtype) for (a, b), _ in spy.calls]
+        assert shapes == [((m, 64), (64, 128), torch.int8, torch.int8), ((m, 128), (128, 64), torch.int8, torch.int8)]
+    else:
+        assert spy.calls == []
+
+
+def test_cuda_int4_weight_only_is_unpacked_in_graph(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = _quantized(MLP(64, 128).eval(), x, qpass.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    with torch.no_grad():
+        ref = model(x)
+    out, counts = _compile_as_cuda(model, x, monkeypatch)
+    # fc2 (K=128): blocks of 128 tile K; fc1 (K=64) has one partial block: fused fake quant
+    assert counts == {"fp8_linear": 0, "int8_linear": 0, "int4_dequant": 1}
+    assert _cos(out, ref) >= 0.9999
+    rep = cb.report(model)
+    assert [(d.quantizer, d.kernel) for d in rep.lowered] == [("fc2.weight_quantizer", "int4_dequant_fused")]
+    assert [d.quantizer for d in rep.fell_back] == ["fc1.weight_quantizer"]
+    assert "do not tile" in rep.fell_back[0].reason
+
+
+class _TiedHead(torch.nn.Module):
+    """An output projection sharing its weight with the input embedding (SmolLM2's lm_head)."""
+
+    def __init__(self, vocab=64, d=32):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_tied_weight_is_folded_and_runs_on_onednn():
+    """The embedding reads the tied parameter before the head's weight quantizer: lowering must
+    still fold it into int8 codes (not a fake-quant fallback) so that oneDNN gets the layer."""
+    from qpass.graph.quantized_model import state_of
+    from qpass.passes.lower import OPS, lower_graph
+
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = _quantized(_TiedHead().eval(), ids)
+    low = lower_graph(next(iter(state_of(model).graphs.values()))[0].gm)
+    assert _count(low, OPS["fake_quant"]) == 0 and _count(low, OPS["dequantize_per_channel"]) == 1
+    with torch.no_grad():
+        ref = model(ids)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), ids)
+    assert _cos(out, ref) >= 0.999
+    assert _onednn_ops(code)["qlinear_pointwise"] == 1
