@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import warnings
 from typing import Any, Callable
@@ -148,7 +149,9 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
     run = get_algorithm(algo["method"])
     snap = snapshot_amax(model)
     try:
-        with layerwise_mode(model, lw):
+        # Neither the kwarg nor the config says: keep the mode the caller set (layerwise_mode).
+        unset = layerwise is None and in_config is None
+        with contextlib.nullcontext() if unset else layerwise_mode(model, lw):
             run(model, state, forward_loop, **options)
     except BaseException:
         restore_amax(model, snap)

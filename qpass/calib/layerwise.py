@@ -38,7 +38,7 @@ from qpass.calib.histogram import HistogramCalibrator
 from qpass.calib.max import MaxCalibrator
 from qpass.errors import CalibrationError, QuantConfigError
 from qpass.graph.quantized_model import graph_for, state_of
-from qpass.graph.segments import Partition, find_blocks, flat_inputs, partition, segment_module
+from qpass.graph.segments import Partition, find_blocks, flat_inputs, partition, release, segment_module
 
 _OPTION_TYPES = {
     "enable": bool, "get_qdq_activations_from_prev_layer": bool, "checkpoint_dir": (str, type(None)),
@@ -333,15 +333,20 @@ def _run_stage(model, key, calls, parts, envs, mover: DeviceMover, device) -> No
                 if node.op == "call_module" and node.target not in quantizers:
                     quantizers[node.target] = (part.gm.get_submodule(node.target),
                                                _owner_device(model, node.target, device))
-    with mover.quantizers(list(quantizers.values())):
-        for call, env in zip(calls, envs):
-            entry = modules.get(call.partition_key)
-            if entry is None:
-                continue
-            i, seg, module = entry
-            outs = module(*[env[n] for n in seg.inputs])
-            env.update(zip(seg.outputs, outs))
-            last_use = parts[call.partition_key].last_use
-            for n in seg.inputs:
-                if last_use.get(n, -1) <= i:
-                    env.pop(n, None)
+    try:
+        with mover.quantizers(list(quantizers.values())):
+            for call, env in zip(calls, envs):
+                entry = modules.get(call.partition_key)
+                if entry is None:
+                    continue
+                i, seg, module = entry
+                outs = module(*[env[n] for n in seg.inputs])
+                env.update(zip(seg.outputs, outs))
+                del outs
+                last_use = parts[call.partition_key].last_use
+                for n in seg.inputs:
+                    if last_use.get(n, -1) <= i:
+                        env.pop(n, None)  # block k-1's outputs once block k has read them
+    finally:
+        for _, seg, module in modules.values():
+            release(module, seg)

@@ -215,6 +215,21 @@ def segment_module(part: Partition, seg: Segment, attr: Callable | None = None,
     return fx.GraphModule(root, graph)
 
 
+def release(module: fx.GraphModule, seg: Segment) -> None:
+    """Drop the weights and buffers a segment module holds, now.
+
+    A GraphModule and its graph reference each other, so without this the device copies
+    of a block's weights would live until the next garbage collection, not until the
+    block is done.
+    """
+    for target in seg.attrs:
+        parent_path, _, leaf = target.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        parent._parameters.pop(leaf, None)
+        parent._buffers.pop(leaf, None)
+        parent.__dict__.pop(leaf, None)
+
+
 def flat_inputs(gm: fx.GraphModule, args: Iterable) -> list:
     """The placeholder values ``gm(*args)`` binds (the graph's own input flattening)."""
     return list(gm.graph._codegen.process_inputs(*args))
