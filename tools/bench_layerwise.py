@@ -1,13 +1,18 @@
 """Whole-model vs. layer-by-layer calibration on SmolLM2-135M: peak memory, time, identical result.
 
-    python tools/bench_layerwise.py                      # CPU: RSS high-water of the calibration
+    python tools/bench_layerwise.py                      # CPU: peak live tensors + RSS high-water
     python tools/bench_layerwise.py --gpu                # CUDA: torch.cuda.max_memory_allocated
     python tools/bench_layerwise.py --layers 4 --batches 4 --config INT4_AWQ_CFG
 
 Each mode runs in its own child process (same model, config and data), so one mode's
-allocations cannot hide in the other's high-water mark. CPU: the model lives in host memory
-in both modes; the number is the calibration's peak resident memory above the loaded model
-(``VmHWM`` from ``/proc/self/status`` after resetting it through ``/proc/self/clear_refs``).
+allocations cannot hide in the other's high-water mark. The model is traced first
+(``quantize`` without an algorithm: the same fixed cost in both modes); the time and memory
+shown are ``calibrate``'s. CPU: the model lives in host memory in both modes, and memory is
+counted twice: the peak bytes of live tensors allocated during the calibration
+(``tools/tensor_memory.py``, the torch analogue of tracemalloc, which does not see torch's
+allocations) and the RSS high-water mark above the RSS before it (``VmHWM`` from
+``/proc/self/status`` after a reset through ``/proc/self/clear_refs``; it also shows what the
+C allocator kept from earlier work, so it is the coarser of the two).
 GPU: whole-model calibration has the model on the GPU; layerwise keeps it on the CPU, feeds
 CUDA batches and moves one block at a time; the number is the peak GPU memory allocated
 during the calibration, weights included. Both modes' quantized state (every amax,
@@ -17,6 +22,7 @@ pre_quant_scale and weight) is hashed and compared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -27,6 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import format_table, quiet  # noqa: E402  (sets the offline env first)
+from tensor_memory import TensorMemory  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -69,15 +76,21 @@ def child(args) -> dict:
     windows = zoo.token_windows(tok, zoo.text_split().calib, args.batches * args.batch_size, args.seq_len)
     batches = list(windows.split(args.batch_size))
     cfg = copy.deepcopy(qpass.config.get_preset(args.config))
-    if args.mode == "layerwise":
-        algo = cfg["algorithm"]
-        algo = {"method": algo} if isinstance(algo, str) else dict(algo)
-        algo["layerwise"] = {"enable": True}
-        cfg["algorithm"] = algo
+    algorithm = cfg["algorithm"]
+    algorithm = {"method": algorithm} if isinstance(algorithm, str) else dict(algorithm)
+    algorithm["layerwise"] = {"enable": args.mode == "layerwise"}
+    cfg["algorithm"] = None
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and args.mode == "whole":
         model.cuda()
-    loop = lambda m: [m(input_ids=b.to(device)) for b in batches]  # noqa: E731
+
+    def loop(m):
+        for b in batches:
+            m(input_ids=b.to(device))  # outputs discarded: a list of 8 logits would dominate whole-model memory
+    # Trace and place the quantizers first (the same fixed cost in both modes, on the weights'
+    # device), so the numbers below are the calibration's alone.
+    with quiet():
+        qpass.quantize(model, cfg, example_inputs={"input_ids": batches[0].to(next(model.parameters()).device)})
     result = {"mode": args.mode, "device": device}
     if args.gpu:
         torch.cuda.synchronize()
@@ -89,9 +102,10 @@ def child(args) -> dict:
         gc.collect()
         result["base_mib"] = _status_kib("VmRSS") / 1024
         result["hwm_reset"] = _reset_high_water()
+    tracker = TensorMemory() if not args.gpu else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with quiet():
-        qpass.quantize(model, cfg, loop)
+    with quiet(), tracker:
+        qpass.calibrate(model, algorithm, loop)
     if args.gpu:
         torch.cuda.synchronize()
     result["seconds"] = time.perf_counter() - t0
@@ -99,7 +113,8 @@ def child(args) -> dict:
         result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20  # weights included
         result["name"] = torch.cuda.get_device_name()
     else:
-        result["peak_mib"] = _status_kib("VmHWM") / 1024 - (result["base_mib"] if result["hwm_reset"] else 0.0)
+        result["peak_mib"] = tracker.peak / 2**20
+        result["rss_mib"] = _status_kib("VmHWM") / 1024 - (result["base_mib"] if result["hwm_reset"] else 0.0)
     result["digest"] = _state_digest(model)
     return result
 
@@ -136,15 +151,21 @@ def main(argv=None) -> None:
     whole, lw = run_mode(args, "whole"), run_mode(args, "layerwise")
     same = whole["digest"] == lw["digest"]
     differ = [k for k in whole["digest"] if whole["digest"][k] != lw["digest"].get(k)]
-    what = "GPU peak allocated (MiB, weights included)" if args.gpu else "calibration peak RSS above the loaded model (MiB)"
-    rows = [[r["mode"], f"{r['seconds']:.1f}", f"{r['peak_mib']:.1f}"] for r in (whole, lw)]
-    rows.append(["layerwise / whole", f"{lw['seconds'] / whole['seconds']:.2f}x", f"{lw['peak_mib'] / whole['peak_mib']:.2f}x"])
+    what = "GPU peak allocated MiB (weights incl.)" if args.gpu else "peak live tensors MiB"
+    headers = ["mode", "calibrate s", what] + ([] if args.gpu else ["RSS high-water MiB"])
+    rows = [[r["mode"], f"{r['seconds']:.1f}", f"{r['peak_mib']:.1f}"] + ([] if args.gpu else [f"{r['rss_mib']:.1f}"])
+            for r in (whole, lw)]
+    ratio = lambda key: f"{lw[key] / whole[key]:.2f}x" if whole[key] > 0 else "-"  # noqa: E731
+    rows.append(["layerwise / whole", ratio("seconds"), ratio("peak_mib")] + ([] if args.gpu else [ratio("rss_mib")]))
     device = whole.get("name", "CPU") if args.gpu else f"CPU, {args.threads} thread(s)"
     print(f"SmolLM2-135M ({args.layers or 30} layers), {args.config}, {args.batches} batches of "
           f"{args.batch_size}x{args.seq_len} tokens, {device}")
-    print(format_table(["mode", "calibrate s", what], rows, right={1, 2}))
-    if not args.gpu and not (whole["hwm_reset"] and lw["hwm_reset"]):
-        print("note: /proc/self/clear_refs was not writable: peaks are absolute RSS high-water marks")
+    print(format_table(headers, rows, right={1, 2, 3}))
+    if not args.gpu:
+        print("peak live tensors: bytes of tensors allocated during calibrate() and alive at once "
+              "(tools/tensor_memory.py); RSS high-water: above the RSS before calibrate() "
+              + ("" if whole["hwm_reset"] and lw["hwm_reset"] else "(absolute: /proc/self/clear_refs not writable) ")
+              + "(includes what the C allocator keeps from earlier work)")
     print(f"identical quantized state (every amax, pre_quant_scale, weight): "
           f"{'yes' if same else 'NO'} ({len(whole['digest'])} tensors{', differ: ' + ', '.join(differ[:5]) if differ else ''})")
     if args.gpu:

@@ -243,7 +243,10 @@ def _calibrator_to(cal, device: torch.device) -> None:
 # ---------------------------------------------------------------------- the schedule
 def _observes(module: nn.Module) -> bool:
     """A module whose call matters during calibration: it collects statistics or is hooked."""
-    return any(getattr(m, "_if_calib", False) or m._forward_pre_hooks or m._forward_hooks for m in module.modules())
+    return any(
+        (getattr(m, "_if_calib", False) and getattr(m, "is_enabled", True)) or m._forward_pre_hooks or m._forward_hooks
+        for m in module.modules()
+    )
 
 
 def _sinks(gm: fx.GraphModule) -> list[fx.Node]:
