@@ -6,7 +6,7 @@
 
 Each mode runs in its own child process (same model, config and data), so one mode's
 allocations cannot hide in the other's high-water mark. The model is traced first
-(``quantize`` without an algorithm: the same fixed cost in both modes); the time and memory
+(``quantize`` on an example batch: the same fixed cost in both modes); the time and memory
 shown are ``calibrate``'s. CPU: the model lives in host memory in both modes, and memory is
 counted twice: the peak bytes of live tensors allocated during the calibration
 (``tools/tensor_memory.py``, the torch analogue of tracemalloc, which does not see torch's
@@ -79,7 +79,6 @@ def child(args) -> dict:
     algorithm = cfg["algorithm"]
     algorithm = {"method": algorithm} if isinstance(algorithm, str) else dict(algorithm)
     algorithm["layerwise"] = {"enable": args.mode == "layerwise"}
-    cfg["algorithm"] = None
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and args.mode == "whole":
         model.cuda()
@@ -87,10 +86,14 @@ def child(args) -> dict:
     def loop(m):
         for b in batches:
             m(input_ids=b.to(device))  # outputs discarded: a list of 8 logits would dominate whole-model memory
-    # Trace and place the quantizers first (the same fixed cost in both modes, on the weights'
-    # device), so the numbers below are the calibration's alone.
+    # Trace and place the quantizers first (the same fixed cost in both modes), so the numbers
+    # below are the calibration's alone; the max calibration drops the fake-quantized weight
+    # copies the example forward cached (they would sit on the GPU in whole-model mode).
+    cfg["algorithm"] = None
     with quiet():
         qpass.quantize(model, cfg, example_inputs={"input_ids": batches[0].to(next(model.parameters()).device)})
+        qpass.calibrate(model, {"method": "max", "layerwise": algorithm["layerwise"]},
+                        lambda m: m(input_ids=batches[0].to(device)))
     result = {"mode": args.mode, "device": device}
     if args.gpu:
         torch.cuda.synchronize()

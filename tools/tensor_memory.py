@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -32,6 +33,8 @@ class TensorMemory(TorchDispatchMode):
             del self._storages[key]
 
     def _watch(self, t: torch.Tensor, is_view: bool) -> None:
+        if isinstance(t, FakeTensor) or t.device.type == "meta":
+            return  # tracing: no memory
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key == 0:

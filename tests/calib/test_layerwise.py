@@ -276,7 +276,7 @@ def test_cuda_blocks_stay_on_cpu_and_peak_memory_drops():
 
     def make():
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+        cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=12,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
         return LlamaForCausalLM(cfg).eval()
 
