@@ -85,7 +85,9 @@ def parse_options(value, method: str = "max") -> LayerwiseOptions | None:
     if not opts.enable:
         return None
     if opts.checkpoint_dir is not None:
-        raise QuantConfigError(f"{where}: checkpoint_dir (resumable per-layer checkpoints) is not implemented yet in qpass")
+        raise QuantConfigError(
+            f"{where}: checkpoint_dir (resumable per-layer checkpoints) is not implemented yet in qpass"
+        )
     if opts.get_qdq_activations_from_prev_layer:
         raise QuantConfigError(
             f"{where}: get_qdq_activations_from_prev_layer=True is not implemented yet in qpass; "

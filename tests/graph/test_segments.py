@@ -59,7 +59,8 @@ def test_find_blocks_takes_outermost_module_lists_with_parameters(llama_graph):
 def test_llama_segments_prefix_blocks_suffix(llama_graph):
     model, gm, _ = llama_graph
     part = partition(gm, find_blocks(model))
-    assert [s.name for s in part.segments] == ["prefix", "model.layers.0", "model.layers.1", "glue after model.layers.1"]
+    names = ["prefix", "model.layers.0", "model.layers.1", "glue after model.layers.1"]
+    assert [s.name for s in part.segments] == names
     prefix, l0, l1, suffix = part.segments
     # each block reads exactly its own weights
     for seg, i in ((l0, 0), (l1, 1)):
@@ -95,7 +96,8 @@ def test_bert_segments_reproduce_the_graph():
 
 def test_partition_towards_sinks_drops_what_they_do_not_need(llama_graph):
     _, gm, _ = llama_graph
-    sink = next(n for n in gm.graph.nodes if n.op == "call_function" and owner_path(n) == "model.layers.0.mlp.down_proj")
+    sink = next(n for n in gm.graph.nodes
+                if n.op == "call_function" and owner_path(n) == "model.layers.0.mlp.down_proj")
     part = partition(gm, ["model.layers.0", "model.layers.1"], sinks=[sink])
     assert [s.name for s in part.segments] == ["prefix", "model.layers.0"]
     assert part.segments[-1].nodes[-1] is sink and part.segments[-1].outputs == []
