@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import warnings
 from typing import Any, Callable
@@ -118,8 +119,17 @@ def quantize(
     return model
 
 
-def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable | None = None) -> nn.Module:
-    """(Re)calibrate a quantized model. On failure the previous amax values stay."""
+def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable | None = None, *,
+              layerwise: bool | dict | None = None) -> nn.Module:
+    """(Re)calibrate a quantized model. On failure the previous amax values stay.
+
+    ``layerwise=True`` (or the algorithm dict's ``"layerwise": {"enable": True}``, ModelOpt's
+    spelling) calibrates block by block: ``forward_loop`` runs once, only recording the
+    model's inputs (the model returns None meanwhile), then each block runs over all batches
+    in turn, holding one block's activations (and, for a CPU-resident model fed CUDA
+    batches, one block's weights) on the device. Same result as a whole-model pass.
+    """
+    from qpass.calib.layerwise import layerwise_mode, parse_options
     from qpass.config import normalize_config
 
     state = state_of(model)
@@ -127,10 +137,22 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
     if algo is None:
         return model
     options = {k: v for k, v in algo.items() if k != "method"}
+    in_config = options.pop("layerwise", None)
+    lw = parse_options(in_config, algo["method"])
+    if layerwise is not None:
+        from_kwarg = parse_options(layerwise, algo["method"])
+        if in_config is not None and from_kwarg != lw:
+            raise QuantConfigError(
+                f"calibrate: layerwise={layerwise!r} contradicts the algorithm's 'layerwise': {in_config!r}; give one"
+            )
+        lw = from_kwarg
     run = get_algorithm(algo["method"])
     snap = snapshot_amax(model)
     try:
-        run(model, state, forward_loop, **options)
+        # Neither the kwarg nor the config says: keep the mode the caller set (layerwise_mode).
+        unset = layerwise is None and in_config is None
+        with contextlib.nullcontext() if unset else layerwise_mode(model, lw):
+            run(model, state, forward_loop, **options)
     except BaseException:
         restore_amax(model, snap)
         raise

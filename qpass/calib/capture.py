@@ -21,12 +21,21 @@ first, lazy trace they are not).
 
 The subsample is a bottom-k sample on random keys: every token gets a uniform key from a
 seeded generator and the ``max_tokens`` smallest keys seen so far are kept, which is a
-uniform sample without replacement over all tokens of the pass.
+uniform sample without replacement over all tokens of the pass. Each module path has its
+own generator (seeded from the seed and the path), so the keys a module draws depend only
+on its own sequence of calls, not on how calls of different modules interleave: a
+layer-by-layer pass (:mod:`qpass.calib.layerwise`), which runs block 0 over every batch
+before block 1, draws exactly the keys a whole-model pass draws.
+
+Statistics are kept on the device of the module's weight (its home), computed on the
+input's device: when layerwise calibration runs a CPU-resident block on the GPU, the
+captured sample stays next to the weights the offline searches multiply it with.
 """
 
 from __future__ import annotations
 
 import weakref
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -69,7 +78,8 @@ class ActivationCapture:
     def __init__(self, modules: dict[str, nn.Module], max_tokens: int = 4096, seed: int = 0) -> None:
         self.modules = modules
         self.max_tokens = int(max_tokens)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = int(seed)
+        self._generators: dict[str, torch.Generator] = {}
         self.stats: dict[str, InputStats] = {}
         self._handles: list = []
         self._memo: OrderedDict = OrderedDict()
@@ -87,6 +97,17 @@ class ActivationCapture:
             h.remove()
         self._handles.clear()
         self._memo.clear()
+
+    def _generator(self, path: str) -> torch.Generator:
+        g = self._generators.get(path)
+        if g is None:
+            g = torch.Generator().manual_seed((self.seed << 32) ^ zlib.crc32(path.encode()))
+            self._generators[path] = g
+        return g
+
+    def _home(self, path: str, like: torch.Tensor) -> torch.device:
+        weight = getattr(self.modules[path], "weight", None)
+        return weight.device if isinstance(weight, torch.Tensor) else like.device
 
     def _hook(self, path: str, quantizer: nn.Module):
         def hook(_module, args):
@@ -130,17 +151,20 @@ class ActivationCapture:
         abs_sum = absx.sum(0, dtype=torch.float64)
         if self.max_tokens <= 0:
             x = x[:0]
-        keys = torch.rand(x.shape[0], generator=self.generator).to(x.device)
+        keys = torch.rand(x.shape[0], generator=self._generator(path)).to(x.device)
         sample = x
         if prev is not None:
-            amax = torch.maximum(prev.amax, amax)
-            abs_sum = prev.abs_sum + abs_sum
-            keys = torch.cat([prev.keys, keys])
-            sample = torch.cat([prev.sample, x])
+            dev = x.device
+            amax = torch.maximum(prev.amax.to(dev), amax)
+            abs_sum = prev.abs_sum.to(dev) + abs_sum
+            keys = torch.cat([prev.keys.to(dev), keys])
+            sample = torch.cat([prev.sample.to(dev), x])
         if keys.numel() > self.max_tokens:
             keep = torch.topk(keys, self.max_tokens, largest=False).indices.sort().values
             keys, sample = keys[keep], sample[keep]
+        home = self._home(path, x)
         return InputStats(
-            amax=amax, abs_sum=abs_sum, tokens=(prev.tokens if prev else 0) + absx.shape[0],
-            calls=(prev.calls if prev else 0) + 1, sample=sample.clone() if sample is x else sample, keys=keys,
+            amax=amax.to(home), abs_sum=abs_sum.to(home), tokens=(prev.tokens if prev else 0) + absx.shape[0],
+            calls=(prev.calls if prev else 0) + 1, sample=(sample.clone() if sample is x else sample).to(home),
+            keys=keys.to(home),
         )

@@ -2,7 +2,9 @@
 
 Weight quantizers are calibrated straight from the module tree (no data
 needed). Activation quantizers collect statistics while ``forward_loop`` runs
-the model, whose forward is the traced graph.
+the model, whose forward is the traced graph. :func:`collect_activations` is the
+pass driver every algorithm calibrates through; in layerwise mode (set by
+``qpass.calibrate``) it runs the graph block by block (:mod:`qpass.calib.layerwise`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from qpass.calib.distributed import reduce_statistics
+from qpass.calib.layerwise import run_forward_loop
 from qpass.errors import CalibrationError
 from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
 from qpass.nn.tensor_quantizer import TensorQuantizer, is_quantizer
@@ -68,7 +71,8 @@ def restore_amax(model: nn.Module, snap: dict) -> None:
 
 
 def collect_activations(model: nn.Module, state: QpassState, forward_loop: Callable) -> None:
-    """Run forward_loop with every enabled activation quantizer collecting statistics."""
+    """Run forward_loop with every enabled activation quantizer collecting statistics
+    (layer by layer when ``state.layerwise`` is set)."""
     quantizers = named_tensor_quantizers(model)
     for name, q in quantizers:
         if q.calibrator is not None:
@@ -81,7 +85,7 @@ def collect_activations(model: nn.Module, state: QpassState, forward_loop: Calla
     calls_before = state.calls
     try:
         with torch.no_grad():
-            forward_loop(model)
+            run_forward_loop(model, state, forward_loop)
     finally:
         state.calibrating = False
         for _, q in named_tensor_quantizers(model):  # includes quantizers created while tracing

@@ -47,6 +47,8 @@ class QpassState:
         self.calls = 0
         self.calibrating = False
         self.calib_placed: set[str] = set()  # quantizers in graphs that ran during calibration
+        self.layerwise = None  # qpass.calib.layerwise.LayerwiseOptions while calibrate() runs layer by layer
+        self.recorder = None  # set while a layerwise pass records the forward_loop's inputs
 
     @property
     def groups(self) -> list[list[str]]:
@@ -120,10 +122,9 @@ def _input_key(training: bool, args, kwargs):
     return (training, str(spec), tuple(_leaf_key(x) for x in flat)), tensors
 
 
-def run_graph(model: nn.Module, args: tuple, kwargs: dict):
+def graph_for(model: nn.Module, args: tuple, kwargs: dict) -> tuple[TracedGraph, list]:
+    """The graph for this input structure (traced now if new) and its flat input tensors."""
     state = state_of(model)
-    if not torch.compiler.is_compiling():
-        state.calls += 1  # only calibration reads it; under dynamo it would force recompiles
     key, tensors = _input_key(model.training, args, kwargs)
     for traced in state.graphs.get(key, ()):
         if matches_static_dims(traced, tensors):
@@ -133,6 +134,16 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
         state.graphs.setdefault(key, []).append(traced)
     if state.calibrating:
         state.calib_placed.update(traced.placed)
+    return traced, tensors
+
+
+def run_graph(model: nn.Module, args: tuple, kwargs: dict):
+    state = state_of(model)
+    if not torch.compiler.is_compiling():
+        state.calls += 1  # only calibration reads it; under dynamo it would force recompiles
+    if state.recorder is not None:  # layerwise calibration records the inputs; it returns None
+        return state.recorder(model, args, kwargs)
+    traced, tensors = graph_for(model, args, kwargs)
     return traced.gm(*tensors)
 
 
