@@ -82,6 +82,17 @@ def quantizes(cand: Candidate, path: str, module: nn.Module) -> bool:
     return attrs is not None and any(a.enable for a in (attrs if isinstance(attrs, list) else [attrs]))
 
 
+def planned_bits(cand: Candidate, path: str, module: nn.Module) -> float:
+    """Effective bits of ``module``'s weight under ``cand``, known before any calibration (16: unquantized)."""
+    from qpass.nn.tensor_quantizer import TensorQuantizer
+
+    if cand.rules is None:
+        return 16.0
+    attrs = resolve_attributes(cand.rules, f"{path}.weight_quantizer", module)
+    on = [a for a in (attrs if isinstance(attrs, list) else [attrs]) if a is not None and a.enable]
+    return float(TensorQuantizer(on[0], f"{path}.weight_quantizer").spec.effective_bits) if on else 16.0
+
+
 def usable_algorithm(cand: Candidate):
     """The candidate's algorithm, or max (with a warning naming the format) if qpass lacks it."""
     from qpass.algorithms import ALGORITHMS, _load_builtin
