@@ -1,12 +1,16 @@
 """auto_quantize on SmolLM2-135M: held-out perplexity, achieved bits and wall time, qpass vs ModelOpt.
 
-    python tools/bench_auto_quantize.py [--layers 8] [--bits 4.8] [--libs qpass,modelopt] [--json out.json]
+    python tools/bench_auto_quantize.py [--layers 8] [--bits 4.8] [--libs qpass,modelopt] [--sets 0,1]
+        [--sweep 4.5,5,5.5,6,6.5,7,7.5,8 --sweep-png sweep.png] [--json out.json]
 
 Data: ``--batches`` (default 4) calibration = score batches of 4 x ``--seq`` (256) tokens from the
 start of Python's pydoc text; loss = causal-LM cross-entropy; evaluation: ``--eval`` windows
 from the held-out end. Format sets: ["W4A8_AWQ_BETA_CFG", "FP8_DEFAULT_CFG", None] and
 ["INT4_AWQ_CFG", "FP8_DEFAULT_CFG", None]. A budget below a library's minimum is reported and
-raised to that minimum. Not a test.
+raised to that minimum. Times: wall and process CPU seconds of the search call alone (the CPU time
+is the fairer ratio on a shared machine). ``--sweep 4.5,5,...,8`` re-solves qpass's one scoring pass
+of the first format set per budget, plots perplexity vs achieved bits (``--sweep-png``) and exits 1
+when the perplexity does not fall as the budget grows (beyond 1% noise). Not a test.
 """
 
 from __future__ import annotations
@@ -176,6 +180,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if any(not r["sweep"]["monotone"] for r in rows if "sweep" in r):
+        sys.exit("FAIL: the perplexity-vs-bits sweep does not fall as the budget grows (beyond 1% noise)")
 
 
 if __name__ == "__main__":
