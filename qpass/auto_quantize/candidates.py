@@ -108,6 +108,17 @@ def usable_algorithm(cand: Candidate):
     return "max"
 
 
+def calib_steps(cand: Candidate, num_calib_steps: int) -> int:
+    """Batches ``cand`` calibrates on: a quarter for AWQ methods, as ModelOpt's auto_quantize does.
+
+    AWQ's scale search runs every captured token through each Linear once per alpha (11 times at
+    the default step), so it dominates the search's cost; its statistics need fewer batches.
+    """
+    algos = cand.algorithm if isinstance(cand.algorithm, list) else [cand.algorithm]
+    awq = any(a is not None and str(a["method"]).startswith("awq") for a in algos)
+    return max(1, num_calib_steps // 4) if awq else num_calib_steps
+
+
 def _standalone(q: nn.Module | None) -> nn.Module | None:
     if q is None:
         return None

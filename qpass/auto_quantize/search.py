@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qpass.auto_quantize.candidates import NONE_NAME, calibrate_candidate, make_candidates, planned_bits, quantizes
+from qpass.auto_quantize.candidates import NONE_NAME, calib_steps, calibrate_candidate, make_candidates, planned_bits, quantizes
 from qpass.auto_quantize.scoring import check_gradient_inputs, gradient_scores, kl_div, output_tensors
 from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, check_budget
 from qpass.graph.quantized_model import is_quantized, state_of
@@ -158,7 +158,8 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
 
     Returns ``(model, state_dict)``; see :func:`qpass.auto_quantize.report.format_table` for the
     state_dict contents. ``method``: ``"gradient"`` (needs ``loss_func`` or
-    ``forward_backward_step``) or ``"kl_div"`` (label-free).
+    ``forward_backward_step``) or ``"kl_div"`` (label-free). Formats calibrated with AWQ use
+    ``num_calib_steps // 4`` batches (at least one), as ModelOpt's auto_quantize does.
     """
     from qpass.model_quant import quantize
 
@@ -217,7 +218,8 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
     for f, cand in enumerate(tqdm(candidates, desc="auto_quantize: calibrating formats")):
         if cand.rules is None:
             continue
-        loop = lambda m: [forward_step(m, b) for b in calib]  # noqa: E731
+        data = calib[:calib_steps(cand, len(calib))]
+        loop = lambda m: [forward_step(m, b) for b in data]  # noqa: E731
         for p, slot in calibrate_candidate(original, cand, paths, loop).items():
             slots[p][f] = slot
     base = {p: (model.get_submodule(p)._modules.get("input_quantizer"), model.get_submodule(p).weight_quantizer)

@@ -12,7 +12,7 @@ from qpass.auto_quantize import (
     AutoQuantizeError, AutoQuantizeSearcher, auto_quantize, auto_quantize_report, auto_quantize_resolve,
     auto_quantize_sweep,
 )
-from qpass.auto_quantize.candidates import is_per_layer, make_candidates, planned_bits
+from qpass.auto_quantize.candidates import calib_steps, is_per_layer, make_candidates, planned_bits
 from qpass.auto_quantize.search import SEARCH_ATTR
 
 FORMATS = ["W4A8_AWQ_BETA_CFG", "FP8_DEFAULT_CFG", None]
@@ -111,7 +111,7 @@ def test_all_awq_matches_plain_quantize():
     data = _data()
     rules = [r for r in qpass.config.normalize_config("W4A8_AWQ_BETA_CFG")[0] if is_per_layer(r)]
     cfg = {"quant_cfg": rules, "algorithm": "awq_lite"}
-    qpass.quantize(ref, cfg, lambda m: [forward_step(m, b) for b in data])
+    qpass.quantize(ref, cfg, lambda m: [forward_step(m, b) for b in data[:1]])  # AWQ: a quarter of 2 batches
     model, sd = _run(model, bits=4.2)
     for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):
         r, m = ref.get_submodule(path), model.get_submodule(path)
@@ -121,6 +121,12 @@ def test_all_awq_matches_plain_quantize():
     with torch.no_grad():
         a, b = ref(input_ids=data[0]).logits, model(input_ids=data[0]).logits
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_awq_formats_calibrate_on_a_quarter_of_the_batches():
+    awq, fp8, none = make_candidates(FORMATS)
+    assert [calib_steps(awq, n) for n in (1, 4, 9, 512)] == [1, 1, 2, 128]
+    assert calib_steps(fp8, 512) == calib_steps(none, 512) == 512
 
 
 def test_kl_div_without_labels():
