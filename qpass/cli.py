@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--effective-bits", type=float, default=6.0, help="weight bits per parameter budget")
     a.add_argument("--formats", default="FP8_DEFAULT_CFG,INT4_AWQ_CFG",
                    help="comma list of candidate presets")
+    a.add_argument("--report", default=None, metavar="PNG",
+                   help="write the sensitivity heat map (layer group x format, chosen marked) to this PNG")
     a.add_argument("--save", default=None)
     a.add_argument("--no-save", action="store_true")
     a.set_defaults(func="auto-quantize")

@@ -248,9 +248,16 @@ def cmd_auto_quantize(args) -> int:
     with _warnings_as_lines(args.debug):
         result = auto(job.model, constraints={"effective_bits": args.effective_bits},
                       quantization_formats=formats, **kwargs)
-    model = result[0] if isinstance(result, tuple) else result
+    model, search_state = result if isinstance(result, tuple) else (result, None)
     elapsed = time.perf_counter() - t
     qpass.print_quant_summary(model)
+    if search_state is not None:
+        from qpass.auto_quantize import auto_quantize_report, format_table
+
+        print(format_table(search_state))
+        if args.report:
+            _ensure_dir(args.report)
+            print(f"  sensitivity report: {auto_quantize_report(search_state, args.report)}")
     value = metric.measure(model)
     save_path, _ = _default_path(args.save, args.no_save, job.name + "-auto", ".qpass")
     print(f"\n{job.label}  auto-quantize effective_bits={args.effective_bits} formats={','.join(formats)}")

@@ -158,6 +158,8 @@ def test_auto_quantize_runs_when_available(tmp_path, capsys):
         pytest.skip("qpass.auto_quantize is not in this version")
     save = tmp_path / "a.qpass"
     rc, out, err = _run(["auto-quantize", "--model", SPEC, "--effective-bits", "6",
-                         "--formats", "FP8_DEFAULT_CFG,INT4_AWQ_CFG", "--save", str(save)], capsys)
+                         "--formats", "FP8_DEFAULT_CFG,INT4_AWQ_CFG", "--save", str(save),
+                         "--report", str(tmp_path / "heat.png")], capsys)
     assert rc == 0, err
     assert "mean cosine to FP32 outputs" in out and save.exists()
+    assert "layer group" in out and "effective bits" in out and (tmp_path / "heat.png").stat().st_size > 1000

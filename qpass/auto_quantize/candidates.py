@@ -82,6 +82,17 @@ def quantizes(cand: Candidate, path: str, module: nn.Module) -> bool:
     return attrs is not None and any(a.enable for a in (attrs if isinstance(attrs, list) else [attrs]))
 
 
+def planned_bits(cand: Candidate, path: str, module: nn.Module) -> float:
+    """Effective bits of ``module``'s weight under ``cand``, known before any calibration (16: unquantized)."""
+    from qpass.nn.tensor_quantizer import TensorQuantizer
+
+    if cand.rules is None:
+        return 16.0
+    attrs = resolve_attributes(cand.rules, f"{path}.weight_quantizer", module)
+    on = [a for a in (attrs if isinstance(attrs, list) else [attrs]) if a is not None and a.enable]
+    return float(TensorQuantizer(on[0], f"{path}.weight_quantizer").spec.effective_bits) if on else 16.0
+
+
 def usable_algorithm(cand: Candidate):
     """The candidate's algorithm, or max (with a warning naming the format) if qpass lacks it."""
     from qpass.algorithms import ALGORITHMS, _load_builtin
@@ -95,6 +106,17 @@ def usable_algorithm(cand: Candidate):
         f"auto_quantize: format {cand.name!r} asks for calibration algorithm {missing[0]!r}, which qpass "
         "does not implement; it is calibrated with 'max' instead", stacklevel=4)
     return "max"
+
+
+def calib_steps(cand: Candidate, num_calib_steps: int) -> int:
+    """Batches ``cand`` calibrates on: a quarter for AWQ methods, as ModelOpt's auto_quantize does.
+
+    AWQ's scale search runs every captured token through each Linear once per alpha (11 times at
+    the default step), so it dominates the search's cost; its statistics need fewer batches.
+    """
+    algos = cand.algorithm if isinstance(cand.algorithm, list) else [cand.algorithm]
+    awq = any(a is not None and str(a["method"]).startswith("awq") for a in algos)
+    return max(1, num_calib_steps // 4) if awq else num_calib_steps
 
 
 def _standalone(q: nn.Module | None) -> nn.Module | None:

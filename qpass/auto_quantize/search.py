@@ -16,13 +16,15 @@ import copy
 import itertools
 import re
 
+import numpy as np
 import torch
 from torch import nn
 
-from qpass.auto_quantize.candidates import NONE_NAME, calibrate_candidate, make_candidates, quantizes
+from qpass.auto_quantize.candidates import NONE_NAME, calib_steps, calibrate_candidate, make_candidates, planned_bits, quantizes
 from qpass.auto_quantize.scoring import check_gradient_inputs, gradient_scores, kl_div, output_tensors
-from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, solve
+from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, check_budget
 from qpass.graph.quantized_model import is_quantized, state_of
+from qpass.model_quant import _unquantize
 from qpass.passes.insert_quantizers import _register
 
 SEARCH_ATTR = "_qpass_auto_quantize"
@@ -156,7 +158,8 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
 
     Returns ``(model, state_dict)``; see :func:`qpass.auto_quantize.report.format_table` for the
     state_dict contents. ``method``: ``"gradient"`` (needs ``loss_func`` or
-    ``forward_backward_step``) or ``"kl_div"`` (label-free).
+    ``forward_backward_step``) or ``"kl_div"`` (label-free). Formats calibrated with AWQ use
+    ``num_calib_steps // 4`` batches (at least one), as ModelOpt's auto_quantize does.
     """
     from qpass.model_quant import quantize
 
@@ -176,8 +179,29 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
     if not batches:
         raise AutoQuantizeError("data_loader yielded no batches")
     calib, score = batches[:num_calib_steps], batches[:num_score_steps]
-    original = copy.deepcopy(model)
+    original = [copy.deepcopy(model)]  # handed over: _search drops it once every candidate is calibrated
     quantize(model, {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": None})
+    from qpass.auto_quantize.report import auto_quantize_resolve, format_table
+
+    try:
+        groups, group_scores, search, history = _search(model, original, candidates, constraints, calib, score,
+                                                        forward_step, loss_func, forward_backward_step, verbose,
+                                                        method)
+        state_dict = _state_dict(model, method, search, groups, group_scores, history)
+        auto_quantize_resolve(model, state_dict, constraints)
+    except BaseException:
+        model.__dict__.pop(SEARCH_ATTR, None)
+        _unquantize(model)  # a failed search leaves the caller's model as it was
+        raise
+    if verbose:
+        print(format_table(state_dict))
+    return model, state_dict
+
+
+def _search(model, holder, candidates, constraints, calib, score, forward_step, loss_func, forward_backward_step,
+            verbose, method):
+    """Calibrate every candidate and score every (group, format); the model gets the search attached."""
+    original = holder.pop()
     with torch.no_grad():
         forward_step(model, score[0])  # trace the graph the scores run on
     owners = [(p, m) for p, m in model.named_modules() if "weight_quantizer" in m._modules]
@@ -185,12 +209,17 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
     if not paths:
         raise AutoQuantizeError("no format in quantization_formats quantizes any layer of this model")
     groups = search_groups(paths, state_of(model).groups, AutoQuantizeSearcher.rules)
+    costs = [[sum(planned_bits(c, p, original.get_submodule(p)) * original.get_submodule(p).weight.numel()
+                   for p in g) for c in candidates] for g in groups]
+    total = sum(original.get_submodule(p).weight.numel() for p in paths)
+    check_budget(np.array(costs), budget_bits(constraints, total), constraints, total)  # before the costly part
     tqdm = _tqdm(verbose)
     slots: dict[str, dict] = {p: {} for p in paths}
     for f, cand in enumerate(tqdm(candidates, desc="auto_quantize: calibrating formats")):
         if cand.rules is None:
             continue
-        loop = lambda m: [forward_step(m, b) for b in calib]  # noqa: E731
+        data = calib[:calib_steps(cand, len(calib))]
+        loop = lambda m: [forward_step(m, b) for b in data]  # noqa: E731
         for p, slot in calibrate_candidate(original, cand, paths, loop).items():
             slots[p][f] = slot
     base = {p: (model.get_submodule(p)._modules.get("input_quantizer"), model.get_submodule(p).weight_quantizer)
@@ -218,13 +247,7 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
         group_scores = _kl_scores(model, groups, search, score, forward_step, bar)
     if bar is not None:
         bar.close()
-    state_dict = _state_dict(model, method, search, groups, group_scores, history)
-    from qpass.auto_quantize.report import auto_quantize_resolve, format_table
-
-    auto_quantize_resolve(model, state_dict, constraints)
-    if verbose:
-        print(format_table(state_dict))
-    return model, state_dict
+    return groups, group_scores, search, history
 
 
 def _state_dict(model, method, search: _Search, groups, group_scores, history) -> dict:

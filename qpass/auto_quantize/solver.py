@@ -37,14 +37,10 @@ def _describe_budget(constraints: dict, total_weights: int, bits: float) -> str:
     return f"{bits / total_weights:.4g} effective bits"
 
 
-def solve(scores: np.ndarray, costs: np.ndarray, budget: float, constraints: dict | None = None,
-          total_weights: int | None = None) -> list[int]:
-    """Index of the chosen format per group; ``scores``/``costs`` are [groups, formats] (inf = not allowed)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    costs = np.asarray(costs, dtype=np.float64)
-    n_groups, n_formats = scores.shape
-    allowed = np.isfinite(costs) & np.isfinite(scores)
-    min_cost = np.where(allowed, costs, np.inf).min(axis=1).sum()
+def check_budget(costs: np.ndarray, budget: float, constraints: dict | None = None,
+                 total_weights: int | None = None) -> None:
+    """Raise if even the cheapest format of every group (``costs``: [groups, formats]) exceeds ``budget``."""
+    min_cost = np.asarray(costs, dtype=np.float64).min(axis=1).sum()
     if min_cost > budget * (1 + 1e-12):
         tw = total_weights or 1
         need = {"effective_bits": round(float(min_cost / tw), 4)} if "weight_memory_bytes" not in (constraints or {}) \
@@ -54,6 +50,16 @@ def solve(scores: np.ndarray, costs: np.ndarray, budget: float, constraints: dic
             f"format in every group needs {min_cost / tw:.4f} effective bits ({int(np.ceil(min_cost / 8))} bytes "
             f"of weights); the minimum achievable is {need}. Raise the constraint or add a smaller format"
         )
+
+
+def solve(scores: np.ndarray, costs: np.ndarray, budget: float, constraints: dict | None = None,
+          total_weights: int | None = None) -> list[int]:
+    """Index of the chosen format per group; ``scores``/``costs`` are [groups, formats] (inf = not allowed)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    costs = np.asarray(costs, dtype=np.float64)
+    n_groups, n_formats = scores.shape
+    allowed = np.isfinite(costs) & np.isfinite(scores)
+    check_budget(np.where(allowed, costs, np.inf), budget, constraints, total_weights)
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     idx = np.flatnonzero(allowed.ravel())

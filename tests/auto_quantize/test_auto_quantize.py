@@ -12,7 +12,8 @@ from qpass.auto_quantize import (
     AutoQuantizeError, AutoQuantizeSearcher, auto_quantize, auto_quantize_report, auto_quantize_resolve,
     auto_quantize_sweep,
 )
-from qpass.auto_quantize.candidates import is_per_layer
+from qpass.auto_quantize.candidates import calib_steps, is_per_layer, make_candidates, planned_bits
+from qpass.auto_quantize.search import SEARCH_ATTR
 
 FORMATS = ["W4A8_AWQ_BETA_CFG", "FP8_DEFAULT_CFG", None]
 
@@ -56,6 +57,9 @@ def test_budget_met_and_groups_consistent(searched):
     for name, stats in sd["candidate_stats"].items():
         describe = {model.get_submodule(p).weight_quantizer.describe() for p in stats["members"]}
         assert len(describe) == 1, name
+        planned = [sum(planned_bits(c, p, model.get_submodule(p)) * model.get_submodule(p).weight.numel()
+                       for p in stats["members"]) for c in make_candidates(FORMATS)]
+        assert stats["costs"] == planned, name  # the budget pre-check uses the same costs as the solver
         assert len(stats["scores"]) == len(stats["costs"]) == 3
         assert stats["scores"][2] == 0.0 and stats["scores"][0] > stats["scores"][1] > 0
 
@@ -107,7 +111,7 @@ def test_all_awq_matches_plain_quantize():
     data = _data()
     rules = [r for r in qpass.config.normalize_config("W4A8_AWQ_BETA_CFG")[0] if is_per_layer(r)]
     cfg = {"quant_cfg": rules, "algorithm": "awq_lite"}
-    qpass.quantize(ref, cfg, lambda m: [forward_step(m, b) for b in data])
+    qpass.quantize(ref, cfg, lambda m: [forward_step(m, b) for b in data[:1]])  # AWQ: a quarter of 2 batches
     model, sd = _run(model, bits=4.2)
     for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):
         r, m = ref.get_submodule(path), model.get_submodule(path)
@@ -117,6 +121,12 @@ def test_all_awq_matches_plain_quantize():
     with torch.no_grad():
         a, b = ref(input_ids=data[0]).logits, model(input_ids=data[0]).logits
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_awq_formats_calibrate_on_a_quarter_of_the_batches():
+    awq, fp8, none = make_candidates(FORMATS)
+    assert [calib_steps(awq, n) for n in (1, 4, 9, 512)] == [1, 1, 2, 128]
+    assert calib_steps(fp8, 512) == calib_steps(none, 512) == 512
 
 
 def test_kl_div_without_labels():
@@ -158,6 +168,28 @@ def test_nan_gradient_names_the_batch():
 
     data = _data(3)
     batch_two = data[1]
+    model = tiny_llama(layers=1)
     with pytest.raises(AutoQuantizeError, match="score batch 1: the gradient"):
-        auto_quantize(tiny_llama(layers=1), {"effective_bits": 6.0}, FORMATS, data, forward_step, bad_loss,
+        auto_quantize(model, {"effective_bits": 6.0}, FORMATS, data, forward_step, bad_loss,
                       num_calib_steps=1, num_score_steps=3)
+    assert not qpass.graph.quantized_model.is_quantized(model) and SEARCH_ATTR not in model.__dict__
+
+
+def test_infeasible_budget_fails_before_calibration():
+    """The minimum is known from the formats alone: only the tracing forward runs, the model is left as it was."""
+    model = tiny_llama(layers=1)
+    ref = copy.deepcopy(model)
+    calls = []
+
+    def counting_step(m, batch):
+        calls.append(1)
+        return forward_step(m, batch)
+
+    with pytest.raises(AutoQuantizeError, match=r"minimum achievable is \{'effective_bits': 4.125\}"):
+        auto_quantize(model, {"effective_bits": 3.0}, FORMATS, _data(), counting_step, loss_func,
+                      num_calib_steps=2, num_score_steps=2)
+    assert len(calls) == 1
+    assert not qpass.graph.quantized_model.is_quantized(model) and SEARCH_ATTR not in model.__dict__
+    assert type(model) is type(ref)
+    for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
