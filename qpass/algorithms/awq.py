@@ -22,11 +22,8 @@ the weight amax is scaled down; per block (static block formats) or per tensor (
 global amax) the ratio with the smallest error of the block's partial products wins and
 replaces the max-calibrated amax.
 
-* ``awq_lite``: beyond ModelOpt's awq_lite, after the scale search the smoothed weights get
-  the clip search on the grid 0.7, 0.75, ..., 1 over all captured tokens.
-* ``awq_full``: the scale search, then the clip search on ModelOpt's grid (``min_clip_ratio``,
-  ``shrink_step``), its errors on up to ``max_tokens_per_batch`` tokens per calibration call
-  (ModelOpt's option; raise it to use every captured token).
+* ``awq_lite``: the scale search (ModelOpt's awq_lite).
+* ``awq_full``: the scale search, then the clip search on the smoothed weights.
 * ``awq_clip``: the clip search alone, on the unsmoothed weights.
 """
 
@@ -159,8 +156,6 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
     if isinstance(min_clip_ratio, bool) or not isinstance(min_clip_ratio, (int, float)) or not 0 < min_clip_ratio < 1:
         raise QuantConfigError(f"{method}: min_clip_ratio must be in (0, 1), got {min_clip_ratio!r}")
     for name, v in (("max_co_batch_size", max_co_batch_size), ("max_tokens_per_batch", max_tokens_per_batch)):
-        if v is None and name == "max_tokens_per_batch" and method == "awq_lite":
-            continue
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise QuantConfigError(f"{method}: {name} must be a positive integer, got {v!r}")
     validate_quantizers(model)
@@ -182,14 +177,9 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
     end_smoothing(state, changes, applied)
 
 
-#: the clip grid awq_lite's own weight clip search uses (awq_clip/awq_full: min_clip_ratio, shrink_step)
-LITE_MIN_CLIP_RATIO, LITE_SHRINK_STEP = 0.7, 0.05
-
-
 @register_algorithm("awq_lite")
 def awq_lite(model, state, forward_loop, **options):
-    _run(model, state, forward_loop, "awq_lite", lite=True, clip=True, min_clip_ratio=LITE_MIN_CLIP_RATIO,
-         shrink_step=LITE_SHRINK_STEP, max_tokens_per_batch=None, **options)
+    _run(model, state, forward_loop, "awq_lite", lite=True, clip=False, **options)
 
 
 @register_algorithm("awq_clip")

@@ -121,6 +121,11 @@ def _int_spec(model, unit):
     return None
 
 
+def _unseen_error(unseen: torch.Tensor, s: torch.Tensor, threshold: float, col: torch.Tensor, total: int) -> float:
+    """Output error per token of clipping the channel maxima the subsample does not hold."""
+    return float(((unseen / s - threshold).clamp(min=0).double().pow(2) * col).sum()) / total
+
+
 @torch.no_grad()
 def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLIP_RATIOS,
                       shortlist: int = SHORTLIST, exact_tokens: int = EXACT_TOKENS) -> SearchResult:
@@ -129,6 +134,10 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
     if fmt is None:
         clips = (1.0,)
     x = stats.sample
+    total = max(stats.tokens, x.shape[0], 1)
+    # each channel's abs-max over all tokens, where the subsample missed it: its clipping error
+    # is added to every candidate (one element among ``total`` tokens)
+    unseen = torch.where(stats.amax.float() > x.abs().amax(0), stats.amax.float(), torch.zeros(()))
     xa = strided(x, exact_tokens)  # activation error of formats without a closed form
     profile = ChannelProfile(x) if fmt is not None else None
     mods = [model.get_submodule(p) for p in unit]
@@ -142,7 +151,7 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
         w_err = float((x2 / s.pow(2) * (wq - ws).pow(2).sum(0)).sum()) / max(x.shape[0], 1)
         col = ws.pow(2).sum(0).double()
         base = (stats.amax / s).max()
-        cache[alpha] = (s, wq, base)
+        cache[alpha] = (s, wq, base, col)
         for r in clips:
             if profile is not None:
                 a_err = float((profile.int_error(s, float(base) * r, fmt.max_bound) * col).sum()) / profile.n
@@ -150,7 +159,7 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
                 xs = xa / s
                 dx = input_fake_quant(mods[0].input_quantizer, xs, base * r) - xs
                 a_err = float((dx.pow(2).sum(0) * col).sum()) / max(xa.shape[0], 1)
-            est[(alpha, r)] = w_err + a_err
+            est[(alpha, r)] = w_err + a_err + _unseen_error(unseen, s, float(base) * r, col, total)
     ranked = sorted(est, key=est.get)
     chosen = ranked[:shortlist]
     if (ranked[0][0], 1.0) not in chosen:
@@ -159,13 +168,14 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
     ref = xe @ w.t()
     exact = {}
     for alpha, r in chosen:
-        s, wq, base = cache[alpha]
+        s, wq, base, col = cache[alpha]
         xs = xe / s
         outs, row = [], 0
         for m in mods:
             n = m.weight.shape[0]
             outs.append(input_fake_quant(m.input_quantizer, xs, base * r) @ wq[row:row + n].t())
             row += n
-        exact[(alpha, r)] = float((torch.cat(outs, -1) - ref).pow(2).mean())
+        per_token = float((torch.cat(outs, -1) - ref).pow(2).sum(-1).mean())
+        exact[(alpha, r)] = (per_token + _unseen_error(unseen, s, float(base) * r, col, total)) / ref.shape[1]
     best = min(exact, key=exact.get)
     return SearchResult(alpha=best[0], clip=best[1], loss=exact[best], estimates=est)

@@ -33,6 +33,9 @@ from qpass.algorithms.smooth_search import search_alpha_clip
 from qpass.errors import QuantConfigError
 
 AUTO_GRID_STEP = 0.1
+#: tokens captured per smoothed input for alpha="auto" (its estimate reads them all, the exact
+#: scoring 512): half of AWQ's, as W8A8 units hold every Linear's input in memory at once
+AUTO_SEARCH_TOKENS = SEARCH_TOKENS // 2
 
 
 def smoothquant_scale(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -73,7 +76,7 @@ def smoothquant(model, state, forward_loop, alpha="auto", **options):
 
 def _smooth(model, state, forward_loop, alpha, changes):
     modules = smoothable_modules(model, need_input=True)
-    stats = capture_pass(model, state, forward_loop, modules, SEARCH_TOKENS if alpha == "auto" else 0)
+    stats = capture_pass(model, state, forward_loop, modules, AUTO_SEARCH_TOKENS if alpha == "auto" else 0)
     plan = []
     for unit in smoothing_units(state, modules, stats):
         st = stats[unit[0]]

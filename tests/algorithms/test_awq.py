@@ -202,21 +202,21 @@ def test_clip_amax_picks_each_blocks_best_ratio_by_brute_force():
             torch.testing.assert_close(got[o, b], amax[o, b] * best)
 
 
-def test_awq_lite_also_clips_the_smoothed_weights():
-    """awq_lite does more than ModelOpt's: the kept amax is clipped (grid 0.7..1) for the chosen scale."""
+def test_awq_full_clips_the_smoothed_weights_of_the_chosen_scale():
     base, x = _salient_case()
     ref = base(x)
     errs, models = {}, {}
-    for name in ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT4_AWQ_CFG"):
+    for name, method in (("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", None), ("INT4_AWQ_CFG", "awq_lite"),
+                         ("INT4_AWQ_CFG", "awq_full")):
         m = copy.deepcopy(base)
-        qpass.quantize(m, _cfg(name), lambda mm: mm(x))
-        errs[name], models[name] = _err(m, x, ref), m
-    m = models["INT4_AWQ_CFG"]
+        qpass.quantize(m, _cfg(name, **({"method": method} if method else {})), lambda mm: mm(x))
+        errs[method], models[method] = _err(m, x, ref), m
+    m = models["awq_full"]
     a = state_of(m).smoothing[0]
-    max_amax = m.fc.weight_quantizer.spec.amax_of(m.fc.weight.detach())
-    ratio = m.fc.weight_quantizer.amax / max_amax
-    allowed = torch.tensor([0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0])
+    assert a.alpha == state_of(models["awq_lite"]).smoothing[0].alpha  # the same scale search
+    ratio = m.fc.weight_quantizer.amax / m.fc.weight_quantizer.spec.amax_of(m.fc.weight.detach())
+    allowed = torch.tensor(_clip_ratios(0.5, 0.05))
     assert bool(((ratio.flatten()[:, None] - allowed).abs().amin(1) < 1e-5).all())
     assert bool((ratio < 1).any())
-    assert errs["INT4_AWQ_CFG"] < 0.8 * errs["INT4_BLOCKWISE_WEIGHT_ONLY_CFG"]
+    assert errs["awq_full"] < errs["awq_lite"] < 0.8 * errs[None]
     torch.testing.assert_close(m.fc.weight, base.fc.weight.detach() * a.scale)
