@@ -6,7 +6,9 @@ Calibration: ``--calib`` windows (default 16) of ``--seq`` tokens (default 256) 
 of Python's pydoc text, fed 4 windows per call; evaluation: ``--eval`` windows from its held-out
 end. A run is ``LIB:PRESET`` or ``LIB:PRESET:alpha=VALUE`` (an algorithm option override);
 ``fp32`` is the unquantized model. Every run quantizes a fresh copy; the table prints as rows
-finish. Not a test: ModelOpt's smoothquant/AWQ on the full model take minutes on the CPU.
+finish, then qpass/ModelOpt ratios (perplexity, quantize time) for presets run by both.
+qpass's smoothquant default is ``alpha="auto"`` (ModelOpt's: 1.0); ``alpha=1.0`` runs ModelOpt's
+algorithm in qpass. Not a test: ModelOpt's smoothquant/AWQ on the full model take minutes on the CPU.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ DEFAULT_RUNS = [
     "fp32",
     "qpass:INT8_DEFAULT_CFG",
     "qpass:INT8_SMOOTHQUANT_CFG",
+    "qpass:INT8_SMOOTHQUANT_CFG:alpha=1.0",
     "qpass:INT8_SMOOTHQUANT_CFG:alpha=0.5",
-    "qpass:INT8_SMOOTHQUANT_CFG:alpha=auto",
     "qpass:INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
     "qpass:INT4_AWQ_CFG",
     "modelopt:INT8_DEFAULT_CFG",
@@ -169,7 +171,20 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump(dict(layers=layers, calib=args.calib, eval=args.eval, seq=args.seq,
                                threads=args.threads, results=results), f, indent=1)
+    print_ratios(results)
     return 0
+
+
+def print_ratios(results: list[dict]) -> None:
+    """qpass / ModelOpt for every preset (with the same options) both ran without error."""
+    by = {(r["run"].split(":", 1)[0], r["run"].split(":", 1)[-1]): r for r in results if not r["error"]}
+    rows = [(key, by[("qpass", key)], by[("modelopt", key)]) for lib, key in by if lib == "qpass" and ("modelopt", key) in by]
+    if not rows:
+        return
+    print("\n| preset | qpass ppl | modelopt ppl | qpass quantize s | modelopt quantize s | time ratio |\n|---|---|---|---|---|---|")
+    for key, q, m in rows:
+        print(f"| {key} | {q['ppl']:.3f} | {m['ppl']:.3f} | {q['quant_s']:.1f} | {m['quant_s']:.1f} | "
+              f"{q['quant_s'] / m['quant_s']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """AWQ: ``awq_lite`` (activation-aware scale search), ``awq_clip`` (weight range clipping
-search) and ``awq_full`` (lite, then clip), with ModelOpt 0.47's options.
+search) and ``awq_full`` (both), with ModelOpt 0.47's options.
 
 All three read one forward_loop pass: the activation max statistics and, per Linear with
 an enabled weight quantizer, its input's per-channel mean |x| and a seeded token subsample
-(:mod:`qpass.calib.capture`). The searches then run offline on the subsample, unit by unit.
+(:mod:`qpass.calib.capture`). The searches then run offline on the subsample, unit by unit,
+through the tokens' Gram matrices (:mod:`qpass.algorithms.awq_search`): exact output errors
+over every captured token at a fraction of the matmul cost.
 
-``awq_lite`` (per smoothing unit: a shared-input group such as q/k/v, or one Linear):
-for each alpha of the grid 0, alpha_step, ..., 1 the scale is ModelOpt's
+Scale search (per smoothing unit: a shared-input group such as q/k/v, or one Linear): for
+each alpha of the grid 0, alpha_step, ..., 1 the scale is ModelOpt's
 
     s = mean|x|^alpha / w_scale^(1 - alpha),  clamped to [1e-4, 1e4], divided by sqrt(max(s) min(s))
 
@@ -15,11 +17,14 @@ for each alpha of the grid 0, alpha_step, ..., 1 the scale is ModelOpt's
 the search, as in ModelOpt). Weights are multiplied by the best ``s``; ``1/s`` is folded into
 the producer when the graph allows, else kept as the members' ``pre_quant_scale``.
 
-``awq_clip`` (per Linear with a block weight format): for each clip ratio of
-min_clip_ratio, +shrink_step, ..., 1 the weight amax is scaled down; per block (static
-block formats) or per tensor (NVFP4's global amax) the ratio with the smallest error of
-the block's partial products on up to ``max_tokens_per_batch`` tokens per calibration
-call wins. The clipped amax replaces the max-calibrated one.
+Clip search (block weight formats): for each ratio of min_clip_ratio, +shrink_step, ..., 1
+the weight amax is scaled down; per block (static block formats) or per tensor (NVFP4's
+global amax) the ratio with the smallest error of the block's partial products wins and
+replaces the max-calibrated amax.
+
+* ``awq_lite``: the scale search (ModelOpt's awq_lite).
+* ``awq_full``: the scale search, then the clip search on the smoothed weights.
+* ``awq_clip``: the clip search alone, on the unsmoothed weights.
 """
 
 from __future__ import annotations
@@ -30,21 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from qpass.algorithms import register_algorithm
+from qpass.algorithms.awq_search import clip_amax, first_quantizer, gram, search_unit_scale
 from qpass.algorithms.smoothing import (
-    SEARCH_TOKENS, Changes, alpha_grid, apply_scale, capture_pass, check_common_options, finish,
-    quantized_output, require_forward_loop, smoothable_modules, smoothing_units, validate_quantizers,
+    SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, end_smoothing,
+    finish, require_forward_loop, smoothable_modules, smoothing_units, start_smoothing,
+    validate_quantizers,
 )
 from qpass.errors import QuantConfigError
-from qpass.graph.quantized_model import iter_tensor_quantizers
-
-
-def _first_quantizer(q):
-    members = [t for t in iter_tensor_quantizers(q) if t.is_enabled]
-    return members[0] if members else None
 
 
 def weight_block_size(q) -> int | None:
-    tq = _first_quantizer(q)
+    tq = first_quantizer(q)
     return None if tq is None else tq.spec.block_size
 
 
@@ -73,43 +74,53 @@ def _check_step(name, value, low_open=True):
     return float(value)
 
 
-@torch.no_grad()
-def search_unit_scale(model, unit: list[str], stats, grid) -> tuple[torch.Tensor, float, dict]:
-    """ModelOpt's awq_lite scale search for one unit on its captured tokens."""
-    x = stats.sample
-    act_mean = stats.abs_mean
-    w_scale = torch.cat([
-        weight_scale(model.get_submodule(p).weight, weight_block_size(model.get_submodule(p).weight_quantizer))[None]
-        * model.get_submodule(p).weight.shape[0]
-        for p in unit
-    ]).sum(0) / sum(model.get_submodule(p).weight.shape[0] for p in unit)
-    ref = torch.cat([x @ model.get_submodule(p).weight.detach().float().t() for p in unit], -1)
-    losses = {}
-    for alpha in grid:
-        s = awq_scale(act_mean, w_scale, alpha)
-        losses[alpha] = float((quantized_output(model, unit, x, s) - ref).pow(2).mean())
-    best = min(losses, key=losses.get)
-    return awq_scale(act_mean, w_scale, best), best, losses
+def _unit_w_scale(model, unit) -> torch.Tensor:
+    """ModelOpt's w_scale over a unit: the members' weight_scale, weighted by their row counts."""
+    mods = [model.get_submodule(p) for p in unit]
+    rows = sum(m.weight.shape[0] for m in mods)
+    return sum(weight_scale(m.weight, weight_block_size(m.weight_quantizer)) * m.weight.shape[0] for m in mods) / rows
 
 
-def _lite(model, state, modules, stats, alpha_step, debug, changes):
+def _lite(model, state, modules, stats, alpha_step, debug, changes, clip_ratios, clip_tokens, max_co_batch_size):
+    """The scale search (and, with ``clip_ratios``, the joint clip search); applies the scales.
+
+    Returns the applied units and the clipped weight amax per weight quantizer."""
     grid = alpha_grid(alpha_step)
     plan = []
     for unit in smoothing_units(state, modules, stats):
         st = stats[unit[0]]
         if st.sample.shape[0] == 0:
             continue
-        s, alpha, losses = search_unit_scale(model, unit, st, grid)
-        plan.append((unit, s, alpha, losses))
-    applied = []
-    for unit, s, alpha, losses in plan:
+        act_mean, w_scale = st.abs_mean, _unit_w_scale(model, unit)
+        clip_x = _limit(st, clip_tokens) if clip_ratios else None
+        s, alpha, losses, amaxes = search_unit_scale(
+            model, unit, st.sample, lambda a, m=act_mean, w=w_scale: awq_scale(m, w, a), grid,
+            clip_ratios=clip_ratios, clip_x=clip_x, max_co_batch_size=max_co_batch_size)
+        plan.append((unit, s, alpha, losses, amaxes))
+    applied, keep = [], {}
+    for unit, s, alpha, losses, amaxes in plan:
         done = apply_scale(model, state, unit, s, changes)
         done.alpha = alpha
         applied.append(done)
+        for p, amax in amaxes.items():
+            keep[first_quantizer(model.get_submodule(p).weight_quantizer)] = amax
         if debug:
             for p in unit:
                 model.get_submodule(p).awq_lite = {"best_alpha": alpha, "loss": losses, "scale": s}
-    return applied
+                if p in amaxes:
+                    model.get_submodule(p).awq_clip = {"best_clip_val": amaxes[p]}
+    return applied, keep
+
+
+def _limit(st, tokens_per_call: int | None) -> torch.Tensor:
+    """The captured tokens, at most ``tokens_per_call`` per calibration call (evenly spaced)."""
+    x = st.sample
+    if tokens_per_call is None:
+        return x
+    limit = max(1, tokens_per_call * st.calls)
+    if x.shape[0] > limit:
+        x = x[:: math.ceil(x.shape[0] / limit)][:limit]
+    return x
 
 
 def _clip_ratios(min_clip_ratio: float, shrink_step: float) -> list[float]:
@@ -118,65 +129,19 @@ def _clip_ratios(min_clip_ratio: float, shrink_step: float) -> list[float]:
     return [r for r in ratios if r < 1.0] + [1.0]
 
 
-@torch.no_grad()
-def clip_search(module, x: torch.Tensor, ratios, max_co_batch_size: int) -> torch.Tensor | None:
-    """Best clipped amax of ``module``'s first weight quantizer for the inputs ``x`` [N, C]."""
-    tq = _first_quantizer(module.weight_quantizer)
-    if tq is None or not tq.spec.needs_amax or not tq._attrs.get("block_sizes"):
-        return None
-    spec = tq.spec
-    w = module.weight.detach().float()
-    co, ci = w.shape
-    w_amax = spec.amax_of(w)
-    if spec.is_dynamic or w_amax.numel() == 1:  # e.g. NVFP4: only the global amax can be clipped
-        ref = x @ w.t()
-        best, best_loss = w_amax, float("inf")
-        for r in ratios:
-            loss = float((x @ spec.fake_quant(w, w_amax * r).float().t() - ref).pow(2).mean())
-            if loss < best_loss:
-                best, best_loss = w_amax * r, loss
-        return best
-    bs = spec.block_size
-    nb = math.ceil(ci / bs) if bs else 0
-    if not bs or w_amax.numel() != co * nb:
-        return None  # not blocks along the input channels
-    pad = (-ci) % bs
-    xb = F.pad(x, (0, pad)).view(x.shape[0], nb, bs)
-    best_loss = torch.full((co, nb), float("inf"))
-    best = torch.zeros(co, nb)
-    amax2d = w_amax.reshape(co, nb).float()
-    for r in ratios:
-        dw = spec.fake_quant(w, w_amax * r).float() - w
-        dwb = F.pad(dw, (0, pad)).view(co, nb, bs)
-        loss = torch.empty(co, nb)
-        for start in range(0, co, max_co_batch_size):
-            part = torch.einsum("tnb,onb->otn", xb, dwb[start:start + max_co_batch_size])
-            loss[start:start + max_co_batch_size] = part.pow(2).mean(1)
-        better = loss < best_loss
-        best_loss = torch.where(better, loss, best_loss)
-        best = torch.where(better, amax2d * r, best)
-    return best.reshape(w_amax.shape).to(w_amax.dtype)
-
-
-def _clip(model, modules, stats, applied, max_co_batch_size, max_tokens_per_batch, min_clip_ratio,
-          shrink_step, debug) -> dict:
-    ratios = _clip_ratios(min_clip_ratio, shrink_step)
-    scale_of = {p: a.scale for a in applied for p in a.unit}
+def _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios, debug) -> dict:
+    """awq_clip: the clip search alone, per module, on its (unsmoothed) weights."""
     keep = {}
     for path, module in modules.items():
         st = stats.get(path)
         if st is None or st.sample.shape[0] == 0:
             continue
-        x = st.sample
-        limit = max(1, max_tokens_per_batch * st.calls)
-        if x.shape[0] > limit:
-            x = x[:: math.ceil(x.shape[0] / limit)][:limit]
-        if path in scale_of:
-            x = x / scale_of[path]
-        amax = clip_search(module, x, ratios, max_co_batch_size)
+        tq = first_quantizer(module.weight_quantizer)
+        x = _limit(st, max_tokens_per_batch)
+        amax = clip_amax(tq, module.weight.detach(), gram(x), ratios, max_co_batch_size)
         if amax is None:
             continue
-        keep[_first_quantizer(module.weight_quantizer)] = amax
+        keep[tq] = amax
         if debug:
             module.awq_clip = {"best_clip_val": amax}
     return keep
@@ -194,20 +159,22 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise QuantConfigError(f"{method}: {name} must be a positive integer, got {v!r}")
     validate_quantizers(model)
-    modules = smoothable_modules(model, need_input=False)
-    stats = capture_pass(model, state, forward_loop, modules, SEARCH_TOKENS)
-    changes = Changes()
+    changes, redo = start_smoothing(state)
     try:
-        applied = _lite(model, state, modules, stats, alpha_step, debug, changes) if lite else []
-        keep = {}
-        if clip:
-            keep = _clip(model, modules, stats, applied, max_co_batch_size, max_tokens_per_batch,
-                         min_clip_ratio, shrink_step, debug)
+        modules = smoothable_modules(model, need_input=False)
+        stats = capture_pass(model, state, forward_loop, modules, SEARCH_TOKENS)
+        ratios = _clip_ratios(min_clip_ratio, shrink_step) if clip else None
+        applied, keep = [], {}
+        if lite:
+            applied, keep = _lite(model, state, modules, stats, alpha_step, debug, changes, ratios,
+                                  max_tokens_per_batch, max_co_batch_size)
+        elif clip:
+            keep = _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios, debug)
         finish(model, state, forward_loop, applied, stats, keep_weight_amax=keep)
     except BaseException:
-        changes.restore()  # calibrate() restores the amax values
+        abort_smoothing(state, changes, redo)  # calibrate() restores the amax values
         raise
-    state.smoothing = applied
+    end_smoothing(state, changes, applied)
 
 
 @register_algorithm("awq_lite")

@@ -115,14 +115,19 @@ def group_weight(model: nn.Module, unit: list[str]) -> torch.Tensor:
     return torch.cat([model.get_submodule(p).weight.detach().float() for p in unit])
 
 
-def fake_quant_weight(q: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """``w`` fake-quantized as the (possibly sequential) weight quantizer would after max calibration."""
+def fake_quant_weight(q: nn.Module, w: torch.Tensor, first_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """``w`` fake-quantized as the (possibly sequential) weight quantizer would after max calibration
+    (the first enabled quantizer with ``first_amax`` instead, when given: a clipped amax)."""
     out = w
+    first = True
     for tq in iter_tensor_quantizers(q):
         if not tq.is_enabled:
             continue
         spec = tq.spec
         amax = spec.amax_of(w) if spec.needs_amax else None
+        if first and first_amax is not None:
+            amax = first_amax
+        first = False
         out = spec.fake_quant(out, amax)
     return out
 
@@ -145,15 +150,20 @@ def alpha_grid(step: float) -> list[float]:
 
 # ---------------------------------------------------------------------- applying a scale
 class Changes:
-    """Values a smoothing algorithm overwrote, so a failure can put them back."""
+    """Values a smoothing algorithm overwrote, so a failure, or the next calibration, can put them back.
+
+    After a successful run :meth:`seal` records each tensor's in-place version counter;
+    :func:`start_smoothing` uses it to tell whether anything modified the smoothed values since.
+    """
 
     def __init__(self) -> None:
-        self._tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._tensors: list[tuple[torch.Tensor, torch.Tensor, str]] = []
         self._scales: list[tuple[TensorQuantizer, torch.Tensor | None]] = []
+        self._versions: list[int] | None = None
 
-    def tensor(self, t: torch.Tensor) -> torch.Tensor:
-        if not any(t is seen for seen, _ in self._tensors):
-            self._tensors.append((t, t.detach().clone()))
+    def tensor(self, t: torch.Tensor, name: str = "") -> torch.Tensor:
+        if not any(t is seen for seen, _, _ in self._tensors):
+            self._tensors.append((t, t.detach().clone(), name))
         return t
 
     def pre_quant_scale(self, q: TensorQuantizer) -> TensorQuantizer:
@@ -162,12 +172,61 @@ class Changes:
             self._scales.append((q, None if old is None else old.clone()))
         return q
 
+    def snapshot(self) -> "Changes":
+        """The current values of everything recorded here."""
+        now = Changes()
+        for t, _, name in self._tensors:
+            now.tensor(t, name)
+        for q, _ in self._scales:
+            now.pre_quant_scale(q)
+        return now
+
+    def seal(self) -> None:
+        self._versions = [t._version for t, _, _ in self._tensors]
+
+    def modified_since_seal(self) -> list[str]:
+        if self._versions is None:
+            return []
+        return [name or "<tensor>" for (t, _, name), v in zip(self._tensors, self._versions) if t._version != v]
+
     @torch.no_grad()
     def restore(self) -> None:
-        for t, value in self._tensors:
+        for t, value, _ in self._tensors:
             t.copy_(value)
         for q, value in self._scales:
             q.pre_quant_scale = value
+
+
+def start_smoothing(state: QpassState) -> tuple[Changes, Changes | None]:
+    """Undo the previous smoothing calibration, if any, so a re-calibration starts from the
+    unsmoothed weights. Returns the new run's :class:`Changes` and, to put the previous
+    smoothing back if the new run fails, a snapshot of it (None if there was none)."""
+    prev = getattr(state, "unsmoothed", None)
+    if prev is None:
+        return Changes(), None
+    changed = prev.modified_since_seal()
+    if changed:
+        raise CalibrationError(
+            f"cannot re-run smoothing: {', '.join(changed[:4])} changed since the last smoothing calibration "
+            "(e.g. fold_weight); re-quantize the original model instead"
+        )
+    redo = prev.snapshot()
+    prev.restore()
+    return Changes(), redo
+
+
+def end_smoothing(state: QpassState, changes: Changes, applied: list) -> None:
+    changes.seal()
+    state.unsmoothed = changes
+    state.smoothing = applied
+
+
+def abort_smoothing(state: QpassState, changes: Changes, redo: Changes | None) -> None:
+    """Put back what the failed run found: the previous smoothing, still undoable."""
+    changes.restore()
+    if redo is not None:
+        redo.restore()
+        state.unsmoothed.seal()
 
 
 @dataclass
@@ -179,6 +238,7 @@ class Applied:
     site: FoldSite | None
     untied: list[str] = field(default_factory=list)
     alpha: float | None = None
+    clip: float = 1.0  # the smoothed input's static amax is clip * its max
 
 
 @torch.no_grad()
@@ -196,14 +256,14 @@ def apply_scale(model: nn.Module, state: QpassState, unit: list[str], s: torch.T
     graphs = graphs_of(state)
     site = find_fold_site(model, graphs, unit, s.numel())
     for p in unit:
-        w = changes.tensor(model.get_submodule(p).weight)
+        w = changes.tensor(model.get_submodule(p).weight, f"{p}.weight")
         w.mul_(s.to(w.device, w.dtype))
     if site is not None:
         for name in site.vectors:
-            v = changes.tensor(model.get_parameter(name))
+            v = changes.tensor(model.get_parameter(name), name)
             v.div_(s.to(v.device, v.dtype))
         for name in site.rows:
-            w = changes.tensor(model.get_parameter(name))
+            w = changes.tensor(model.get_parameter(name), name)
             w.div_(s.to(w.device, w.dtype)[:, None])
     else:
         for p in unit:
@@ -237,7 +297,7 @@ def finish(model: nn.Module, state: QpassState, forward_loop: Callable, applied:
             if not q.is_enabled or _is_dynamic(q):
                 continue
             if _scalar_max_statistic(q, a.scale.numel()):
-                amax = (stats[p].amax / a.scale).max()
+                amax = (stats[p].amax / a.scale).max() * a.clip
                 old = q.amax
                 q.amax = amax.reshape(old.shape) if old is not None and old.numel() == 1 else amax
             else:

@@ -8,14 +8,16 @@ enabled input and weight quantizers) the scale is
 with ``amax_x`` the per-channel abs-max of the unit's input over the calibration data
 and ``amax_w`` the per-input-channel abs-max over all members' weights. As in ModelOpt,
 ``1/s`` is clamped to [1e-4, 1e4] and channels that never saw a non-zero value keep
-s = 1; ``alpha`` defaults to 1.0 (ModelOpt 0.47's default). The weights are multiplied
-by ``s``; ``1/s`` is folded into the producer when the graph allows (see
-:mod:`qpass.algorithms.fold`), else kept as the members' ``pre_quant_scale``. The
-input amax is then ``max_c amax_x[c] / s_c``: one forward_loop call in all.
+s = 1. The weights are multiplied by ``s``; ``1/s`` is folded into the producer when the
+graph allows (see :mod:`qpass.algorithms.fold`), else kept as the members'
+``pre_quant_scale``. The input amax is then ``clip * max_c amax_x[c] / s_c``: one
+forward_loop call in all.
 
-Beyond ModelOpt: ``alpha="auto"`` picks, per unit, the alpha of the grid 0, 0.1, ..., 1
-whose fake-quantized output (input and weights quantized as configured) is closest, in
-mean squared error, to the float output on the captured token subsample.
+``alpha`` = a number in [0, 1]: ModelOpt's algorithm with that alpha (clip = 1).
+``alpha="auto"`` (qpass's default; ModelOpt's is 1.0): per unit, alpha of the grid
+0, 0.1, ..., 1 and the static activation clip are searched together on the unit's
+captured input tokens, for the smallest error of its quantized output (input and weights
+quantized as configured) against the float output; see :mod:`qpass.algorithms.smooth_search`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ import torch
 
 from qpass.algorithms import register_algorithm
 from qpass.algorithms.smoothing import (
-    SEARCH_TOKENS, Changes, alpha_grid, apply_scale, capture_pass, check_common_options, finish, group_weight,
-    require_forward_loop, smoothable_modules, smoothing_units, validate_quantizers,
+    SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, finish, group_weight,
+    end_smoothing, require_forward_loop, smoothable_modules, start_smoothing, smoothing_units, validate_quantizers,
 )
+from qpass.algorithms.smooth_search import search_alpha_clip
 from qpass.errors import QuantConfigError
 
 AUTO_GRID_STEP = 0.1
+#: tokens captured per smoothed input for alpha="auto" (its estimate reads them all, the exact
+#: scoring 512): half of AWQ's, as W8A8 units hold every Linear's input in memory at once
+AUTO_SEARCH_TOKENS = SEARCH_TOKENS // 2
 
 
 def smoothquant_scale(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -45,7 +51,7 @@ def smoothquant_scale(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: 
 
 def _check_alpha(alpha):
     if alpha is None:
-        return 1.0
+        return "auto"
     if alpha == "auto":
         return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -53,66 +59,38 @@ def _check_alpha(alpha):
     return float(alpha)
 
 
-def _input_fake_quant(model, unit, xs: torch.Tensor, act_amax_s: torch.Tensor) -> list[torch.Tensor]:
-    out = []
-    for p in unit:
-        q = model.get_submodule(p).input_quantizer
-        spec = q.spec
-        if q._attrs.get("type") == "dynamic" or not spec.needs_amax:
-            amax = None
-        elif spec.amax_of(xs[:2]).numel() == 1:
-            amax = act_amax_s.max()
-        else:
-            amax = spec.amax_of(xs)
-        out.append(spec.fake_quant(xs, amax))
-    return out
-
-
-@torch.no_grad()
-def search_alpha(model, unit: list[str], stats, weight_amax: torch.Tensor, grid) -> tuple[float, dict]:
-    """The grid alpha minimising the unit's quantized-output MSE on the captured subsample."""
-    from qpass.algorithms.smoothing import fake_quant_weight
-
-    x = stats.sample
-    ref = x @ group_weight(model, unit).t()
-    losses = {}
-    for alpha in grid:
-        s = smoothquant_scale(stats.amax, weight_amax, alpha)
-        xs = x / s
-        outs = []
-        for p, xq in zip(unit, _input_fake_quant(model, unit, xs, stats.amax / s)):
-            m = model.get_submodule(p)
-            wq = fake_quant_weight(m.weight_quantizer, m.weight.detach().float() * s).float()
-            outs.append(xq @ wq.t())
-        losses[alpha] = float((torch.cat(outs, -1) - ref).pow(2).mean())
-    best = min(losses, key=losses.get)
-    return best, losses
-
-
 @register_algorithm("smoothquant")
-def smoothquant(model, state, forward_loop, alpha=1.0, **options):
+def smoothquant(model, state, forward_loop, alpha="auto", **options):
     check_common_options("smoothquant", options)
     require_forward_loop("smoothquant", forward_loop)
     alpha = _check_alpha(alpha)
     validate_quantizers(model)
+    changes, redo = start_smoothing(state)
+    try:
+        applied = _smooth(model, state, forward_loop, alpha, changes)
+    except BaseException:
+        abort_smoothing(state, changes, redo)
+        raise
+    end_smoothing(state, changes, applied)
+
+
+def _smooth(model, state, forward_loop, alpha, changes):
     modules = smoothable_modules(model, need_input=True)
-    stats = capture_pass(model, state, forward_loop, modules, SEARCH_TOKENS if alpha == "auto" else 0)
+    stats = capture_pass(model, state, forward_loop, modules, AUTO_SEARCH_TOKENS if alpha == "auto" else 0)
     plan = []
     for unit in smoothing_units(state, modules, stats):
         st = stats[unit[0]]
         weight_amax = group_weight(model, unit).abs().amax(0)
-        a = alpha
+        a, clip = alpha, 1.0
         if alpha == "auto":
-            a, _ = search_alpha(model, unit, st, weight_amax, alpha_grid(AUTO_GRID_STEP))
-        plan.append((unit, smoothquant_scale(st.amax, weight_amax, a), a))
-    applied, changes = [], Changes()
-    try:
-        for unit, s, a in plan:
-            done = apply_scale(model, state, unit, s, changes)
-            done.alpha = a
-            applied.append(done)
-        finish(model, state, forward_loop, applied, stats)
-    except BaseException:
-        changes.restore()
-        raise
-    state.smoothing = applied
+            found = search_alpha_clip(model, unit, st, lambda al: smoothquant_scale(st.amax, weight_amax, al),
+                                      alpha_grid(AUTO_GRID_STEP))
+            a, clip = found.alpha, found.clip
+        plan.append((unit, smoothquant_scale(st.amax, weight_amax, a), a, clip))
+    applied = []
+    for unit, s, a, clip in plan:
+        done = apply_scale(model, state, unit, s, changes)
+        done.alpha, done.clip = a, clip
+        applied.append(done)
+    finish(model, state, forward_loop, applied, stats)
+    return applied

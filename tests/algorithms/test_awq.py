@@ -161,3 +161,62 @@ def test_debug_keeps_search_results_and_bad_options_are_refused():
         qpass.quantize(copy.deepcopy(base), _cfg("INT4_AWQ_CFG", alpha_step=0.0), lambda mm: mm(x))
     with pytest.raises(QuantConfigError, match="min_clip_ratio"):
         qpass.quantize(copy.deepcopy(base), _cfg("NVFP4_AWQ_CLIP_CFG", min_clip_ratio=1.5), lambda mm: mm(x))
+
+
+def test_gram_errors_equal_the_direct_partial_products():
+    from qpass.algorithms.awq_search import block_grams, gram, output_error
+
+    torch.manual_seed(0)
+    x = torch.randn(3000, 40)
+    dw = torch.randn(6, 40)
+    direct = (x @ dw.t()).pow(2).sum(0).double()
+    torch.testing.assert_close(output_error(dw, gram(x)), direct, rtol=1e-5, atol=1e-6)
+    gb = block_grams(gram(x), 16)  # 40 channels: blocks 16, 16, 8 (+8 zero padding)
+    assert gb.shape == (3, 16, 16)
+    torch.testing.assert_close(gb[1], (x[:, 16:32].t() @ x[:, 16:32]), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gb[2, :8, :8], (x[:, 32:].t() @ x[:, 32:]), rtol=1e-4, atol=1e-3)
+    assert not gb[2, 8:].any() and not gb[2, :, 8:].any()
+
+
+def test_clip_amax_picks_each_blocks_best_ratio_by_brute_force():
+    from qpass.algorithms.awq_search import clip_amax, gram
+    from qpass.nn.tensor_quantizer import TensorQuantizer
+
+    torch.manual_seed(0)
+    tq = TensorQuantizer({"num_bits": 4, "block_sizes": {-1: 16, "type": "static"}})
+    w = torch.randn(5, 32)
+    x = torch.randn(500, 32)
+    ratios = [0.6, 0.8, 1.0]
+    got = clip_amax(tq, w, gram(x), ratios).reshape(5, 2)
+    amax = tq.spec.amax_of(w).reshape(5, 2)
+    for o in range(5):
+        for b in range(2):
+            cols = slice(16 * b, 16 * b + 16)
+            errs = []
+            for r in ratios:
+                a = tq.spec.amax_of(w).reshape(5, 2).clone()
+                a[o, b] *= r
+                dw = tq.spec.fake_quant(w, a.reshape(tq.spec.amax_of(w).shape)) - w
+                errs.append(float((x[:, cols] @ dw[o, cols]).pow(2).sum()))
+            best = ratios[min(range(len(ratios)), key=errs.__getitem__)]
+            torch.testing.assert_close(got[o, b], amax[o, b] * best)
+
+
+def test_awq_full_clips_the_smoothed_weights_of_the_chosen_scale():
+    base, x = _salient_case()
+    ref = base(x)
+    errs, models = {}, {}
+    for name, method in (("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", None), ("INT4_AWQ_CFG", "awq_lite"),
+                         ("INT4_AWQ_CFG", "awq_full")):
+        m = copy.deepcopy(base)
+        qpass.quantize(m, _cfg(name, **({"method": method} if method else {})), lambda mm: mm(x))
+        errs[method], models[method] = _err(m, x, ref), m
+    m = models["awq_full"]
+    a = state_of(m).smoothing[0]
+    assert a.alpha == state_of(models["awq_lite"]).smoothing[0].alpha  # the same scale search
+    ratio = m.fc.weight_quantizer.amax / m.fc.weight_quantizer.spec.amax_of(m.fc.weight.detach())
+    allowed = torch.tensor(_clip_ratios(0.5, 0.05))
+    assert bool(((ratio.flatten()[:, None] - allowed).abs().amin(1) < 1e-5).all())
+    assert bool((ratio < 1).any())
+    assert errs["awq_full"] < errs["awq_lite"] < 0.8 * errs[None]
+    torch.testing.assert_close(m.fc.weight, base.fc.weight.detach() * a.scale)

@@ -1,0 +1,181 @@
+"""SmoothQuant's per-unit search: the smoothing exponent alpha together with the static
+activation clip, on the unit's captured input tokens.
+
+For every (alpha, clip) of the grids the unit's output error is first estimated cheaply,
+channel by channel: quantization errors of different input channels are nearly
+uncorrelated, so
+
+    |Q(x/s) Q(W s)^T - x W^T|^2  ~  sum_c |dx_c|^2 |(W s)_c|^2 + |(x/s)_c|^2 |dW_c|^2
+
+(``dx``: the activation error of x/s quantized with the clipped per-tensor amax, ``dW``:
+the weight error of W*s, ``_c``: input channel c's column). That costs O(tokens x channels)
+per candidate instead of a matmul. The ``SHORTLIST`` best candidates are then scored
+exactly, by the matmul on a bounded token subsample, and the best wins. Clip 1.0 with
+any alpha is always part of the exact round, so the search can only pick a clip when it
+measurably beats the unclipped amax on the unit's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qpass.algorithms.smoothing import fake_quant_weight, group_weight
+
+#: activation clip ratios (of the smoothed input's max) tried per alpha
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+#: candidates scored exactly after the per-channel estimate
+SHORTLIST = 3
+#: tokens used by the exact scoring
+EXACT_TOKENS = 512
+
+
+@dataclass
+class SearchResult:
+    alpha: float
+    clip: float
+    loss: float  # exact output MSE of the winner on the scoring tokens
+    estimates: dict  # (alpha, clip) -> estimated output MSE
+
+
+def strided(x: torch.Tensor, n: int) -> torch.Tensor:
+    """At most ``n`` rows of ``x``, evenly spaced (the capture's order is already random)."""
+    if x.shape[0] <= n:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
+
+
+def clippable(model, unit) -> bool:
+    """True if every member's input quantizer is an enabled static per-tensor max quantizer."""
+    from qpass.algorithms.smoothing import _is_dynamic, _scalar_max_statistic
+
+    for p in unit:
+        m = model.get_submodule(p)
+        q = m.input_quantizer
+        if not q.is_enabled or _is_dynamic(q) or not _scalar_max_statistic(q, m.weight.shape[1]):
+            return False
+    return True
+
+
+def input_fake_quant(q, xs: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """``xs`` as input quantizer ``q`` would quantize it with per-tensor statistic ``amax``."""
+    from qpass.algorithms.smoothing import _is_dynamic
+
+    if not q.is_enabled:
+        return xs
+    spec = q.spec
+    if _is_dynamic(q):
+        return spec.fake_quant(xs, None)
+    if spec.amax_of(xs[:2]).numel() == 1:
+        return spec.fake_quant(xs, amax)
+    return spec.fake_quant(xs, spec.amax_of(xs))
+
+
+class ChannelProfile:
+    """Each channel's largest |x| values with their sums: the error of clipping and rounding
+    x/s at any per-tensor threshold, channel by channel, in O(channels x log tokens).
+
+    Only the top ``1/TOP_FRACTION`` of each channel's values are kept (sorted); a threshold
+    that would clip more of a channel than that is reported as an infinite error (far too
+    aggressive a clip for a calibrated amax anyway)."""
+
+    TOP_FRACTION = 16
+
+    def __init__(self, x: torch.Tensor) -> None:
+        a = x.abs().t()  # [C, N]
+        self.n = a.shape[1]
+        k = max(1, min(self.n, -(-self.n // self.TOP_FRACTION)))
+        top = a.topk(k, dim=1).values.flip(1).double()  # ascending
+        self.complete = k == self.n
+        self.sorted = top
+        zero = top.new_zeros(top.shape[0], 1)
+        self.cs1 = torch.cat([zero, top.cumsum(1)], 1)
+        self.cs2 = torch.cat([zero, top.pow(2).cumsum(1)], 1)
+
+    def int_error(self, s: torch.Tensor, threshold: float, max_bound: float) -> torch.Tensor:
+        """Per-channel squared error of x/s quantized to integers with amax ``threshold``:
+        the exact clipping error plus step^2/12 for every unclipped element."""
+        s = s.double()
+        tau = (threshold * s)[:, None]  # the threshold in x's units, per channel
+        j = torch.searchsorted(self.sorted, tau, right=True)  # kept elements <= tau
+        k = (self.sorted.shape[1] - j).squeeze(1).double()  # elements above tau
+        s1 = (self.cs1[:, -1:] - self.cs1.gather(1, j)).squeeze(1)
+        s2 = (self.cs2[:, -1:] - self.cs2.gather(1, j)).squeeze(1)
+        clip = s2 / s.pow(2) - 2 * threshold * s1 / s + k * threshold ** 2
+        step = threshold / max_bound
+        err = clip.clamp(min=0) + (self.n - k) * step ** 2 / 12
+        if not self.complete:
+            err = torch.where(j.squeeze(1) == 0, torch.full_like(err, float("inf")), err)
+        return err
+
+
+def _int_spec(model, unit):
+    """The members' common per-tensor signed-integer input format, if there is one."""
+    from qpass.formats.integer import IntFormat
+
+    specs = [model.get_submodule(p).input_quantizer.spec for p in unit]
+    fmt = specs[0].fmt
+    if isinstance(fmt, IntFormat) and not fmt.unsigned and all(sp.fmt == fmt for sp in specs):
+        return fmt
+    return None
+
+
+def _unseen_error(unseen: torch.Tensor, s: torch.Tensor, threshold: float, col: torch.Tensor, total: int) -> float:
+    """Output error per token of clipping the channel maxima the subsample does not hold."""
+    return float(((unseen / s - threshold).clamp(min=0).double().pow(2) * col).sum()) / total
+
+
+@torch.no_grad()
+def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLIP_RATIOS,
+                      shortlist: int = SHORTLIST, exact_tokens: int = EXACT_TOKENS) -> SearchResult:
+    """Best (alpha, clip) for one smoothing unit; ``scale_fn(alpha)`` gives its scale ``s``."""
+    fmt = _int_spec(model, unit) if clippable(model, unit) else None
+    if fmt is None:
+        clips = (1.0,)
+    x = stats.sample
+    total = max(stats.tokens, x.shape[0], 1)
+    # each channel's abs-max over all tokens, where the subsample missed it: its clipping error
+    # is added to every candidate (one element among ``total`` tokens)
+    unseen = torch.where(stats.amax.float() > x.abs().amax(0), stats.amax.float(), torch.zeros(()))
+    xa = strided(x, exact_tokens)  # activation error of formats without a closed form
+    profile = ChannelProfile(x) if fmt is not None else None
+    mods = [model.get_submodule(p) for p in unit]
+    w = group_weight(model, unit)
+    x2 = x.pow(2).sum(0)  # [C]
+    est, cache = {}, {}
+    for alpha in alphas:
+        s = scale_fn(alpha)
+        ws = w * s
+        wq = torch.cat([fake_quant_weight(m.weight_quantizer, m.weight.detach().float() * s).float() for m in mods])
+        w_err = float((x2 / s.pow(2) * (wq - ws).pow(2).sum(0)).sum()) / max(x.shape[0], 1)
+        col = ws.pow(2).sum(0).double()
+        base = (stats.amax / s).max()
+        cache[alpha] = (s, wq, base, col)
+        for r in clips:
+            if profile is not None:
+                a_err = float((profile.int_error(s, float(base) * r, fmt.max_bound) * col).sum()) / profile.n
+            else:
+                xs = xa / s
+                dx = input_fake_quant(mods[0].input_quantizer, xs, base * r) - xs
+                a_err = float((dx.pow(2).sum(0) * col).sum()) / max(xa.shape[0], 1)
+            est[(alpha, r)] = w_err + a_err + _unseen_error(unseen, s, float(base) * r, col, total)
+    ranked = sorted(est, key=est.get)
+    chosen = ranked[:shortlist]
+    if (ranked[0][0], 1.0) not in chosen:
+        chosen.append((ranked[0][0], 1.0))
+    xe = xa
+    ref = xe @ w.t()
+    exact = {}
+    for alpha, r in chosen:
+        s, wq, base, col = cache[alpha]
+        xs = xe / s
+        outs, row = [], 0
+        for m in mods:
+            n = m.weight.shape[0]
+            outs.append(input_fake_quant(m.input_quantizer, xs, base * r) @ wq[row:row + n].t())
+            row += n
+        per_token = float((torch.cat(outs, -1) - ref).pow(2).sum(-1).mean())
+        exact[(alpha, r)] = (per_token + _unseen_error(unseen, s, float(base) * r, col, total)) / ref.shape[1]
+    best = min(exact, key=exact.get)
+    return SearchResult(alpha=best[0], clip=best[1], loss=exact[best], estimates=est)

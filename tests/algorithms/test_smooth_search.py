@@ -1,0 +1,119 @@
+"""SmoothQuant's alpha + activation clip search (alpha="auto"): its error estimate and its choices."""
+
+import copy
+
+import torch
+from torch import nn
+
+import qpass
+from qpass.algorithms.smooth_search import CLIP_RATIOS, ChannelProfile
+from qpass.graph.quantized_model import state_of
+from qpass.nn.tensor_quantizer import TensorQuantizer
+
+INT8_CFG = [{"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+            {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}}]
+
+
+def _cfg(alpha):
+    return {"quant_cfg": INT8_CFG, "algorithm": {"method": "smoothquant", "alpha": alpha}}
+
+
+def test_channel_profile_error_matches_fake_quant():
+    torch.manual_seed(0)
+    x = torch.randn(3000, 12) * (torch.rand(12) * 4 + 0.1)
+    x[11, 2] = 90.0
+    s = torch.rand(12) + 0.5
+    q = TensorQuantizer({"num_bits": 8, "axis": None})
+    profile = ChannelProfile(x)
+    xs = x / s
+    top = float(xs.abs().max())
+    for r in (1.0, 0.5, 0.2):
+        t = top * r
+        real = (q.spec.fake_quant(xs, torch.tensor(t)) - xs).pow(2).sum(0)
+        est = profile.int_error(s, t, 127).float()
+        clip_part = (xs.abs() - t).clamp(min=0).pow(2).sum(0)
+        # clipping is exact; rounding (step^2 / 12 per unclipped element) is within a few percent
+        torch.testing.assert_close(est, real, rtol=0.08, atol=1e-3 * float(clip_part.max()) + 1e-6)
+    # a threshold clipping more than 1/16 of a channel's values is out of the profile: infinite
+    t = float(xs.abs().median())
+    est = profile.int_error(s, t, 127)
+    too_many = (xs.abs() > t).float().mean(0) > 1 / ChannelProfile.TOP_FRACTION
+    assert bool(too_many.any()) and torch.equal(torch.isinf(est), too_many)
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d_in=64, d_out=48):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_rare_outlier_tokens_are_clipped():
+    """Two tokens 20x larger in every channel: no smoothing scale can flatten them, a clip can."""
+    from qpass.algorithms.smooth_search import input_fake_quant, search_alpha_clip
+    from qpass.algorithms.smoothquant import smoothquant_scale
+    from qpass.calib.capture import ActivationCapture
+
+    torch.manual_seed(0)
+    base = OneLinear().eval()
+    x = torch.randn(4096, 64)
+    x[[123, 2000]] *= 20.0
+    ref = base(x)
+    m = copy.deepcopy(base)
+    qpass.quantize(m, {"quant_cfg": INT8_CFG, "algorithm": "max"}, lambda mm: mm(x))
+    with ActivationCapture({"fc": m.fc}, max_tokens=4096) as cap:
+        m(x)
+    st = cap.stats["fc"]
+    w_amax = m.fc.weight.detach().abs().amax(0)
+    scale = lambda al: smoothquant_scale(st.amax, w_amax, al)  # noqa: E731
+    found = search_alpha_clip(m, ["fc"], st, scale, [0.5])
+    assert found.alpha == 0.5 and found.clip < 1.0
+
+    def err(clip):
+        s = scale(0.5)
+        xs = input_fake_quant(m.fc.input_quantizer, x / s, (st.amax / s).max() * clip)
+        wq = m.fc.weight_quantizer.spec.fake_quant(m.fc.weight.detach() * s)
+        return (xs @ wq.t() + m.fc.bias - ref).pow(2).mean()
+
+    assert err(found.clip) < 0.85 * err(1.0)  # on all tokens, the two outliers included
+
+
+def test_auto_sets_the_clipped_smoothed_amax_and_is_never_much_worse_than_fixed_alphas():
+    torch.manual_seed(0)
+    base = OneLinear().eval()
+    x = torch.randn(4096, 64)
+    x[[123, 2000]] *= 20.0
+    x[:, 7] *= 30.0
+    ref = base(x)
+    errs, models = {}, {}
+    for alpha in (1.0, 0.5, "auto"):
+        m = copy.deepcopy(base)
+        qpass.quantize(m, _cfg(alpha), lambda mm: mm(x))
+        errs[alpha], models[alpha] = (m(x) - ref).pow(2).mean().item(), m
+    a = state_of(models["auto"]).smoothing[0]
+    assert a.clip in CLIP_RATIOS
+    smoothed_max = (x.abs().amax(0) / a.scale).max()
+    torch.testing.assert_close(models["auto"].fc.input_quantizer.amax, smoothed_max * a.clip)
+    assert errs["auto"] <= 1.1 * min(errs[1.0], errs[0.5])
+    # fixed alphas are ModelOpt's algorithm: never clipped
+    assert state_of(models[0.5]).smoothing[0].clip == 1.0
+
+
+def test_outlier_channel_without_rare_tokens_keeps_full_range():
+    """A constant-size outlier channel is smoothing's job: every alpha of the search keeps it
+    below the unclipped error and the amax stays (nearly) the smoothed max."""
+    torch.manual_seed(1)
+    base = OneLinear().eval()
+    x = torch.rand(2048, 64) * 2 - 1  # bounded: nothing to gain by clipping uniform values
+    x[:, 5] *= 40.0
+    ref = base(x)
+    m = copy.deepcopy(base)
+    qpass.quantize(m, _cfg("auto"), lambda mm: mm(x))
+    a = state_of(m).smoothing[0]
+    assert a.clip >= 0.9
+    plain = copy.deepcopy(base)
+    qpass.quantize(plain, {"quant_cfg": INT8_CFG, "algorithm": "max"}, lambda mm: mm(x))
+    assert (m(x) - ref).pow(2).mean() < 0.5 * (plain(x) - ref).pow(2).mean()
