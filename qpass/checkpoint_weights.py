@@ -21,7 +21,7 @@ from torch import nn
 from qpass.checkpoint_format import model_modules
 
 PREFIX = "weights/"  # safetensors key prefix of stored model tensors
-WEIGHT_CHANGING_METHODS = ("smoothquant", "awq_lite", "awq_clip", "awq_full")
+WEIGHT_CHANGING_METHODS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
 
 
 def model_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, str, torch.Tensor]]:
@@ -51,6 +51,7 @@ def shared_groups(tensors: dict) -> list[list[str]]:
 def changes_weights(state) -> bool:
     """Whether calibration changed the model's weights (as far as the state tells)."""
     algos = state.algorithm if isinstance(state.algorithm, list) else [state.algorithm]
+    algos = algos + [a["additional_algorithm"] for a in algos if isinstance(a, dict) and a.get("additional_algorithm")]
     methods = {a.get("method") if isinstance(a, dict) else a for a in algos}
     return bool(getattr(state, "smoothing", None)) or any(m in WEIGHT_CHANGING_METHODS for m in methods)
 
