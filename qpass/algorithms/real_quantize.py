@@ -19,6 +19,7 @@ from torch import nn
 
 from qpass.algorithms import get_algorithm, register_algorithm
 from qpass.algorithms.fold import is_shared_parameter
+from qpass.algorithms.smoothing import graphs_of
 from qpass.calib.max_calibrate import weight_quantizer_owners
 from qpass.errors import QuantConfigError
 from qpass.nn.packed_weight import PackedWeightQuantizer, pack_weight
@@ -47,6 +48,19 @@ def packable_modules(model: nn.Module) -> tuple[dict, list[str]]:
     return out, shared
 
 
+def _rebind_graphs(state, modules: dict) -> None:
+    """Point every graph's ``get_attr`` of a packed weight at its placeholder, dropping the FP32 weight."""
+    targets = {f"{path}.weight": module.weight for path, module in modules.items()}
+    for gm in graphs_of(state):
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target in targets:
+                parent_path, _, leaf = node.target.rpartition(".")
+                parent = gm.get_submodule(parent_path) if parent_path else gm
+                parent._parameters.pop(leaf, None)
+                parent._buffers.pop(leaf, None)
+                setattr(parent, leaf, targets[node.target])
+
+
 @register_algorithm("real_quantize")
 def real_quantize(model, state, forward_loop, additional_algorithm="max"):
     from qpass.config.algorithms import normalize_algorithm
@@ -63,7 +77,5 @@ def real_quantize(model, state, forward_loop, additional_algorithm="max"):
     for path, module in modules.items():
         b, a = pack_weight(module, path)
         before, after = before + b, after + a
-    from qpass.model_quant import sync_graph_attributes
-
-    sync_graph_attributes(model)  # the graphs drop their references to the FP32 weights
+    _rebind_graphs(state, modules)
     state.packed_bytes = (before, after)

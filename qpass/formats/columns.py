@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import dynamic, scaled
+from .integer import IntFormat
 
 __all__ = ["ColumnGrid"]
 
@@ -35,13 +36,17 @@ class ColumnGrid:
             self.block = spec._dyn_block(weight.shape)
             self._d = torch.zeros(rows, 1, device=weight.device)  # current block's dequant scale
             self._started = None
-            self._elem_amax = None
         else:
             self.block = spec.block_size if spec.block_sizes and list(spec.block_sizes) in ([-1], [1]) else None
             lay = spec._layout(weight.shape)
             a = spec._amax_or_stat(weight.detach().float(), amax)
             a = lay.broadcast_amax(a, weight.device).expand(lay.blocked_shape)
-            self._elem_amax = lay.from_blocks(a.contiguous())  # [rows, cols] float32
+            a = lay.from_blocks(a.contiguous()).t().contiguous()  # [cols, rows]: one row per column
+            # scaled.fake_quant's multiplier and divisor, computed once per element
+            if isinstance(spec.fmt, IntFormat):
+                self._mult, self._div = scaled._int_divisor(spec.fmt, a)
+            else:
+                self._mult, self._inv = scaled._float_scale(spec.fmt, a)
 
     @property
     def is_dynamic(self) -> bool:
@@ -68,7 +73,9 @@ class ColumnGrid:
         v = column.detach().float()
         fmt = self.spec.fmt
         if not self.is_dynamic:
-            return scaled.fake_quant(fmt, v, self._elem_amax[:, col])
+            if isinstance(fmt, IntFormat):
+                return fmt.round(v * self._mult[col]) / self._div[col]
+            return fmt.round(v * self._mult[col]) * self._inv[col]
         if self._started is None or not (self._started <= col < self._started + self.block):
             raise RuntimeError(f"column {col} is outside the started block (start_block first)")
         if self.spec.is_mx:

@@ -6,7 +6,8 @@ it) holding the codes and scales from :mod:`qpass.formats.packed`, and replaces 
 ``weight`` by a placeholder of the same shape and dtype backed by one element: the FP32
 storage is released. The graph still reads ``weight`` and hands it to the quantizer, which
 ignores it and returns the dequantized weight, bit for bit what fake quantization of the
-original weight gave. New input structures trace as before (the placeholder has the
+original weight gave. The placeholder is a non-persistent buffer: ``state_dict`` carries the
+codes and scales (on the quantizer) instead of the weight. New input structures trace as before (the placeholder has the
 weight's shape, dtype and device).
 """
 
@@ -22,9 +23,9 @@ from qpass.nn.tensor_quantizer import TensorQuantizer
 PACKED_KEYS = ("codes", "scale", "block_scale", "global_scale")
 
 
-def placeholder_like(w: torch.Tensor) -> nn.Parameter:
-    """A parameter with ``w``'s shape, dtype and device whose storage is one zero element."""
-    return nn.Parameter(torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape), requires_grad=False)
+def placeholder_like(w: torch.Tensor) -> torch.Tensor:
+    """A tensor with ``w``'s shape, dtype and device whose storage is one zero element."""
+    return torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape)
 
 
 def is_placeholder(t: torch.Tensor) -> bool:
@@ -95,5 +96,8 @@ def pack_weight(module: nn.Module, path: str) -> tuple[int, int]:
     packed = packing.pack(spec, w, amax)
     before = w.numel() * w.element_size()
     install_packed(q, packed, w.shape, w.dtype)
-    module.weight = placeholder_like(w)
+    # A non-persistent buffer: not a parameter any more, and not in the state_dict (the
+    # quantizer's codes and scales are).
+    del module._parameters["weight"]
+    module.register_buffer("weight", placeholder_like(w), persistent=False)
     return before, q.packed_bytes
