@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qpass.checkpoint_format import model_modules
+from qpass.nn.packed_weight import is_placeholder
 
 PREFIX = "weights/"  # safetensors key prefix of stored model tensors
 WEIGHT_CHANGING_METHODS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
@@ -57,8 +58,11 @@ def changes_weights(state) -> bool:
 
 
 def record(model: nn.Module, include: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The body entries and (if ``include``) safetensors entries for the model's own tensors."""
-    tensors = model_tensors(model)
+    """The body entries and (if ``include``) safetensors entries for the model's own tensors.
+
+    Placeholders of packed weights (real_quantize) are left out: their values are in the
+    quantizers' tensors, and a fresh model has its real weights there."""
+    tensors = {n: v for n, v in model_tensors(model).items() if not is_placeholder(v[3])}
     body = {"weights_sha256": {n: digest(v[3]) for n, v in tensors.items()},
             "weights_stored": include, "weights_shared": shared_groups(tensors)}
     stored = {}

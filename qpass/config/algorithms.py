@@ -27,12 +27,14 @@ ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
     "gptq": ("perc_damp", "block_size", "fused"),
     "nvfp4_act_headroom": ("anchor_percentile", "upper_percentile", "rho", "weight_scale_algorithm"),
     "lsq": ("learnable_amax", "tied_amax", "quantize_pre_scale", "scale_algorithm"),
-    # Not a calibration method in ModelOpt 0.47 (there: mtq.compress); the algorithm form of
-    # earlier ModelOpt releases: calibrate with additional_algorithm, then pack the weights.
-    "real_quantize": ("additional_algorithm",),
 }
 
-ALGORITHMS: tuple[str, ...] = tuple(ALGORITHM_OPTIONS)
+#: Not calibration methods in ModelOpt 0.47. ``real_quantize`` (0.47: ``mtq.compress``) is the
+#: algorithm form of earlier ModelOpt releases: calibrate with additional_algorithm, then pack.
+EXTRA_ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {"real_quantize": ("additional_algorithm",)}
+
+_OPTIONS = {**ALGORITHM_OPTIONS, **EXTRA_ALGORITHM_OPTIONS}
+ALGORITHMS: tuple[str, ...] = tuple(_OPTIONS)
 
 
 def _unknown_method(method, where) -> QuantConfigError:
@@ -53,7 +55,7 @@ def normalize_algorithm(algorithm, where: str = "algorithm"):
     if algorithm is None:
         return None
     if isinstance(algorithm, str):
-        if algorithm not in ALGORITHM_OPTIONS:
+        if algorithm not in _OPTIONS:
             raise _unknown_method(algorithm, where)
         return {"method": algorithm}
     if isinstance(algorithm, dict):
@@ -71,9 +73,9 @@ def normalize_algorithm(algorithm, where: str = "algorithm"):
                     f"{where}: method None (no calibration) takes no options, got {bad}"
                 )
             return None
-        if not isinstance(method, str) or method not in ALGORITHM_OPTIONS:
+        if not isinstance(method, str) or method not in _OPTIONS:
             raise _unknown_method(method, f"{where}['method']")
-        allowed = _COMMON + ALGORITHM_OPTIONS[method]
+        allowed = _COMMON + _OPTIONS[method]
         for k in options:
             if k not in allowed:
                 raise QuantConfigError(

@@ -96,8 +96,14 @@ def pack_weight(module: nn.Module, path: str) -> tuple[int, int]:
     packed = packing.pack(spec, w, amax)
     before = w.numel() * w.element_size()
     install_packed(q, packed, w.shape, w.dtype)
-    # A non-persistent buffer: not a parameter any more, and not in the state_dict (the
-    # quantizer's codes and scales are).
-    del module._parameters["weight"]
-    module.register_buffer("weight", placeholder_like(w), persistent=False)
+    release_weight(module)
     return before, q.packed_bytes
+
+
+def release_weight(module: nn.Module) -> None:
+    """Replace ``module.weight`` by its placeholder, a non-persistent buffer: not a parameter any
+    more, and not in the state_dict (the quantizer's codes and scales are)."""
+    w = module.weight
+    module._parameters.pop("weight", None)
+    module._buffers.pop("weight", None)
+    module.register_buffer("weight", placeholder_like(w), persistent=False)

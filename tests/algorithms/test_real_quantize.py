@@ -176,3 +176,26 @@ def test_smollm2_two_layers_packed_is_bit_identical(name):
         assert torch.equal(fake(input_ids=ids).logits, packed(input_ids=ids).logits)
     before, after = state_of(packed).packed_bytes
     assert after / before <= 0.141
+
+
+@pytest.mark.parametrize("inner", ["max", {"method": "gptq", "block_size": 64}])
+def test_save_restore_of_a_packed_model(tmp_path, inner):
+    base = tiny_llama(1, tie=True)
+    ids = torch.randint(0, 128, (2, 16))
+    packed, fresh = copy.deepcopy(base), copy.deepcopy(base)
+    qpass.quantize(packed, _real("NVFP4_DEFAULT_CFG", inner), lambda m: m(input_ids=ids))
+    out = packed(input_ids=ids).logits
+    qpass.save(packed, tmp_path / "m.qpass")
+    qpass.restore(fresh, tmp_path / "m.qpass")
+    q = fresh.model.layers[0].mlp.up_proj.weight_quantizer
+    assert isinstance(q, PackedWeightQuantizer) and is_placeholder(fresh.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(fresh(input_ids=ids).logits, out)
+    other = tiny_llama(1, tie=True)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(2)
+    if inner == "max":  # weights not stored: a model with other weights is refused
+        with pytest.raises(QpassError, match="model.norm.weight"):
+            qpass.restore(other, tmp_path / "m.qpass")
+    else:  # gptq changed the weights: they are stored (packed ones as codes) and loaded
+        qpass.restore(other, tmp_path / "m.qpass")
+        assert torch.equal(other(input_ids=ids).logits, out)
