@@ -40,6 +40,7 @@ from qpass.config.algorithms import check_gptq_options
 from qpass.errors import CalibrationError, QuantConfigError
 from qpass.formats.columns import ColumnGrid
 from qpass.graph.quantized_model import iter_tensor_quantizers
+from qpass.nn.packed_weight import PackedWeightQuantizer
 
 
 @dataclass
@@ -67,10 +68,10 @@ class ChainGrid:
 
 
 def gptq_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Linear modules with an enabled weight quantizer (in module order)."""
+    """Linear modules with an enabled weight quantizer (in module order); packed weights are final."""
     return {
         path: module for path, module, q in weight_quantizer_owners(model)
-        if isinstance(module, nn.Linear) and q.is_enabled
+        if isinstance(module, nn.Linear) and q.is_enabled and not isinstance(q, PackedWeightQuantizer)
     }
 
 
@@ -82,7 +83,10 @@ def column_grid(path: str, module: nn.Linear, block_size: int):
         spec = tq.spec
         if spec.needs_amax and not tq.is_dynamic and tq.amax is None:
             raise CalibrationError(f"'{path}.weight_quantizer' has no amax after weight calibration")
-        grid = ColumnGrid(spec, w, tq.amax if spec.needs_amax else None)
+        amax = None
+        if spec.needs_amax:  # a dynamic ("type": "dynamic") quantizer takes the weight's own range
+            amax = tq.amax if tq.amax is not None and tq._attrs.get("type") != "dynamic" else spec.amax_of(w)
+        grid = ColumnGrid(spec, w, amax)
         if grid.is_dynamic and block_size % grid.block:
             raise QuantConfigError(
                 f"gptq: block_size={block_size} must be a multiple of the weight block size {grid.block} "
@@ -94,7 +98,7 @@ def column_grid(path: str, module: nn.Linear, block_size: int):
     if any(g.is_dynamic for g in grids):
         raise QuantConfigError(
             f"gptq: '{path}.weight_quantizer' is a sequence with a dynamic block format "
-            f"({module.weight_quantizer.describe()}); GPTQ supports sequences of static formats only"
+            f"({module.weight_quantizer.describe()}); only sequences of static formats are implemented yet in qpass"
         )
     return ChainGrid(grids)
 

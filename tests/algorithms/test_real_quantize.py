@@ -98,7 +98,7 @@ def test_tied_weight_stays_unpacked_and_the_embedding_keeps_working():
 
 @pytest.mark.parametrize("inner", [{"method": "gptq", "block_size": 64}, "awq_lite", None])
 def test_additional_algorithm_runs_first(inner):
-    base = tiny_llama(1, tie=False)
+    base = tiny_llama(2)
     ids = torch.randint(0, 128, (2, 16))
     cfg = copy.deepcopy(qpass.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
     fake, packed = copy.deepcopy(base), copy.deepcopy(base)
@@ -180,7 +180,7 @@ def test_smollm2_two_layers_packed_is_bit_identical(name):
 
 @pytest.mark.parametrize("inner", ["max", {"method": "gptq", "block_size": 64}])
 def test_save_restore_of_a_packed_model(tmp_path, inner):
-    base = tiny_llama(1, tie=True)
+    base = tiny_llama(2)
     ids = torch.randint(0, 128, (2, 16))
     packed, fresh = copy.deepcopy(base), copy.deepcopy(base)
     qpass.quantize(packed, _real("NVFP4_DEFAULT_CFG", inner), lambda m: m(input_ids=ids))
@@ -190,7 +190,7 @@ def test_save_restore_of_a_packed_model(tmp_path, inner):
     q = fresh.model.layers[0].mlp.up_proj.weight_quantizer
     assert isinstance(q, PackedWeightQuantizer) and is_placeholder(fresh.model.layers[0].mlp.up_proj.weight)
     assert torch.equal(fresh(input_ids=ids).logits, out)
-    other = tiny_llama(1, tie=True)
+    other = tiny_llama(2)
     with torch.no_grad():
         other.model.norm.weight.mul_(2)
     if inner == "max":  # weights not stored: a model with other weights is refused
