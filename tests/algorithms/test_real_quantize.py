@@ -199,3 +199,16 @@ def test_save_restore_of_a_packed_model(tmp_path, inner):
     else:  # gptq changed the weights: they are stored (packed ones as codes) and loaded
         qpass.restore(other, tmp_path / "m.qpass")
         assert torch.equal(other(input_ids=ids).logits, out)
+
+
+@pytest.mark.parametrize("name", ["INT8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"])
+def test_lowering_a_packed_model_reads_the_packed_weight(mlp, name):
+    from qpass.passes.lower import lower_graph
+
+    x = torch.randn(4, 32)
+    fake, packed = copy.deepcopy(mlp), copy.deepcopy(mlp)
+    qpass.quantize(fake, name, lambda m: m(x))
+    qpass.quantize(packed, _real(name), lambda m: m(x))
+    fake(x), packed(x)  # weight-only configs trace on the first call
+    outs = [lower_graph(next(iter(state_of(m).graphs.values()))[0].gm)(x) for m in (fake, packed)]
+    assert torch.equal(outs[0], outs[1]) and outs[0].abs().sum() > 0
