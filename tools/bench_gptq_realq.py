@@ -1,6 +1,7 @@
 """GPTQ and real_quantize on SmolLM2-135M, qpass vs ModelOpt, measured in one run.
 
-    python tools/bench_gptq_realq.py [--layers N] [--part gptq,realq] [--no-modelopt] [--json out.json]
+    python tools/bench_gptq_realq.py [--layers N] [--part gptq,realq] [--runs fp32,max,gptq,modelopt,layerwise]
+                                     [--realq-windows 4] [--no-modelopt] [--json out.json]
 
 GPTQ part: held-out perplexity and quantize+calibrate time of INT4 block-128 weight-only
 (INT4_BLOCKWISE_WEIGHT_ONLY_CFG) with plain max, with qpass's GPTQ (one pass; and per decoder
@@ -30,13 +31,13 @@ import bench_common as bc  # noqa: E402  (quiet, offline env vars before transfo
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-GPTQ_RUNS = [
-    ("fp32", None, None),
-    ("INT4 max (RTN)", "qpass", "max"),
-    ("INT4 with GPTQ", "qpass", {"method": "gptq"}),
-    ("INT4 with GPTQ, layerwise", "qpass", {"method": "gptq", "layerwise": {"enable": True}}),
-    ("INT4 with GPTQ (ModelOpt)", "modelopt", {"method": "gptq"}),
-]
+GPTQ_RUNS = {
+    "fp32": ("fp32", None, None),
+    "max": ("INT4 max (RTN)", "qpass", "max"),
+    "gptq": ("INT4 with GPTQ", "qpass", {"method": "gptq"}),
+    "modelopt": ("INT4 with GPTQ (ModelOpt)", "modelopt", {"method": "gptq"}),
+    "layerwise": ("INT4 with GPTQ, layerwise", "qpass", {"method": "gptq", "layerwise": {"enable": True}}),
+}
 REALQ_PRESETS = ["INT8_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
                  "INT4_AWQ_CFG", "NVFP4_DEFAULT_CFG", "MXFP4_DEFAULT_CFG"]
 
@@ -48,9 +49,9 @@ def _config(lib, preset, algorithm):
     return cfg
 
 
-def gptq_part(base, loop, evaluate, use_modelopt: bool, out: list) -> None:
+def gptq_part(base, loop, evaluate, use_modelopt: bool, runs: list[str], out: list) -> None:
     print("| run | ppl | quantize+calibrate s | forward_loop calls |\n|---|---|---|---|", flush=True)
-    for label, lib, algo in GPTQ_RUNS:
+    for label, lib, algo in (GPTQ_RUNS[r] for r in runs):
         if lib == "modelopt" and not use_modelopt:
             continue
         res = {"run": label, "lib": lib, "algorithm": algo}
@@ -110,6 +111,7 @@ def linear_bytes(model) -> int:
 
 
 def realq_part(base, loop, evals, out: list) -> None:
+    """``evals``: the windows whose logits are compared (and timed)."""
     import qpass
 
     print("\n| preset + real_quantize | Linear bytes before | after | after/before | logits bit-identical "
@@ -129,10 +131,10 @@ def realq_part(base, loop, evals, out: list) -> None:
             res["after"] = linear_bytes(packed)
             with torch.no_grad(), bc.quiet():
                 t0 = time.perf_counter()
-                a = fake(input_ids=evals[:4], use_cache=False).logits
+                a = fake(input_ids=evals, use_cache=False).logits
                 res["eval_fake_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                b = packed(input_ids=evals[:4], use_cache=False).logits
+                b = packed(input_ids=evals, use_cache=False).logits
                 res["eval_packed_s"] = time.perf_counter() - t0
             res["identical"] = bool(torch.equal(a, b))
             print(f"| {preset} | {res['before']:,} | {res['after']:,} | {res['after'] / res['before']:.4f} | "
@@ -152,7 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--part", default="gptq,realq")
+    p.add_argument("--runs", default=",".join(GPTQ_RUNS), help=f"GPTQ part rows, of {','.join(GPTQ_RUNS)}")
     p.add_argument("--no-modelopt", action="store_true")
+    p.add_argument("--realq-windows", type=int, default=4, help="eval windows compared in the real_quantize part")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,9 +179,10 @@ def main(argv=None) -> int:
     results = {"gptq": [], "realq": []}
     parts = args.part.split(",")
     if "gptq" in parts:
-        gptq_part(base, loop, lambda m: zoo.perplexity(m, evals), use_modelopt, results["gptq"])
+        gptq_part(base, loop, lambda m: zoo.perplexity(m, evals), use_modelopt, args.runs.split(","),
+                  results["gptq"])
     if "realq" in parts:
-        realq_part(base, loop, evals, results["realq"])
+        realq_part(base, loop, evals[:args.realq_windows], results["realq"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(vars(args), results=results), f, indent=1)
