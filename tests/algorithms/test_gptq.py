@@ -301,3 +301,14 @@ def test_gptq_on_smollm2_two_layers_beats_max():
         with torch.no_grad():
             errs[algo] = (m(input_ids=evals).logits - ref).pow(2).mean().item()
     assert errs["gptq"] < 0.9 * errs["max"], errs
+
+
+def test_calibrate_with_gptq_after_quantize(mlp):
+    x = torch.randn(64, 32)
+    ref = mlp(x)
+    qpass.quantize(mlp, qpass.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    rtn = (mlp(x) - ref).pow(2).mean()
+    w = mlp.fc1.weight.detach().clone()
+    qpass.calibrate(mlp, {"method": "gptq", "block_size": 32}, lambda m: m(x))
+    assert not torch.equal(mlp.fc1.weight, w)
+    assert (mlp(x) - ref).pow(2).mean() < rtn
