@@ -25,12 +25,13 @@ from qpass.checkpoint_format import (
 from qpass.checkpoint_install import QuantizerSpec, _listing, _owner_weight_shape, check_specs, install
 from qpass.errors import QpassError
 from qpass.graph.quantized_model import is_quantized, iter_tensor_quantizers, state_of
+from qpass.nn.packed_weight import PACKED_KEYS, PackedWeightQuantizer
 from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer, is_quantizer
 from qpass.passes.rules import get_rule_set
 
 __all__ = ["save", "restore", "restore_modelopt", "save_quantized", "restore_quantized"]
 
-_TENSORS = ("_amax", "_pre_quant_scale")
+_TENSORS = ("_amax", "_pre_quant_scale") + tuple(f"_{k}" for k in PACKED_KEYS)  # packed: real_quantize
 
 
 # ---------------------------------------------------------------------- save
@@ -54,12 +55,15 @@ def _storable_attributes(attrs: dict) -> dict:
 
 
 def _member_record(tq: TensorQuantizer, where: str) -> dict:
-    return {
+    record = {
         "attributes": plain(_storable_attributes(tq._attrs), f"quantizer '{where}'"),
         "enabled": tq.is_enabled,
         "quant": bool(tq._if_quant),
         "calib": bool(tq._if_calib),
     }
+    if isinstance(tq, PackedWeightQuantizer):  # its owner's weight lives in the quantizer's tensors
+        record["packed_weight"] = {"shape": list(tq._weight_shape), "dtype": str(tq._weight_dtype).removeprefix("torch.")}
+    return record
 
 
 def _rule_record(rule, quantizer_names: list[str]) -> dict:
@@ -118,7 +122,7 @@ def save(model: nn.Module, f, *, weights: bool | None = None) -> None:
             "slot": slot,
             "owner_class": class_path(state.original_cls if owner is model else type(owner)),
             "owner_weight_shape": _owner_weight_shape(owner),
-            "class": type(q).__name__,
+            "class": "TensorQuantizer" if isinstance(q, PackedWeightQuantizer) else type(q).__name__,
             "members": [_member_record(tq, p) for p, tq in zip(prefixes, members)],
         })
     structure = model_structure(model, state.original_cls)

@@ -15,6 +15,7 @@ from torch import nn
 from qpass.checkpoint_format import class_path, unplain
 from qpass.errors import QpassError
 from qpass.graph.quantized_model import STATE_ATTR, QpassState, is_quantized, remove_created, wrapped_class
+from qpass.nn.packed_weight import PACKED_KEYS, PackedWeightQuantizer, install_packed, release_weight
 from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer, is_quantizer
 
 
@@ -91,6 +92,9 @@ def _build_quantizer(spec: QuantizerSpec) -> nn.Module:
             tq.amax = tensors["_amax"]
         if tensors.get("_pre_quant_scale") is not None:
             tq.pre_quant_scale = tensors["_pre_quant_scale"]
+        if m.get("packed_weight"):  # real_quantize: the owner's weight is packed in this quantizer
+            packed = {k: tensors[f"_{k}"] for k in PACKED_KEYS if tensors.get(f"_{k}") is not None}
+            install_packed(tq, packed, m["packed_weight"]["shape"], getattr(torch, m["packed_weight"]["dtype"]))
         tqs.append(tq)
     return SequentialQuantizer(*tqs) if spec.sequential else tqs[0]
 
@@ -130,6 +134,9 @@ def install(model: nn.Module, rule_set, rules: list, algorithm, specs: list[Quan
         model.__class__ = state.original_cls
         del model.__dict__[STATE_ATTR]
         raise
+    for spec, q in zip(specs, built):
+        if isinstance(q, PackedWeightQuantizer):
+            release_weight(model.get_submodule(spec.owner_path))
     return model
 
 

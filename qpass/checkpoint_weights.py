@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from qpass.checkpoint_format import model_modules
+from qpass.nn.packed_weight import is_placeholder
 
 PREFIX = "weights/"  # safetensors key prefix of stored model tensors
-WEIGHT_CHANGING_METHODS = ("smoothquant", "awq_lite", "awq_clip", "awq_full")
+WEIGHT_CHANGING_METHODS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
 
 
 def model_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, str, torch.Tensor]]:
@@ -51,13 +52,17 @@ def shared_groups(tensors: dict) -> list[list[str]]:
 def changes_weights(state) -> bool:
     """Whether calibration changed the model's weights (as far as the state tells)."""
     algos = state.algorithm if isinstance(state.algorithm, list) else [state.algorithm]
+    algos = algos + [a["additional_algorithm"] for a in algos if isinstance(a, dict) and a.get("additional_algorithm")]
     methods = {a.get("method") if isinstance(a, dict) else a for a in algos}
     return bool(getattr(state, "smoothing", None)) or any(m in WEIGHT_CHANGING_METHODS for m in methods)
 
 
 def record(model: nn.Module, include: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The body entries and (if ``include``) safetensors entries for the model's own tensors."""
-    tensors = model_tensors(model)
+    """The body entries and (if ``include``) safetensors entries for the model's own tensors.
+
+    Placeholders of packed weights (real_quantize) are left out: their values are in the
+    quantizers' tensors, and a fresh model has its real weights there."""
+    tensors = {n: v for n, v in model_tensors(model).items() if not is_placeholder(v[3])}
     body = {"weights_sha256": {n: digest(v[3]) for n, v in tensors.items()},
             "weights_stored": include, "weights_shared": shared_groups(tensors)}
     stored = {}

@@ -29,7 +29,12 @@ ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
     "lsq": ("learnable_amax", "tied_amax", "quantize_pre_scale", "scale_algorithm"),
 }
 
-ALGORITHMS: tuple[str, ...] = tuple(ALGORITHM_OPTIONS)
+#: Not calibration methods in ModelOpt 0.47. ``real_quantize`` (0.47: ``mtq.compress``) is the
+#: algorithm form of earlier ModelOpt releases: calibrate with additional_algorithm, then pack.
+EXTRA_ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {"real_quantize": ("additional_algorithm",)}
+
+_OPTIONS = {**ALGORITHM_OPTIONS, **EXTRA_ALGORITHM_OPTIONS}
+ALGORITHMS: tuple[str, ...] = tuple(_OPTIONS)
 
 
 def _unknown_method(method, where) -> QuantConfigError:
@@ -50,7 +55,7 @@ def normalize_algorithm(algorithm, where: str = "algorithm"):
     if algorithm is None:
         return None
     if isinstance(algorithm, str):
-        if algorithm not in ALGORITHM_OPTIONS:
+        if algorithm not in _OPTIONS:
             raise _unknown_method(algorithm, where)
         return {"method": algorithm}
     if isinstance(algorithm, dict):
@@ -68,15 +73,19 @@ def normalize_algorithm(algorithm, where: str = "algorithm"):
                     f"{where}: method None (no calibration) takes no options, got {bad}"
                 )
             return None
-        if not isinstance(method, str) or method not in ALGORITHM_OPTIONS:
+        if not isinstance(method, str) or method not in _OPTIONS:
             raise _unknown_method(method, f"{where}['method']")
-        allowed = _COMMON + ALGORITHM_OPTIONS[method]
+        allowed = _COMMON + _OPTIONS[method]
         for k in options:
             if k not in allowed:
                 raise QuantConfigError(
                     f"{where}: unknown option {k!r} for algorithm {method!r}; "
                     f"allowed options: {', '.join(allowed)}"
                 )
+        if method == "gptq":
+            check_gptq_options(options, where)
+        if method == "real_quantize":
+            options = _real_quantize_options(options, where)
         return {"method": method, **options}
     if isinstance(algorithm, (list, tuple)):
         out = []
@@ -89,3 +98,52 @@ def normalize_algorithm(algorithm, where: str = "algorithm"):
         f"{where}: must be a method name, a dict with 'method', None, or a list of these; "
         f"got {type(algorithm).__name__}: {algorithm!r}"
     )
+
+
+def _layerwise_enabled(value, where: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"enable", "get_qdq_activations_from_prev_layer"})
+        if unknown:
+            raise QuantConfigError(f"{where}: layerwise options {unknown} are not implemented yet in qpass; "
+                                   "implemented: enable, get_qdq_activations_from_prev_layer=True")
+        if value.get("get_qdq_activations_from_prev_layer", True) is not True:
+            raise QuantConfigError(f"{where}: layerwise get_qdq_activations_from_prev_layer=False is not "
+                                   "implemented yet in qpass for gptq (each layer sees the quantized layers before it)")
+        return bool(value.get("enable", False))
+    raise QuantConfigError(f"{where}: layerwise must be a bool or a dict like {{'enable': True}}, got {value!r}")
+
+
+def check_gptq_options(options: dict, where: str = "gptq") -> dict:
+    """GPTQ's option values (ModelOpt 0.47's ranges); returns them with defaults filled in."""
+    perc_damp = options.get("perc_damp", 0.01)
+    if isinstance(perc_damp, bool) or not isinstance(perc_damp, (int, float)) or not 0.0 < perc_damp <= 1.0:
+        raise QuantConfigError(f"{where}: perc_damp must be a number in (0, 1] (default 0.01), got {perc_damp!r}")
+    block_size = options.get("block_size", 128)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise QuantConfigError(
+            f"{where}: block_size must be a positive integer, a multiple of the weight block size "
+            f"(default 128), got {block_size!r}"
+        )
+    fused = options.get("fused", False)
+    if not isinstance(fused, bool):
+        raise QuantConfigError(f"{where}: fused must be True or False, got {fused!r}")
+    ratio = options.get("moe_calib_experts_ratio")
+    if ratio is not None:
+        raise QuantConfigError(f"{where}: option moe_calib_experts_ratio={ratio!r} is not implemented yet in qpass")
+    return {"perc_damp": float(perc_damp), "block_size": block_size, "fused": fused,
+            "layerwise": _layerwise_enabled(options.get("layerwise"), where)}
+
+
+def _real_quantize_options(options: dict, where: str) -> dict:
+    extra = sorted(k for k in options if k != "additional_algorithm")
+    if extra:
+        raise QuantConfigError(f"{where}: real_quantize takes only 'additional_algorithm', got {extra}")
+    inner = options.get("additional_algorithm", "max")
+    if isinstance(inner, (list, tuple)):
+        raise QuantConfigError(f"{where}: additional_algorithm must be one algorithm (a name or a dict), not a list")
+    inner = normalize_algorithm(inner, f"{where}['additional_algorithm']")
+    if inner is not None and inner["method"] == "real_quantize":
+        raise QuantConfigError(f"{where}: additional_algorithm cannot itself be real_quantize")
+    return {"additional_algorithm": inner}

@@ -356,7 +356,8 @@ def _lower_weight(b: _Builder, node: fx.Node, q, target: str) -> fx.Node:
     key = ("w", node.target, target)
     if key in b.cse:
         return b.cse[key]
-    w = _fetch(b.gm, target).detach()
+    dequantized = getattr(q, "dequantized", None)  # real_quantize: the graph's weight is a placeholder
+    w = dequantized().detach() if dequantized is not None else _fetch(b.gm, target).detach()
     pqs = q.pre_quant_scale
     if pqs is not None:
         w = w * pqs.to(w.dtype)

@@ -185,7 +185,9 @@ def test_every_preset_algorithm_normalizes_to_its_method():
     [
         ("awq", ["algorithm", "'awq'", "awq_lite", "awq_full", "smoothquant", "gptq", "None"]),
         ("maxx", ["'maxx'", "did you mean 'max'"]),
-        ({"method": "real_quantize"}, ["algorithm['method']", "'real_quantize'", "max"]),
+        ({"method": "real_quantise"}, ["algorithm['method']", "'real_quantise'", "real_quantize"]),
+        ({"method": "real_quantize", "additional_algorithm": "real_quantize"}, ["cannot itself be real_quantize"]),
+        ({"method": "gptq", "perc_damp": 0}, ["perc_damp", "(0, 1]"]),
         ({"method": "awq_lite", "alpha": 0.5}, ["'alpha'", "awq_lite", "alpha_step"]),
         ({"alpha": 0.5}, ["'method'"]),
         (42, ["algorithm", "method name"]),

@@ -1,0 +1,204 @@
+"""GPTQ (``algorithm="gptq"``) with ModelOpt 0.47's options ``perc_damp``, ``block_size``, ``fused``.
+
+1. Weight quantizers are max-calibrated from the weights; their scales are then fixed.
+2. One forward_loop pass collects the activation quantizers' max statistics and, for each
+   Linear with an enabled weight quantizer, the Hessian ``2 X^T X / n`` of its input
+   (:mod:`qpass.calib.hessian`; shared inputs such as q/k/v get one).
+3. Per Linear, :func:`qpass.algorithms.gptq_solve.gptq_quantize` rounds the weight column by
+   column to its quantizer's own grid (:class:`qpass.formats.columns.ColumnGrid`) with
+   error feedback. The weight is replaced by the result, which the weight quantizer maps to
+   itself (checked; for dynamic block formats such as NVFP4, whose block scales are computed
+   from the weight, a block whose scale would change is projected onto the grid once more).
+
+With ``layerwise={"enable": True}`` the layers are processed one decoder layer at a time:
+each layer's Hessians come from a forward pass through the earlier, already quantized layers
+(one forward_loop pass per layer instead of one in all).
+
+Tied weights (SmolLM2's ``lm_head``/``embed_tokens``) are untied first: the other user keeps
+its values. ``fused`` selects ModelOpt's Triton kernel there; qpass has one implementation
+and gives the same result either way.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qpass.algorithms import register_algorithm
+from qpass.algorithms.fold import is_shared_parameter, untie_weight
+from qpass.algorithms.gptq_solve import damped_inverse_factor, gptq_quantize
+from qpass.algorithms.smoothing import Changes, graphs_of, require_forward_loop, validate_quantizers
+from qpass.calib.hessian import HessianCapture
+from qpass.calib.max_calibrate import (
+    calibrate_weights, collect_activations, load_activation_amax, share_group_amax, weight_quantizer_owners,
+)
+from qpass.config.algorithms import check_gptq_options
+from qpass.errors import CalibrationError, QuantConfigError
+from qpass.formats.columns import ColumnGrid
+from qpass.graph.quantized_model import iter_tensor_quantizers
+from qpass.nn.packed_weight import PackedWeightQuantizer
+
+
+@dataclass
+class GPTQResult:
+    """What GPTQ did to one Linear, for reports and tests."""
+
+    path: str
+    tokens: int
+    projected: int  # elements re-rounded so that the weight quantizer maps the weight to itself
+    untied: bool
+
+
+class ChainGrid:
+    """The grids of a sequence of static weight quantizers, applied in turn (W4A8)."""
+
+    def __init__(self, grids: list[ColumnGrid]) -> None:
+        self.grids = grids
+        self.is_dynamic = False
+        self.block = None
+
+    def quantize(self, column, col):
+        for g in self.grids:
+            column = g.quantize(column, col)
+        return column
+
+
+def gptq_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Linear modules with an enabled weight quantizer (in module order); packed weights are final."""
+    return {
+        path: module for path, module, q in weight_quantizer_owners(model)
+        if isinstance(module, nn.Linear) and q.is_enabled and not isinstance(q, PackedWeightQuantizer)
+    }
+
+
+def column_grid(path: str, module: nn.Linear, block_size: int):
+    members = [tq for tq in iter_tensor_quantizers(module.weight_quantizer) if tq.is_enabled]
+    w = module.weight.detach().float()
+    grids = []
+    for tq in members:
+        spec = tq.spec
+        if spec.needs_amax and not tq.is_dynamic and tq.amax is None:
+            raise CalibrationError(f"'{path}.weight_quantizer' has no amax after weight calibration")
+        amax = None
+        if spec.needs_amax:  # a dynamic ("type": "dynamic") quantizer takes the weight's own range
+            amax = tq.amax if tq.amax is not None and tq._attrs.get("type") != "dynamic" else spec.amax_of(w)
+        grid = ColumnGrid(spec, w, amax)
+        if grid.is_dynamic and block_size % grid.block:
+            raise QuantConfigError(
+                f"gptq: block_size={block_size} must be a multiple of the weight block size {grid.block} "
+                f"of '{path}.weight_quantizer' ({tq.describe()})"
+            )
+        grids.append(grid)
+    if len(grids) == 1:
+        return grids[0]
+    if any(g.is_dynamic for g in grids):
+        raise QuantConfigError(
+            f"gptq: '{path}.weight_quantizer' is a sequence with a dynamic block format "
+            f"({module.weight_quantizer.describe()}); only sequences of static formats are implemented yet in qpass"
+        )
+    return ChainGrid(grids)
+
+
+def _units(state, modules: dict, stats: dict) -> list[list[str]]:
+    """Shared-input groups restricted to ``modules``, then the other modules alone; unreached left out."""
+    units, seen = [], set()
+    for group in state.groups:
+        members = [p for p in group if p in modules]
+        if members:
+            units.append(members)
+            seen.update(members)
+    units.extend([p] for p in modules if p not in seen)
+    missed = [p for u in units for p in u if p not in stats]
+    if missed:
+        warnings.warn(f"gptq: no calibration data reached {', '.join(missed)}; their weights keep "
+                      "max calibration (round to nearest)", stacklevel=4)
+    return [u for u in units if all(p in stats for p in u)]
+
+
+def _stage_key(path: str) -> str:
+    """'model.layers.3.mlp.up_proj' -> 'model.layers.3' (the first numbered container)."""
+    m = re.match(r"^(.*?\.\d+)(\.|$)", path)
+    return m.group(1) if m else ""
+
+
+def _stages(modules: dict) -> list[dict]:
+    stages: dict[str, dict] = {}
+    for path, module in modules.items():
+        stages.setdefault(_stage_key(path), {})[path] = module
+    return list(stages.values())
+
+
+@torch.no_grad()
+def _quantize_unit(model, state, unit, stats, perc_damp, block_size, changes) -> list[GPTQResult]:
+    st = stats[unit[0]]
+    u = damped_inverse_factor(st.hessian, perc_damp)
+    out = []
+    for path in unit:
+        module = model.get_submodule(path)
+        untied = is_shared_parameter(model, module.weight)
+        if untied:
+            untie_weight(model, graphs_of(state), path)
+        grid = column_grid(path, module, block_size)
+        w = module.weight
+        new = gptq_quantize(w, u.to(w.device), grid, block_size).to(w.dtype)
+        q = module.weight_quantizer
+        projected = 0
+        fq = q(new)
+        if not torch.equal(fq, new):
+            projected = int((fq != new).sum())
+            new = fq
+            if not torch.equal(q(new), new):
+                raise CalibrationError(f"gptq: the weight quantizer of '{path}' has no fixed point near the "
+                                       f"GPTQ weight ({q.describe()})")
+        changes.tensor(w).copy_(new)
+        out.append(GPTQResult(path=path, tokens=st.tokens, projected=projected, untied=untied))
+    return out
+
+
+def _capture(model, state, forward_loop, modules, first: bool) -> dict:
+    with HessianCapture(modules) as capture:
+        if first:
+            collect_activations(model, state, forward_loop)
+        else:
+            calls = state.calls
+            with torch.no_grad():
+                forward_loop(model)
+            if state.calls == calls:
+                raise CalibrationError("forward_loop never called the model: it must run model(batch) "
+                                       "for the calibration data")
+    if first:
+        load_activation_amax(model, state)
+    return capture.stats
+
+
+@register_algorithm("gptq")
+def gptq(model, state, forward_loop, perc_damp=0.01, block_size=128, fused=False, layerwise=None,
+         moe_calib_experts_ratio=None):
+    opts = check_gptq_options({"perc_damp": perc_damp, "block_size": block_size, "fused": fused,
+                               "layerwise": layerwise, "moe_calib_experts_ratio": moe_calib_experts_ratio})
+    require_forward_loop("gptq", forward_loop)
+    validate_quantizers(model)
+    calibrate_weights(model)
+    modules = gptq_modules(model)
+    for path, module in modules.items():
+        column_grid(path, module, opts["block_size"])  # every format problem before any work
+    stages = _stages(modules) if opts["layerwise"] else [modules]
+    changes = Changes()
+    results = []
+    try:
+        if not stages:
+            collect_activations(model, state, forward_loop)
+            load_activation_amax(model, state)
+        for i, stage in enumerate(stages):
+            stats = _capture(model, state, forward_loop, stage, first=i == 0)
+            for unit in _units(state, stage, stats):
+                results += _quantize_unit(model, state, unit, stats, opts["perc_damp"], opts["block_size"], changes)
+        share_group_amax(model, state.groups)
+    except BaseException:
+        changes.restore()  # calibrate() restores the amax values
+        raise
+    state.gptq = results

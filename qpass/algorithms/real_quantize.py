@@ -1,0 +1,81 @@
+"""``{"method": "real_quantize", "additional_algorithm": ...}``: calibrate, then store weights packed.
+
+The additional algorithm (``max`` when absent; any qpass algorithm, e.g. ``awq_lite`` or
+``gptq``) calibrates first. Then every Linear/Conv whose weight quantizer is enabled keeps
+its weight as codes and scales (:mod:`qpass.nn.packed_weight`): INT8 codes, INT4/FP4 two per
+byte, FP8 codes, NVFP4/MX block scales. Its FP32 weight is released; the forward dequantizes
+on the fly and gives the fake-quantized model's outputs bit for bit.
+
+A weight shared with another module (tied embeddings) is left as it is, fake-quantized
+(packing it would take it from the other user), with a warning. ModelOpt 0.47 spells this
+step ``mtq.compress(model)``; earlier ModelOpt releases took this algorithm form.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from qpass.algorithms import get_algorithm, register_algorithm
+from qpass.algorithms.fold import is_shared_parameter
+from qpass.algorithms.smoothing import graphs_of
+from qpass.calib.max_calibrate import weight_quantizer_owners
+from qpass.errors import QuantConfigError
+from qpass.nn.packed_weight import PackedWeightQuantizer, pack_weight
+from qpass.nn.tensor_quantizer import SequentialQuantizer
+
+_PACKABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def packable_modules(model: nn.Module) -> tuple[dict, list[str]]:
+    """(path -> module to pack, paths left fake-quantized because their weight is shared)."""
+    out, shared = {}, []
+    for path, module, q in weight_quantizer_owners(model):
+        if isinstance(q, PackedWeightQuantizer) or not q.is_enabled:
+            continue
+        if not isinstance(module, _PACKABLE):
+            continue
+        if isinstance(q, SequentialQuantizer):
+            raise QuantConfigError(
+                f"real_quantize: '{path}.weight_quantizer' is a sequence ({q.describe()}); packing a "
+                "sequence of formats is not implemented yet in qpass"
+            )
+        if is_shared_parameter(model, module.weight):
+            shared.append(path)
+            continue
+        out[path] = module
+    return out, shared
+
+
+def _rebind_graphs(state, modules: dict) -> None:
+    """Point every graph's ``get_attr`` of a packed weight at its placeholder, dropping the FP32 weight."""
+    targets = {f"{path}.weight": module.weight for path, module in modules.items()}
+    for gm in graphs_of(state):
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target in targets:
+                parent_path, _, leaf = node.target.rpartition(".")
+                parent = gm.get_submodule(parent_path) if parent_path else gm
+                parent._parameters.pop(leaf, None)
+                parent._buffers.pop(leaf, None)
+                setattr(parent, leaf, targets[node.target])
+
+
+@register_algorithm("real_quantize")
+def real_quantize(model, state, forward_loop, additional_algorithm="max"):
+    from qpass.config.algorithms import normalize_algorithm
+
+    inner = normalize_algorithm(additional_algorithm, "real_quantize: additional_algorithm")
+    packable_modules(model)  # format problems before any work
+    if inner is not None:
+        get_algorithm(inner["method"])(model, state, forward_loop, **{k: v for k, v in inner.items() if k != "method"})
+    modules, shared = packable_modules(model)
+    if shared:
+        warnings.warn(f"real_quantize: the weights of {', '.join(shared)} are shared with another module; "
+                      "they stay unpacked (fake-quantized)", stacklevel=3)
+    before = after = 0
+    for path, module in modules.items():
+        b, a = pack_weight(module, path)
+        before, after = before + b, after + a
+    _rebind_graphs(state, modules)
+    state.packed_bytes = (before, after)

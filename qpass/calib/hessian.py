@@ -1,0 +1,63 @@
+"""Input Hessians ``sum_t x_t x_t^T`` of weighted modules, accumulated during one forward_loop pass.
+
+The capture machinery is :class:`qpass.calib.capture.ActivationCapture`'s (pre-hooks on the
+input quantizers, shared inputs such as q/k/v accumulated once and shared as one object); only
+the statistic differs. Memory is one ``[C, C]`` float32 matrix per distinct input, whatever the
+number of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qpass.calib.capture import ActivationCapture
+from qpass.errors import CalibrationError
+
+
+@dataclass(frozen=True)
+class HessianStats:
+    """``x^T x`` summed over every token a module's input saw (never mutated)."""
+
+    xtx: torch.Tensor  # [C, C] float32
+    tokens: int
+    calls: int
+
+    @property
+    def channels(self) -> int:
+        return self.xtx.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's ``H = 2 X^T X / tokens``."""
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+class HessianCapture(ActivationCapture):
+    """Context manager recording :class:`HessianStats` for the input quantizers of ``modules``."""
+
+    def __init__(self, modules) -> None:
+        super().__init__(modules, max_tokens=0)
+
+    @torch.no_grad()
+    def _update(self, path, prev, quantizer, x):
+        pqs = getattr(quantizer, "pre_quant_scale", None)
+        x = x.detach()
+        if pqs is not None:
+            x = x * pqs.to(x.dtype)
+        x = x.reshape(-1, x.shape[-1]).float()
+        if not bool(torch.isfinite(x).all()):
+            raise CalibrationError(
+                f"the input of '{path}' holds NaN or Inf during calibration (shape {tuple(x.shape)}); "
+                "check the calibration data and the layers before it"
+            )
+        if prev is not None and prev.channels != x.shape[-1]:
+            raise CalibrationError(
+                f"the input of '{path}' changed from {prev.channels} to {x.shape[-1]} channels between calls"
+            )
+        xtx = x.t() @ x
+        if prev is not None:
+            xtx = prev.xtx + xtx.to(prev.xtx.device)
+        return HessianStats(xtx=xtx, tokens=(prev.tokens if prev else 0) + x.shape[0],
+                            calls=(prev.calls if prev else 0) + 1)
