@@ -31,7 +31,9 @@ from torch import nn
 from qpass.algorithms import register_algorithm
 from qpass.algorithms.fold import is_shared_parameter, untie_weight
 from qpass.algorithms.gptq_solve import damped_inverse_factor, gptq_quantize
-from qpass.algorithms.smoothing import Changes, graphs_of, require_forward_loop, validate_quantizers
+from qpass.algorithms.smoothing import (
+    Changes, graphs_of, require_forward_loop, shared_input_units, validate_quantizers,
+)
 from qpass.calib.hessian import HessianCapture
 from qpass.calib.max_calibrate import (
     calibrate_weights, collect_activations, load_activation_amax, share_group_amax, weight_quantizer_owners,
@@ -105,13 +107,7 @@ def column_grid(path: str, module: nn.Linear, block_size: int):
 
 def _units(state, modules: dict, stats: dict) -> list[list[str]]:
     """Shared-input groups restricted to ``modules``, then the other modules alone; unreached left out."""
-    units, seen = [], set()
-    for group in state.groups:
-        members = [p for p in group if p in modules]
-        if members:
-            units.append(members)
-            seen.update(members)
-    units.extend([p] for p in modules if p not in seen)
+    units = shared_input_units(state, modules)
     missed = [p for u in units for p in u if p not in stats]
     if missed:
         warnings.warn(f"gptq: no calibration data reached {', '.join(missed)}; their weights keep "
@@ -186,7 +182,10 @@ def gptq(model, state, forward_loop, perc_damp=0.01, block_size=128, fused=False
     modules = gptq_modules(model)
     for path, module in modules.items():
         column_grid(path, module, opts["block_size"])  # every format problem before any work
-    stages = _stages(modules) if opts["layerwise"] else [modules]
+    # calibrate() hands the layerwise option to the pass driver (state.layerwise); GPTQ then also
+    # goes stage by stage, so later layers' Hessians see the earlier layers already quantized.
+    sequential = opts["layerwise"] or state.layerwise is not None
+    stages = _stages(modules) if sequential else [modules]
     changes = Changes()
     results = []
     try:

@@ -85,11 +85,8 @@ def capture_pass(model, state, forward_loop, modules: dict, max_tokens: int) -> 
     return capture.stats
 
 
-def smoothing_units(state: QpassState, modules: dict, stats: dict) -> list[list[str]]:
-    """Shared-input groups restricted to ``modules``, then the remaining modules alone.
-
-    Modules the pass never reached are left out with a warning (nothing to smooth with).
-    """
+def shared_input_units(state: QpassState, modules: dict) -> list[list[str]]:
+    """Shared-input groups restricted to ``modules``, then the remaining modules alone."""
     units, seen = [], set()
     for group in state.groups:
         members = [p for p in group if p in modules]
@@ -97,6 +94,13 @@ def smoothing_units(state: QpassState, modules: dict, stats: dict) -> list[list[
             units.append(members)
             seen.update(members)
     units.extend([p] for p in modules if p not in seen)
+    return units
+
+
+def smoothing_units(state: QpassState, modules: dict, stats: dict) -> list[list[str]]:
+    """:func:`shared_input_units`; modules the pass never reached are left out with a
+    warning (nothing to smooth with)."""
+    units = shared_input_units(state, modules)
     kept, missed = [], []
     for unit in units:
         (kept if all(p in stats for p in unit) else missed).append(unit)

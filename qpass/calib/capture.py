@@ -130,8 +130,9 @@ class ActivationCapture:
         while len(self._memo) > _MEMO_SIZE:
             self._memo.popitem(last=False)
 
-    @torch.no_grad()
-    def _update(self, path: str, prev: InputStats | None, quantizer: nn.Module, x: torch.Tensor) -> InputStats:
+    @staticmethod
+    def _rows(path: str, prev, quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The input as float32 tokens x channels, after the quantizer's pre_quant_scale; checked."""
         pqs = getattr(quantizer, "pre_quant_scale", None)
         x = x.detach()
         if pqs is not None:
@@ -146,6 +147,11 @@ class ActivationCapture:
             raise CalibrationError(
                 f"the input of '{path}' changed from {prev.channels} to {x.shape[-1]} channels between calls"
             )
+        return x
+
+    @torch.no_grad()
+    def _update(self, path: str, prev: InputStats | None, quantizer: nn.Module, x: torch.Tensor) -> InputStats:
+        x = self._rows(path, prev, quantizer, x)
         absx = x.abs()
         amax = absx.amax(0)
         abs_sum = absx.sum(0, dtype=torch.float64)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from qpass.calib.capture import ActivationCapture
-from qpass.errors import CalibrationError
 
 
 @dataclass(frozen=True)
@@ -42,20 +41,7 @@ class HessianCapture(ActivationCapture):
 
     @torch.no_grad()
     def _update(self, path, prev, quantizer, x):
-        pqs = getattr(quantizer, "pre_quant_scale", None)
-        x = x.detach()
-        if pqs is not None:
-            x = x * pqs.to(x.dtype)
-        x = x.reshape(-1, x.shape[-1]).float()
-        if not bool(torch.isfinite(x).all()):
-            raise CalibrationError(
-                f"the input of '{path}' holds NaN or Inf during calibration (shape {tuple(x.shape)}); "
-                "check the calibration data and the layers before it"
-            )
-        if prev is not None and prev.channels != x.shape[-1]:
-            raise CalibrationError(
-                f"the input of '{path}' changed from {prev.channels} to {x.shape[-1]} channels between calls"
-            )
+        x = self._rows(path, prev, quantizer, x)
         xtx = x.t() @ x
         if prev is not None:
             xtx = prev.xtx + xtx.to(prev.xtx.device)
