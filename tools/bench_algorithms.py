@@ -146,15 +146,7 @@ def main(argv=None) -> int:
     bc.import_modelopt()
     from qpass import zoo
 
-    with bc.quiet():
-        base, tok = zoo.load_smollm2(args.layers)
-    split = zoo.text_split()
-    calib = zoo.token_windows(tok, split.calib, args.calib, args.seq)
-    evals = zoo.token_windows(tok, split.held_out, args.eval, args.seq)
-
-    def loop(m):
-        for i in range(0, len(calib), 4):
-            m(input_ids=calib[i:i + 4], use_cache=False)
+    base, tok, calib, evals, loop = bc.smollm2_case(args.layers, args.calib, args.eval, args.seq)
 
     evaluate = lambda m: zoo.perplexity(m, evals)  # noqa: E731
     layers = len(base.model.layers)

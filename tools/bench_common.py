@@ -137,3 +137,21 @@ def format_table(headers: list[str], rows: list[list[str]], right: set[int] | No
     out = [line(headers), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in rows]
     return "\n".join(s.rstrip() for s in out)
+
+
+def smollm2_case(layers, n_calib: int, n_eval: int, seq: int):
+    """SmolLM2 (first ``layers`` or all), calibration windows from the start of the pydoc text,
+    held-out evaluation windows, and a forward_loop feeding the calibration 4 windows a call."""
+    from qpass import zoo
+
+    with quiet():
+        base, tok = zoo.load_smollm2(layers)
+    split = zoo.text_split()
+    calib = zoo.token_windows(tok, split.calib, n_calib, seq)
+    evals = zoo.token_windows(tok, split.held_out, n_eval, seq)
+
+    def loop(m):
+        for i in range(0, len(calib), 4):
+            m(input_ids=calib[i:i + 4], use_cache=False)
+
+    return base, tok, calib, evals, loop

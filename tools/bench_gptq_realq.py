@@ -163,15 +163,7 @@ def main(argv=None) -> int:
     use_modelopt = not args.no_modelopt and bc.import_modelopt() is not None
     from qpass import zoo
 
-    with bc.quiet():
-        base, tok = zoo.load_smollm2(args.layers)
-    split = zoo.text_split()
-    calib = zoo.token_windows(tok, split.calib, args.calib, args.seq)
-    evals = zoo.token_windows(tok, split.held_out, args.eval, args.seq)
-
-    def loop(m):
-        for i in range(0, len(calib), 4):
-            m(input_ids=calib[i:i + 4], use_cache=False)
+    base, tok, calib, evals, loop = bc.smollm2_case(args.layers, args.calib, args.eval, args.seq)
 
     print(f"SmolLM2-135M, {len(base.model.layers)} layers; calib {args.calib}x{args.seq} tokens, eval "
           f"{args.eval}x{args.seq} held-out tokens; torch {torch.__version__}, {args.threads} threads, "
