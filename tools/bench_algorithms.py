@@ -13,7 +13,6 @@ algorithm in qpass. Not a test: ModelOpt's smoothquant/AWQ on the full model tak
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -133,12 +132,7 @@ def fmt(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all 30)")
-    p.add_argument("--calib", type=int, default=16)
-    p.add_argument("--eval", type=int, default=16)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
+    p = bc.smollm2_parser(__doc__)
     p.add_argument("--runs", default=",".join(DEFAULT_RUNS))
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -155,3 +155,16 @@ def smollm2_case(layers, n_calib: int, n_eval: int, seq: int):
             m(input_ids=calib[i:i + 4], use_cache=False)
 
     return base, tok, calib, evals, loop
+
+
+def smollm2_parser(doc: str):
+    """An argument parser with the SmolLM2 case options :func:`smollm2_case` takes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all 30)")
+    p.add_argument("--calib", type=int, default=16, help="calibration windows")
+    p.add_argument("--eval", type=int, default=16, help="held-out evaluation windows")
+    p.add_argument("--seq", type=int, default=256, help="tokens per window")
+    p.add_argument("--threads", type=int, default=2)
+    return p

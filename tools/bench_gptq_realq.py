@@ -17,7 +17,6 @@ packed model's logits equal the fake-quantized model's bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -147,12 +146,7 @@ def realq_part(base, loop, evals, out: list) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all 30)")
-    p.add_argument("--calib", type=int, default=16)
-    p.add_argument("--eval", type=int, default=16)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
+    p = bc.smollm2_parser(__doc__)
     p.add_argument("--part", default="gptq,realq")
     p.add_argument("--runs", default=",".join(GPTQ_RUNS), help=f"GPTQ part rows, of {','.join(GPTQ_RUNS)}")
     p.add_argument("--no-modelopt", action="store_true")
