@@ -41,7 +41,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from qpass.graph.trace import TracedGraph, _static_dims, export_graph
+from qpass.graph.trace import TracedGraph, _static_dims, export_graph, fetch_attr, original_class
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +184,6 @@ def block_kinds(model: nn.Module) -> list[_Kind]:
     return kinds
 
 
-def _call_original(model, original_cls, fn):
-    wrapped = model.__class__
-    model.__class__ = original_cls
-    try:
-        return fn()
-    finally:
-        model.__class__ = wrapped
-
-
 def _record(model, original_cls, args, kwargs, kinds: list[_Kind]):
     """Step 2: each kind's output structure, from an eager forward stopped after the blocks."""
     seen: dict[int, tuple] = {}
@@ -205,8 +196,8 @@ def _record(model, original_cls, args, kwargs, kinds: list[_Kind]):
 
     hooks = [k.members[0][2].register_forward_hook(post, with_kwargs=True) for k in kinds]
     try:
-        with torch.no_grad():
-            _call_original(model, original_cls, lambda: original_cls.forward(model, *args, **kwargs))
+        with torch.no_grad(), original_class(model, original_cls):
+            original_cls.forward(model, *args, **kwargs)
     except _Captured:
         pass
     finally:
@@ -333,13 +324,6 @@ def _inline(graph: fx.Graph, call_node: fx.Node, call: _Call) -> None:
     graph.erase_node(call_node)
 
 
-def _fetch(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _close(a, b) -> bool:
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
@@ -414,9 +398,9 @@ def _export(model, original_cls, args, kwargs, kinds: list[_Kind], tokens: list[
     for node in top.graph.nodes:
         if node.op in ("get_attr", "call_module"):
             try:
-                root[node.target] = _fetch(model, node.target)
+                root[node.target] = fetch_attr(model, node.target)
             except AttributeError:
-                root[node.target] = _fetch(top, node.target)
+                root[node.target] = fetch_attr(top, node.target)
     gm = fx.GraphModule(root, top.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -453,7 +437,8 @@ def _verify(model, original_cls, gm: fx.GraphModule, args, kwargs) -> None:
     """Step 7, on inputs cut short along their dynamic dims (the check is about code, not size)."""
     a, kw, tensors = _shrunk(gm, args, kwargs)
     with torch.no_grad():
-        reference = _call_original(model, original_cls, lambda: original_cls.forward(model, *a, **kw))
+        with original_class(model, original_cls):
+            reference = original_cls.forward(model, *a, **kw)
         got = gm(*tensors)
     if not _close(got, reference):
         raise Unsupported("the stitched graph's outputs differ from the eager model's")

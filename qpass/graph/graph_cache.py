@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from qpass.graph.block_export import export_with_blocks
-from qpass.graph.trace import TracedGraph, export_graph, matches_static_dims
+from qpass.graph.trace import TracedGraph, export_graph, fetch_attr, matches_static_dims
 from qpass.nn.tensor_quantizer import is_quantizer
 
 MAX_ENTRIES = 8
@@ -83,13 +83,6 @@ def structure_fingerprint(model: nn.Module, original_cls: type, ignore: frozense
     return h.hexdigest()
 
 
-def _fetch(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _copy_graph(source: fx.Graph) -> fx.Graph:
     graph = fx.Graph()
     value, old_output = graph.graph_copy(source, {}, return_output_node=True)
@@ -104,9 +97,9 @@ def _entry_from(gm: fx.GraphModule, model: nn.Module, static_dims: list) -> _Ent
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             try:
-                _fetch(model, node.target)
+                fetch_attr(model, node.target)
             except AttributeError:
-                constants[node.target] = _fetch(gm, node.target)
+                constants[node.target] = fetch_attr(gm, node.target)
     return _Entry(graph=graph, constants=constants, static_dims=static_dims)
 
 
@@ -116,7 +109,7 @@ def _rebind(entry: _Entry, model: nn.Module, tensors) -> TracedGraph:
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             root[node.target] = entry.constants[node.target] if node.target in entry.constants \
-                else _fetch(model, node.target)
+                else fetch_attr(model, node.target)
     gm = fx.GraphModule(root, graph)
     gm.meta["qpass_example_inputs"] = tuple(t.detach() for t in tensors)
     return TracedGraph(gm=gm, static_dims=list(entry.static_dims))

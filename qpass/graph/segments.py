@@ -25,6 +25,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from qpass.errors import QpassError
+from qpass.graph.trace import fetch_attr
 from qpass.passes.insert_quantizers import owner_path
 
 
@@ -167,13 +168,6 @@ def _absorb_sandwiched_glue(owners: list) -> None:
         i = j
 
 
-def _fetch(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def retarget_devices(value, source: torch.device, target: torch.device):
     """``value`` (a node's args or kwargs) with every ``torch.device`` equal to ``source`` replaced.
 
@@ -198,7 +192,7 @@ def segment_module(part: Partition, seg: Segment, attr: Callable | None = None,
         env[n] = graph.placeholder(n.name)
         env[n].meta.update(n.meta)
     for target in seg.attrs:
-        value = _fetch(part.gm, target)
+        value = fetch_attr(part.gm, target)
         root[target] = attr(target, value) if attr is not None else value
     for node in seg.nodes:
         for src in node.all_input_nodes:
@@ -209,7 +203,7 @@ def segment_module(part: Partition, seg: Segment, attr: Callable | None = None,
             new.args = retarget_devices(new.args, *devices)
             new.kwargs = retarget_devices(new.kwargs, *devices)
         if node.op == "call_module":
-            root[node.target] = _fetch(part.gm, node.target)
+            root[node.target] = fetch_attr(part.gm, node.target)
         env[node] = new
     graph.output(tuple(env[n] for n in seg.outputs))
     return fx.GraphModule(root, graph)
@@ -248,5 +242,5 @@ def run_segments(part: Partition, args: Iterable):
         outs = segment_module(part, seg)(*[env[n] for n in seg.inputs])
         env.update(zip(seg.outputs, outs))
     out = part.returns.args[0]
-    result = fx.node.map_arg(out, lambda n: env[n] if n.op != "get_attr" else _fetch(part.gm, n.target))
+    result = fx.node.map_arg(out, lambda n: env[n] if n.op != "get_attr" else fetch_attr(part.gm, n.target))
     return part.gm.graph._codegen.process_outputs(result)

@@ -117,10 +117,8 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
     leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
     tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
     watcher = _ModuleStack(model)
-    wrapped_cls = model.__class__
-    model.__class__ = original_cls
     try:
-        with watcher.watching():
+        with original_class(model, original_cls), watcher.watching():
             ep = torch.export.export(
                 _FlatCall(model, original_cls, spec, leaves), tensors,
                 dynamic_shapes=(tuple(_dim_spec(t, dynamic_dims if isinstance(dynamic_dims, int) else dynamic_dims[i])
@@ -136,13 +134,30 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
             "The model was left unchanged. Make its forward traceable (no data-dependent "
             "Python control flow), or pass inputs that avoid the failing branch."
         ) from e
-    finally:
-        model.__class__ = wrapped_cls
     gm = ep.module()
     gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.meta["qpass_example_inputs"] = tuple(t.detach() for t in tensors)  # what export_onnx re-traces with
     return TracedGraph(gm=gm, static_dims=_static_dims(gm))
+
+
+def fetch_attr(root, target: str):
+    """The attribute at a dotted get_attr target ("encoder.layer.0.dense.weight")."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@contextlib.contextmanager
+def original_class(model: nn.Module, original_cls: type):
+    """The model runs as its own class (before qpass wrapped it) inside this block."""
+    wrapped = model.__class__
+    model.__class__ = original_cls
+    try:
+        yield model
+    finally:
+        model.__class__ = wrapped
 
 
 def _type_of(model: nn.Module, path: str) -> str:
