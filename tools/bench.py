@@ -18,6 +18,9 @@ repeat ModelOpt's run of NAME (marked *). ModelOpt failures (MXFP8/NVFP4 need CU
 "n/a (reason)"; qpass failures show "error (reason)" with the traceback after the table.
 
 --gpu: CUDA forward/calibration timings on a random bf16 SmolLM2-shaped Llama (tools/bench_gpu.py).
+
+--auto-quantize [options]: qpass's and ModelOpt's auto_quantize side by side on SmolLM2
+(tools/bench_auto_quantize.py; the options after it are that tool's, e.g. ``--layers 30``).
 """
 
 from __future__ import annotations
@@ -350,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--auto-quantize" in argv:
+        import bench_auto_quantize
+
+        argv.remove("--auto-quantize")
+        return bench_auto_quantize.main(argv) or 0
     args = build_parser().parse_args(argv)
     if args.gpu or args.gpu_dry_run:
         import bench_gpu

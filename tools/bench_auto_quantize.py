@@ -1,6 +1,6 @@
 """auto_quantize on SmolLM2-135M: held-out perplexity, achieved bits and wall time, qpass vs ModelOpt.
 
-    python tools/bench_auto_quantize.py [--layers 8] [--bits 4.8] [--libs qpass,modelopt] [--sets 0,1]
+    python tools/bench.py --auto-quantize [--layers 8] [--bits 4.8] [--libs qpass,modelopt] [--sets 0,1]
         [--sweep 4.5,5,5.5,6,6.5,7,7.5,8 --sweep-png sweep.png] [--json out.json]
 
 Data: ``--batches`` (default 4) calibration = score batches of 4 x ``--seq`` (256) tokens from the
@@ -137,9 +137,9 @@ def print_table(rows):
                   f"cpu {q['cpu_s'] / m['cpu_s']:.2f}x; qpass bits within budget: {q['achieved'] <= q['budget'] + 1e-9}")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=30, help="SmolLM2 decoder layers kept (30: the whole model)")
     ap.add_argument("--bits", type=float, default=4.8)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
@@ -151,7 +151,7 @@ def main():
     ap.add_argument("--sweep", default="", help="comma-separated budgets, e.g. 4.5,5,5.5,6,6.5,7,7.5,8: "
                     "re-solve qpass's first format set for each and plot perplexity vs bits")
     ap.add_argument("--sweep-png", default="auto_quantize_sweep.png")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from qpass import zoo
 

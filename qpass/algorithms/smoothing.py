@@ -119,6 +119,12 @@ def group_weight(model: nn.Module, unit: list[str]) -> torch.Tensor:
     return torch.cat([model.get_submodule(p).weight.detach().float() for p in unit])
 
 
+#: Elements per row chunk in :func:`scaled_weight_rows`: a few MB of float32 temporaries, under
+#: glibc's mmap threshold (32 MB), so the allocator reuses them instead of faulting fresh pages
+#: for every elementwise step (that cost ~5x the arithmetic on a 49152x576 lm_head).
+ROW_CHUNK_ELEMENTS = 1 << 20
+
+
 def fake_quant_weight(q: nn.Module, w: torch.Tensor, first_amax: torch.Tensor | None = None) -> torch.Tensor:
     """``w`` fake-quantized as the (possibly sequential) weight quantizer would after max calibration
     (the first enabled quantizer with ``first_amax`` instead, when given: a clipped amax)."""
@@ -134,6 +140,60 @@ def fake_quant_weight(q: nn.Module, w: torch.Tensor, first_amax: torch.Tensor | 
         first = False
         out = spec.fake_quant(out, amax)
     return out
+
+
+_GLOBAL, _LOCAL, _NONE = "global", "local", "none"
+
+
+def _stage_kinds(q: nn.Module, w: torch.Tensor, s: torch.Tensor):
+    """Per enabled stage of ``q``: (spec, kind, amax) for quantizing ``w * s`` in row chunks, or None
+    when some stage's statistic spans rows in a way chunks cannot reproduce.
+
+    ``local``: the amax is per row or per block of a row (computed from each chunk); ``global``:
+    one per-tensor amax, ``max_c(max_r |w_rc| * s_c)``, which equals ``max |w * s|`` exactly
+    (scaling by a positive ``s_c`` is monotone under rounding); ``none``: no amax (MX)."""
+    plan = []
+    if not bool((s > 0).all()):
+        return None
+    for tq in iter_tensor_quantizers(q):
+        if not tq.is_enabled:
+            continue
+        spec = tq.spec
+        if not spec.needs_amax:
+            plan.append((spec, _NONE, None))
+            continue
+        one, two = (spec.amax_of(torch.ones(n, w.shape[1], device=w.device)) for n in (1, 2))
+        if one.numel() == 1 and two.numel() == 1:
+            amax = (w.detach().float().abs().amax(0) * s.float()).amax()
+            plan.append((spec, _GLOBAL, amax.reshape(spec.amax_of(w[:1].float()).shape)))
+        elif two.numel() == 2 * one.numel():
+            plan.append((spec, _LOCAL, None))
+        else:
+            return None
+    return plan
+
+
+def scaled_weight_rows(q: nn.Module, w: torch.Tensor, s: torch.Tensor):
+    """Yield ``(rows, w[rows].float(), Q(w[rows] * s))`` over row chunks of a 2-D weight: the same
+    values as ``fake_quant_weight(q, w * s)[rows]`` (each stage's amax from ``w * s``), with small
+    temporaries. Falls back to one whole-tensor chunk when the stages do not split by rows."""
+    w = w.detach()
+    s = s.to(w.device, torch.float32)
+    plan = _stage_kinds(q, w, s) if w.dim() == 2 else None
+    if plan is None:
+        wf = w.float()
+        yield slice(0, w.shape[0]), wf, fake_quant_weight(q, wf * s)
+        return
+    step = max(1, ROW_CHUNK_ELEMENTS // max(w.shape[1], 1))
+    for r0 in range(0, w.shape[0], step):
+        rows = slice(r0, min(r0 + step, w.shape[0]))
+        wc = w[rows].float()
+        ws = wc * s
+        out = ws
+        for spec, kind, amax in plan:
+            a = amax if kind == _GLOBAL else (spec.amax_of(ws) if kind == _LOCAL else None)
+            out = spec.fake_quant(out, a)
+        yield rows, wc, out
 
 
 def quantized_output(model: nn.Module, unit: list[str], x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

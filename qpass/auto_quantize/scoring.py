@@ -2,7 +2,8 @@
 
 ``gradient``: one forward with quantization off and one backward per score batch serve every
 candidate. A graph rewrite puts a :class:`ScoreTap` after each searched weighted op of every
-traced graph; the tap registers a tensor hook on the op's output Y. When the backward reaches
+traced graph; the tap registers a tensor hook on the op's output Y. Parameters are frozen
+while scoring, so the backward computes activation gradients only. When the backward reaches
 Y, the hook recomputes the op once per candidate with that candidate's quantizers (input
 quantizer on the op's input, cached fake-quantized weight) and adds
 ``sum((grad_Y * (Y_quant - Y))**2)``. Nothing is kept between forward and backward beyond what
@@ -32,8 +33,13 @@ class ScoreTap(nn.Module):
         self.scorer, self.path, self.target, self.i_in, self.i_w = scorer, path, target, i_in, i_w
 
     def forward(self, y, x, *args, **kwargs):
-        if torch.is_grad_enabled() and y.requires_grad:
-            y.register_hook(self.scorer.hook(self, y.detach(), x.detach(), args, kwargs))
+        if not torch.is_grad_enabled():
+            return y
+        if not y.requires_grad:
+            # Nothing upstream of Y needs a gradient (parameters are frozen while scoring), so
+            # Y becomes a leaf: its gradient is the same, and no weight gradient is ever computed.
+            y = y.detach().requires_grad_(True)
+        y.register_hook(self.scorer.hook(self, y.detach(), x.detach(), args, kwargs))
         return y
 
 
@@ -47,17 +53,17 @@ class GradientScorer:
     def hook(self, tap: ScoreTap, y, x, args, kwargs):
         def on_grad(g):
             self.seen.add(tap.path)
-            if not bool(torch.isfinite(g).all()):
+            if not bool(torch.isfinite(g.sum())):  # NaN/Inf anywhere makes the sum non-finite
                 self.bad_grad = tap.path
                 return
             with torch.no_grad():
-                g = g.float()
+                g, yf = g.float(), y.float()
                 for f, slot in self.slots[tap.path].items():
                     a = list(args)
                     xin = x if slot.input_quantizer is None else slot.input_quantizer(x)
                     a[tap.i_in], a[tap.i_w] = xin, slot.qweight
-                    diff = tap.target(*a, **kwargs).float() - y.float()
-                    self.scores[tap.path][f] += float(((g * diff) ** 2).sum())
+                    diff = tap.target(*a, **kwargs).float().sub_(yf)  # a fresh output: in place is safe
+                    self.scores[tap.path][f] += float(torch.linalg.vector_norm(diff.mul_(g)) ** 2)
         return on_grad
 
 
@@ -116,13 +122,14 @@ def check_gradient_inputs(loss_func, forward_backward_step) -> None:
 def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, forward_backward_step,
                     progress=None, history=None) -> dict[str, list[float]]:
     scorer = GradientScorer(slots, n_formats)
-    # Each searched op's output needs a gradient: its own weight requiring one is enough (and
-    # skips the embedding's gradient); the activations between them then carry gradients too.
-    params = list({id(p): p for p in (model.get_submodule(path).weight for path in slots)}.values())
+    # Only the searched ops' outputs need gradients: every parameter is frozen, and each tap
+    # makes its op's output a leaf when nothing upstream carries a gradient (so the backward
+    # computes activation gradients only: no weight or embedding gradient).
+    params = list({id(p): p for p in model.parameters()}.values())
     flags = [(p, p.requires_grad, p.grad) for p in params]
     try:
         for p in params:
-            p.requires_grad_(True)
+            p.requires_grad_(False)
         for i, batch in enumerate(batches):
             for gm in _graphs(model):
                 insert_taps(gm, scorer)

@@ -80,6 +80,30 @@ def search_groups(paths: list[str], graph_groups: list[list[str]], rules: list[s
     return list(groups.values())
 
 
+class _Traced(Exception):
+    """Raised by :func:`trace_only`'s recorder once the model's first call is traced."""
+
+
+def trace_only(model: nn.Module, forward_step, batch) -> None:
+    """Trace the graph of ``forward_step(model, batch)``'s first model call without running it."""
+    from qpass.graph.quantized_model import graph_for
+
+    state = state_of(model)
+
+    def record(m, args, kwargs):
+        graph_for(m, args, kwargs)
+        raise _Traced
+
+    state.recorder = record
+    try:
+        with torch.no_grad():
+            forward_step(model, batch)
+    except _Traced:
+        pass
+    finally:
+        state.recorder = None
+
+
 def group_name(members: list[str]) -> str:
     if len(members) == 1:
         return members[0]
@@ -202,8 +226,7 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
             verbose, method):
     """Calibrate every candidate and score every (group, format); the model gets the search attached."""
     original = holder.pop()
-    with torch.no_grad():
-        forward_step(model, score[0])  # trace the graph the scores run on
+    trace_only(model, forward_step, score[0])  # the graph the scores run on (and its shared-input groups)
     owners = [(p, m) for p, m in model.named_modules() if "weight_quantizer" in m._modules]
     paths = [p for p, m in owners if any(quantizes(c, p, original.get_submodule(p)) for c in candidates)]
     if not paths:

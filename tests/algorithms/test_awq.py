@@ -164,13 +164,27 @@ def test_debug_keeps_search_results_and_bad_options_are_refused():
 
 
 def test_gram_errors_equal_the_direct_partial_products():
-    from qpass.algorithms.awq_search import block_grams, gram, output_error
+    from qpass.algorithms.awq_search import block_grams, gram, gram_factor, output_error
 
     torch.manual_seed(0)
     x = torch.randn(3000, 40)
     dw = torch.randn(6, 40)
-    direct = (x @ dw.t()).pow(2).sum(0).double()
-    torch.testing.assert_close(output_error(dw, gram(x)), direct, rtol=1e-5, atol=1e-6)
+    direct = (x.double() @ dw.double().t()).pow(2).sum(0)
+    # Cholesky factor (more tokens than channels), and x^T itself (fewer tokens)
+    exact = dict(low_precision=False)
+    torch.testing.assert_close(output_error(dw, gram_factor(gram(x), **exact)).double(), direct, rtol=1e-5, atol=1e-6)
+    # bfloat16 products (float32 accumulation): rows within 1%, the total (what a search compares) 1e-3
+    low = output_error(dw, gram_factor(gram(x), low_precision=True)).double()
+    torch.testing.assert_close(low, direct, rtol=1e-2, atol=0)
+    assert abs(float(low.sum() / direct.sum()) - 1) < 1e-3
+    few = x[:30]
+    torch.testing.assert_close(output_error(dw, gram_factor(gram(few), few, **exact)).double(),
+                               (few.double() @ dw.double().t()).pow(2).sum(0), rtol=1e-5, atol=1e-6)
+    # a rank-deficient Gram (two equal channels, more tokens than channels) still factors
+    dup = torch.cat([x[:, :1], x], 1)
+    dw2 = torch.randn(6, 41)
+    torch.testing.assert_close(output_error(dw2, gram_factor(gram(dup), **exact)).double(),
+                               (dup.double() @ dw2.double().t()).pow(2).sum(0), rtol=1e-4, atol=1e-4)
     gb = block_grams(gram(x), 16)  # 40 channels: blocks 16, 16, 8 (+8 zero padding)
     assert gb.shape == (3, 16, 16)
     torch.testing.assert_close(gb[1], (x[:, 16:32].t() @ x[:, 16:32]), rtol=1e-4, atol=1e-3)
@@ -220,3 +234,22 @@ def test_awq_full_clips_the_smoothed_weights_of_the_chosen_scale():
     assert bool((ratio < 1).any())
     assert errs["awq_full"] < errs["awq_lite"] < 0.8 * errs[None]
     torch.testing.assert_close(m.fc.weight, base.fc.weight.detach() * a.scale)
+
+
+@pytest.mark.parametrize("preset", ["W4A8_AWQ_BETA_CFG", "INT4_AWQ_CFG", "NVFP4_DEFAULT_CFG", "INT8_DEFAULT_CFG",
+                                    "MXFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_row_chunked_weight_fake_quant_equals_whole(preset, monkeypatch):
+    """scaled_weight_rows (small temporaries) gives exactly fake_quant_weight(q, w * s), chunk by chunk."""
+    from qpass.algorithms import smoothing
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(256, 70, bias=False))
+    qpass.quantize(lin, preset, lambda m: m(torch.randn(4, 256)))
+    q, w = lin[0].weight_quantizer, lin[0].weight.detach()
+    s = torch.rand(256) * 3 + 0.1
+    want = smoothing.fake_quant_weight(q, w * s)
+    monkeypatch.setattr(smoothing, "ROW_CHUNK_ELEMENTS", 256 * 16)  # 16 rows per chunk, a short last one
+    chunks = list(smoothing.scaled_weight_rows(q, w, s))
+    assert len(chunks) == 5
+    got = torch.cat([c[2] for c in chunks])
+    assert torch.equal(got, want)

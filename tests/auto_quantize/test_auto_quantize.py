@@ -193,3 +193,37 @@ def test_infeasible_budget_fails_before_calibration():
     assert type(model) is type(ref)
     for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_gradient_scores_equal_the_direct_estimate():
+    """Each (group, format) score is sum over batches of (dL/dY * (Y_quant - Y))^2, Y_quant from that
+    format's quantizers, computed here on the eager float model with autograd."""
+    base = tiny_llama(tie=False)
+    data = _data(1)
+    model, sd = auto_quantize(copy.deepcopy(base), {"effective_bits": 12.0}, ["FP8_DEFAULT_CFG", None], data,
+                              forward_step, loss_func, num_calib_steps=1, num_score_steps=1)
+    search = model.__dict__[SEARCH_ATTR]
+    seen = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            out.retain_grad()
+            seen[name] = (args[0].detach(), out)
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in base.named_modules() if n in search.slots]
+    loss_func(forward_step(base, data[0]), data[0]).backward()
+    for h in handles:
+        h.remove()
+    want = {}
+    with torch.no_grad():
+        for p, (x, y) in seen.items():
+            slot = search.slots[p][0]
+            yq = F.linear(slot.input_quantizer(x), slot.weight_quantizer(base.get_submodule(p).weight))
+            want[p] = float(((y.grad * (yq - y)) ** 2).sum())
+    assert len(want) == len(search.slots) > 0
+    for stats in sd["candidate_stats"].values():
+        ref = sum(want[p] for p in stats["members"])
+        assert ref > 0
+        assert stats["scores"][0] == pytest.approx(ref, rel=1e-4)
+        assert stats["scores"][1] == 0.0
