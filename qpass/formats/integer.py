@@ -69,6 +69,10 @@ class IntFormat:
         """Round half to even and clamp; returns float32 with +0.0 for zero (never -0.0)."""
         return torch.clamp(torch.round(v), self.min_bound, self.max_bound) + 0.0
 
+    def round_(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`round` in place on ``v`` (a float32 temporary the caller owns)."""
+        return v.round_().clamp_(self.min_bound, self.max_bound).add_(0.0)
+
     def encode(self, v: torch.Tensor) -> torch.Tensor:
         return self.round(v).to(self.code_dtype)
 

@@ -64,9 +64,9 @@ def dequantize(fmt, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fake_quant(fmt, xb: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     if isinstance(fmt, IntFormat):
         mult, div = _int_divisor(fmt, amax)
-        return fmt.round(xb * mult) / div
+        return fmt.round_(xb * mult).div_(div)  # in place on the product: the same ops, fewer temporaries
     scale, scale_inv = _float_scale(fmt, amax)
-    return fmt.round(xb * scale) * scale_inv
+    return fmt.round_(xb * scale).mul_(scale_inv)
 
 
 def step(fmt, xb: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
