@@ -40,6 +40,7 @@ class Slot:
     weight_quantizer: nn.Module
     weight: torch.Tensor | None = None  # None: the module's original weight
     qweight: torch.Tensor | None = None  # fake-quantized weight, cached while scoring
+    qweight_low: torch.Tensor | None = None  # its bfloat16 copy, for low-precision scoring
 
     @property
     def effective_bits(self) -> float:

@@ -177,13 +177,16 @@ def _kl_scores(model, groups, search: _Search, batches, forward_step, progress):
 def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A8_AWQ_BETA_CFG", "FP8_DEFAULT_CFG", None),
                   data_loader=None, forward_step=None, loss_func=None, forward_backward_step=None,
                   num_calib_steps: int = 512, num_score_steps: int = 128, verbose: bool = False,
-                  method: str = "gradient"):
+                  method: str = "gradient", fast_scores: bool | None = None):
     """Choose a format per layer group minimising the sensitivity score under ``constraints``.
 
     Returns ``(model, state_dict)``; see :func:`qpass.auto_quantize.report.format_table` for the
     state_dict contents. ``method``: ``"gradient"`` (needs ``loss_func`` or
     ``forward_backward_step``) or ``"kl_div"`` (label-free). Formats calibrated with AWQ use
     ``num_calib_steps // 4`` batches (at least one), as ModelOpt's auto_quantize does.
+    ``fast_scores``: recompute float32 Linear outputs for the gradient scores with bfloat16
+    GEMMs (see :class:`qpass.auto_quantize.scoring.GradientScorer`); default: on CPUs with
+    native bfloat16 (AVX512-BF16/AMX), off elsewhere. ``False`` scores in float32.
     """
     from qpass.model_quant import quantize
 
@@ -210,7 +213,7 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
     try:
         groups, group_scores, search, history = _search(model, original, candidates, constraints, calib, score,
                                                         forward_step, loss_func, forward_backward_step, verbose,
-                                                        method)
+                                                        method, fast_scores)
         state_dict = _state_dict(model, method, search, groups, group_scores, history)
         auto_quantize_resolve(model, state_dict, constraints)
     except BaseException:
@@ -223,7 +226,7 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
 
 
 def _search(model, holder, candidates, constraints, calib, score, forward_step, loss_func, forward_backward_step,
-            verbose, method):
+            verbose, method, fast_scores=None):
     """Calibrate every candidate and score every (group, format); the model gets the search attached."""
     original = holder.pop()
     trace_only(model, forward_step, score[0])  # the graph the scores run on (and its shared-input groups)
@@ -253,17 +256,23 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
     del original
     history: list = []
     if method == "gradient":
+        from qpass.algorithms.awq_search import fast_bf16
+
+        if fast_scores is None:
+            fast_scores = all(fast_bf16(weights[p].device) for p in paths)
         with torch.no_grad():
             for p in paths:
                 for slot in slots[p].values():
                     w = slot.weight if slot.weight is not None else weights[p]
                     slot.qweight = slot.weight_quantizer(w)
+                    if fast_scores and slot.qweight.dtype == torch.float32:
+                        slot.qweight_low = slot.qweight.bfloat16()
         bar = tqdm(total=len(score), desc="auto_quantize: scoring") if verbose else None
         per_module = gradient_scores(model, slots, len(candidates), score, forward_step, loss_func,
-                                     forward_backward_step, bar, history)
+                                     forward_backward_step, bar, history, low_precision=bool(fast_scores))
         for s in slots.values():
             for slot in s.values():
-                slot.qweight = None
+                slot.qweight = slot.qweight_low = None
         group_scores = [[sum(per_module[p][f] for p in g) for f in range(len(candidates))] for g in groups]
     else:
         bar = tqdm(total=len(groups) * len(candidates), desc="auto_quantize: scoring (kl_div)") if verbose else None
