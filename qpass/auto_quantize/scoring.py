@@ -53,12 +53,25 @@ class GradientScorer:
     (about 0.1% of Y, rms) is small against a quantized output's error (FP8: a few % of Y), so
     the squared score moves by about 0.1%; the bias stays float32 (it cancels exactly)."""
 
-    def __init__(self, slots: dict, n_formats: int, low_precision: bool = False) -> None:
+    def __init__(self, slots: dict, n_formats: int, low_precision: bool = False, groups=()) -> None:
         self.slots = slots  # path -> {format index: Slot}
         self.scores = {p: [0.0] * n_formats for p in slots}
         self.bad_grad: str | None = None
         self.seen: set[str] = set()
         self.low_precision = low_precision
+        self.share = _shared_input_keys(slots, groups)  # (path, format) -> key of an identical input quantizer
+        self.memo: dict = {}  # (input storage, format, share key) -> (input, quantized input); one batch
+
+    def quantized_input(self, path: str, f: int, slot, x: torch.Tensor, low: bool) -> torch.Tensor:
+        """``slot.input_quantizer(x)`` (as bfloat16 when ``low``), computed once per batch for the
+        members of a shared-input group (q/k/v, gate/up) whose input quantizers are identical."""
+        share = None if slot.input_quantizer is None else self.share.get((path, f), path)  # None: x itself
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), f if share else None, share, low)
+        hit = self.memo.get(key)
+        if hit is None:
+            xq = x if slot.input_quantizer is None else slot.input_quantizer(x)
+            hit = self.memo[key] = (x, xq.bfloat16() if low else xq)  # holding x keeps its storage unique
+        return hit[1]
 
     def hook(self, tap: ScoreTap, y, x, args, kwargs):
         def on_grad(g):
@@ -72,10 +85,10 @@ class GradientScorer:
                 if low and len(args) > 2 and args[2] is not None:  # compare without the bias: Y - b
                     yf = yf - args[2].float()
                 for f, slot in self.slots[tap.path].items():
-                    xin = x if slot.input_quantizer is None else slot.input_quantizer(x)
+                    xin = self.quantized_input(tap.path, f, slot, x, low)
                     if low:
                         w = slot.qweight_low if slot.qweight_low is not None else slot.qweight.bfloat16()
-                        out = F.linear(xin.bfloat16(), w)
+                        out = F.linear(xin, w)
                     else:
                         a = list(args)
                         a[tap.i_in], a[tap.i_w] = xin, slot.qweight
@@ -83,6 +96,41 @@ class GradientScorer:
                     diff = out.float().sub_(yf) if out.dtype != torch.float32 else out.sub_(yf)  # fresh: in place
                     self.scores[tap.path][f] += float(torch.linalg.vector_norm(diff.mul_(g)) ** 2)
         return on_grad
+
+
+def _same_quantizer(a, b) -> bool:
+    """Two standalone input quantizers that quantize every input identically."""
+    from qpass.graph.quantized_model import iter_tensor_quantizers
+
+    if a is None or b is None or type(a) is not type(b):
+        return False
+    qa, qb = iter_tensor_quantizers(a), iter_tensor_quantizers(b)
+    if len(qa) != len(qb):
+        return False
+    for x, y in zip(qa, qb):
+        state = lambda t: (t._attrs, t._disabled, t._if_quant, t.describe())  # noqa: E731
+        if state(x) != state(y):
+            return False
+        for name in ("_amax", "_pre_quant_scale"):
+            u, v = x._buffers.get(name), y._buffers.get(name)
+            if (u is None) != (v is None) or (u is not None and (u.shape != v.shape or not torch.equal(u, v))):
+                return False
+    return True
+
+
+def _shared_input_keys(slots: dict, groups) -> dict:
+    """(path, format) -> the first member of its group with an identical input quantizer."""
+    keys = {}
+    for members in groups:
+        members = [p for p in members if p in slots]
+        for i, p in enumerate(members):
+            for f, slot in slots[p].items():
+                for q in members[:i]:
+                    other = slots[q].get(f)
+                    if other is not None and _same_quantizer(other.input_quantizer, slot.input_quantizer):
+                        keys[(p, f)] = keys.get((q, f), q)
+                        break
+    return keys
 
 
 def insert_taps(gm: fx.GraphModule, scorer: GradientScorer) -> int:
@@ -138,8 +186,8 @@ def check_gradient_inputs(loss_func, forward_backward_step) -> None:
 
 
 def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, forward_backward_step,
-                    progress=None, history=None, low_precision: bool = False) -> dict[str, list[float]]:
-    scorer = GradientScorer(slots, n_formats, low_precision)
+                    progress=None, history=None, low_precision: bool = False, groups=()) -> dict[str, list[float]]:
+    scorer = GradientScorer(slots, n_formats, low_precision, groups)
     # Only the searched ops' outputs need gradients: every parameter is frozen, and each tap
     # makes its op's output a leaf when nothing upstream carries a gradient (so the backward
     # computes activation gradients only: no weight or embedding gradient).
@@ -164,6 +212,7 @@ def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, f
                 raise AutoQuantizeError(
                     f"score batch {i}: the gradient reaching '{scorer.bad_grad}' has NaN or Inf; check the "
                     "loss (e.g. labels all ignored) and the data of that batch")
+            scorer.memo.clear()
             for p in params:
                 p.grad = None
             if history is not None:

@@ -269,7 +269,8 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
                         slot.qweight_low = slot.qweight.bfloat16()
         bar = tqdm(total=len(score), desc="auto_quantize: scoring") if verbose else None
         per_module = gradient_scores(model, slots, len(candidates), score, forward_step, loss_func,
-                                     forward_backward_step, bar, history, low_precision=bool(fast_scores))
+                                     forward_backward_step, bar, history, low_precision=bool(fast_scores),
+                                     groups=groups)
         for s in slots.values():
             for slot in s.values():
                 slot.qweight = slot.qweight_low = None

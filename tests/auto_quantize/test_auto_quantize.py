@@ -232,3 +232,28 @@ def test_gradient_scores_equal_the_direct_estimate():
     # bfloat16 GEMMs (fast_scores): the same estimate up to their rounding (a few % on FP8 scores)
     for name, stats in fast["candidate_stats"].items():
         assert stats["scores"][0] == pytest.approx(sd["candidate_stats"][name]["scores"][0], rel=0.1)
+
+
+def test_shared_input_members_quantize_their_input_once():
+    """q/k/v (and gate/up) get identical input quantizers per format, so scoring quantizes their
+    shared input once per batch; members whose quantizers differ never share."""
+    from qpass.auto_quantize.scoring import _same_quantizer, _shared_input_keys
+
+    model, sd, _, _ = _searched_tiny()
+    search = model.__dict__[SEARCH_ATTR]
+    groups = [st["members"] for st in sd["candidate_stats"].values()]
+    keys = _shared_input_keys(search.slots, groups)
+    assert keys[("model.layers.0.self_attn.k_proj", 0)] == "model.layers.0.self_attn.q_proj"
+    assert keys[("model.layers.0.self_attn.v_proj", 1)] == "model.layers.0.self_attn.q_proj"
+    assert keys[("model.layers.1.mlp.up_proj", 0)] == "model.layers.1.mlp.gate_proj"
+    assert not any(k[0].endswith(("q_proj", "o_proj", "down_proj")) for k in keys)
+    q = search.slots["model.layers.0.self_attn.q_proj"][1].input_quantizer
+    other = copy.deepcopy(q)
+    other.amax = q.amax * 2
+    assert _same_quantizer(q, copy.deepcopy(q)) and not _same_quantizer(q, other)
+
+
+def _searched_tiny():
+    model = tiny_llama(tie=False)
+    model, sd = _run(model)
+    return model, sd, None, None
