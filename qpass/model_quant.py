@@ -220,14 +220,19 @@ def fold_weight(model: nn.Module) -> None:
     """Replace weights by their fake-quantized values and drop weight quantizers from the graph.
 
     A weight shared with another module (tied embeddings) is untied first, so
-    the other user keeps its original values.
+    the other user keeps its original values. A packed (real_quantize) weight becomes a
+    parameter holding its dequantized values again.
     """
     from qpass.algorithms.fold import untie_weight
+    from qpass.nn.packed_weight import PackedWeightQuantizer, unpack_weight
 
     state = state_of(model)
     graphs = [t.gm for ts in state.graphs.values() for t in ts]
     with torch.no_grad():
         for path, module, q in weight_quantizer_owners(model):
+            if isinstance(q, PackedWeightQuantizer):  # real_quantize: the packed values become the weight
+                unpack_weight(module)
+                continue
             if not q.is_enabled:
                 continue
             folded = q(module.weight)

@@ -107,3 +107,21 @@ def release_weight(module: nn.Module) -> None:
     module._parameters.pop("weight", None)
     module._buffers.pop("weight", None)
     module.register_buffer("weight", placeholder_like(w), persistent=False)
+
+
+@torch.no_grad()
+def unpack_weight(module: nn.Module) -> torch.Tensor:
+    """Undo :func:`pack_weight` for ``fold_weight``: ``module.weight`` becomes a parameter holding
+    the dequantized values again, and its quantizer a plain disabled one (codes and scales dropped)."""
+    q = module.weight_quantizer
+    folded = q.dequantized()
+    module._buffers.pop("weight", None)
+    module.weight = nn.Parameter(folded)
+    for k in PACKED_KEYS:
+        q._buffers.pop(f"_{k}", None)
+    for k in ("_weight_shape", "_weight_dtype"):
+        q.__dict__.pop(k, None)
+    q.__class__ = TensorQuantizer
+    q.disable()
+    return folded
+

@@ -148,6 +148,20 @@ def test_packed_quantizer_cannot_be_disabled_or_recalibrated(mlp):
     assert torch.equal(mlp(x), out)
 
 
+@pytest.mark.parametrize("name", ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
+def test_fold_weight_of_a_packed_model_restores_the_dequantized_weights(mlp, name):
+    x = torch.randn(4, 32)
+    qpass.quantize(mlp, _real(name), lambda m: m(x))
+    out = mlp(x)
+    want = mlp.fc1.weight_quantizer.dequantized()
+    qpass.fold_weight(mlp)
+    assert torch.equal(mlp(x), out)
+    assert isinstance(mlp.fc1.weight, torch.nn.Parameter) and torch.equal(mlp.fc1.weight, want)
+    assert not is_placeholder(mlp.fc1.weight) and "fc1.weight" in mlp.state_dict()
+    assert type(mlp.fc1.weight_quantizer) is not PackedWeightQuantizer and not mlp.fc1.weight_quantizer.is_enabled
+    assert "fc1.weight_quantizer._codes" not in mlp.state_dict()
+
+
 def test_state_dict_round_trip_of_a_packed_model(mlp):
     x = torch.randn(4, 32)
     a, b = copy.deepcopy(mlp), copy.deepcopy(mlp)
