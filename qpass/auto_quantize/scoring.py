@@ -49,9 +49,10 @@ def _is_linear(target) -> bool:
 
 class GradientScorer:
     """Accumulates the scores. ``low_precision``: float32 Linear outputs are recomputed by bfloat16
-    GEMMs (float32 accumulation), about 2x faster on CPUs with native bfloat16. Their rounding
-    (about 0.1% of Y, rms) is small against a quantized output's error (FP8: a few % of Y), so
-    the squared score moves by about 0.1%; the bias stays float32 (it cancels exactly)."""
+    GEMMs (float32 accumulation), about 2x faster on CPUs with native bfloat16. Their output
+    rounding adds noise to ``Y_quant - Y``: on 8-layer SmolLM2 the scores moved by at most 3.6%
+    (FP8's, whose output errors are the smallest), and the chosen recipe was the same. The bias
+    stays float32 (it cancels exactly)."""
 
     def __init__(self, slots: dict, n_formats: int, low_precision: bool = False, groups=()) -> None:
         self.slots = slots  # path -> {format index: Slot}
@@ -93,7 +94,7 @@ class GradientScorer:
                         a = list(args)
                         a[tap.i_in], a[tap.i_w] = xin, slot.qweight
                         out = tap.target(*a, **kwargs)
-                    diff = out.float().sub_(yf) if out.dtype != torch.float32 else out.sub_(yf)  # fresh: in place
+                    diff = out.float().sub_(yf)  # a fresh output (or its float copy): in place is safe
                     self.scores[tap.path][f] += float(torch.linalg.vector_norm(diff.mul_(g)) ** 2)
         return on_grad
 
