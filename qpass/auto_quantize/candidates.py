@@ -128,13 +128,94 @@ def _standalone(q: nn.Module | None) -> nn.Module | None:
     return copy.deepcopy(q)
 
 
+def _methods(cand: Candidate) -> list:
+    algos = cand.algorithm if isinstance(cand.algorithm, list) else [cand.algorithm]
+    return [None if a is None else (a["method"] if len(a) == 1 or a["method"] != "max" else "max+")
+            for a in algos]
+
+
+def is_max_only(cand: Candidate) -> bool:
+    return all(m == "max" for m in _methods(cand))
+
+
+#: algorithms whose first forward_loop pass runs the float model (quantization off)
+FLOAT_FIRST_PASS = {"max", "awq_lite", "awq_clip", "awq_full", "smoothquant"}
+
+
+def records_float_inputs(cand: Candidate) -> bool:
+    return all(m in FLOAT_FIRST_PASS for m in _methods(cand))
+
+
+class SeenInputs:
+    """Per searched module, the per-channel abs-max of its (raw) input over the first ``batches``
+    calibration batches, recorded while another candidate calibrated on them. A max-calibrated
+    candidate then runs only the batches after those: its per-tensor input amax is the max of
+    both (the float model computes the same activations in every copy)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.amax: dict[str, torch.Tensor] = {}
+
+    def covers(self, quantizers) -> bool:
+        """True if every (name, quantizer) is a static per-tensor max-calibrated input quantizer,
+        without pre_quant_scale, of a module seen here."""
+        from qpass.calib.max import MaxCalibrator
+        from qpass.nn.tensor_quantizer import TensorQuantizer
+
+        for name, q in quantizers:
+            path, _, slot = name.rpartition(".")
+            if (slot != "input_quantizer" or path not in self.amax or type(q) is not TensorQuantizer
+                    or q.pre_quant_scale is not None or q.is_dynamic or not isinstance(q.calibrator, MaxCalibrator)
+                    or q.amax is None or q.amax.numel() != 1):
+                return False
+        return True
+
+
+def _capture_seen(work: nn.Module, paths: list[str], forward_loop, seen: SeenInputs, batches: int):
+    """``forward_loop`` that also records the searched modules' input channel maxima into ``seen``."""
+    from qpass.calib.capture import ActivationCapture
+
+    def loop(m):
+        if seen.batches:  # a later pass (e.g. after smoothing) is not the float model's
+            return forward_loop(m)
+        modules = {p: m.get_submodule(p) for p in paths}
+        with ActivationCapture(modules, max_tokens=0) as cap:
+            out = forward_loop(m)
+        seen.amax = {p: st.amax.detach().clone() for p, st in cap.stats.items()}
+        seen.batches = batches
+        return out
+
+    return loop
+
+
 @torch.no_grad()
-def calibrate_candidate(original: nn.Module, cand: Candidate, paths: list[str], forward_loop) -> dict[str, Slot]:
-    """Calibrate ``cand`` on a copy of ``original``; one Slot per module path it quantizes."""
+def calibrate_candidate(original: nn.Module, cand: Candidate, paths: list[str], forward_loop,
+                        seen: SeenInputs | None = None, record: int = 0, rest_loop=None) -> dict[str, Slot]:
+    """Calibrate ``cand`` on a copy of ``original``; one Slot per module path it quantizes.
+
+    ``record`` > 0: also record the searched modules' input maxima over the ``record`` batches
+    ``forward_loop`` feeds into ``seen``. ``rest_loop``: for a max-calibrated candidate whose
+    first ``seen.batches`` batches ``seen`` holds, a loop over the remaining batches only; it is
+    used when ``seen`` covers every activation quantizer of the candidate (else the full loop)."""
+    from qpass.calib.max_calibrate import activation_quantizers, share_group_amax
     from qpass.model_quant import quantize
 
     work = copy.deepcopy(original)
-    quantize(work, {"quant_cfg": list(cand.rules), "algorithm": usable_algorithm(cand)}, forward_loop)
+    cfg = {"quant_cfg": list(cand.rules), "algorithm": usable_algorithm(cand)}
+    if record and seen is not None:
+        forward_loop = _capture_seen(work, paths, forward_loop, seen, record)
+    if rest_loop is not None and seen is not None and seen.batches and is_max_only(cand):
+        quantize(work, cfg, rest_loop)
+        acts = activation_quantizers(work)
+        if seen.covers(acts):
+            for name, q in acts:
+                q.amax = torch.maximum(q.amax, seen.amax[name.rpartition(".")[0]].max().reshape(q.amax.shape))
+            share_group_amax(work, state_of(work).groups)
+        else:  # something the record did not see: calibrate on every batch after all
+            work = copy.deepcopy(original)
+            quantize(work, cfg, forward_loop)
+    else:
+        quantize(work, cfg, forward_loop)
     scaled: dict[str, torch.Tensor] = {}
     folded: dict[str, torch.Tensor] = {}
     for applied in getattr(state_of(work), "smoothing", None) or []:

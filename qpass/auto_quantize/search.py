@@ -20,7 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qpass.auto_quantize.candidates import NONE_NAME, calib_steps, calibrate_candidate, make_candidates, planned_bits, quantizes
+from qpass.auto_quantize.candidates import (
+    NONE_NAME, SeenInputs, calib_steps, calibrate_candidate, make_candidates, planned_bits, quantizes,
+    records_float_inputs,
+)
 from qpass.auto_quantize.scoring import check_gradient_inputs, gradient_scores, kl_div, output_tensors
 from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, check_budget
 from qpass.graph.quantized_model import is_quantized, state_of
@@ -241,12 +244,19 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
     check_budget(np.array(costs), budget_bits(constraints, total), constraints, total)  # before the costly part
     tqdm = _tqdm(verbose)
     slots: dict[str, dict] = {p: {} for p in paths}
-    for f, cand in enumerate(tqdm(candidates, desc="auto_quantize: calibrating formats")):
-        if cand.rules is None:
-            continue
-        data = calib[:calib_steps(cand, len(calib))]
-        loop = lambda m: [forward_step(m, b) for b in data]  # noqa: E731
-        for p, slot in calibrate_candidate(original, cand, paths, loop).items():
+    # Candidates on fewer batches (AWQ: a quarter) calibrate first and record the searched
+    # inputs' channel maxima; max-calibrated candidates then only run the batches after those.
+    steps = {f: calib_steps(c, len(calib)) for f, c in enumerate(candidates) if c.rules is not None}
+    order = sorted(steps, key=lambda f: (steps[f], f))
+    seen = SeenInputs()
+    for f in tqdm(order, desc="auto_quantize: calibrating formats"):
+        cand, n = candidates[f], steps[f]
+        data = calib[:n]
+        loop = lambda m, d=data: [forward_step(m, b) for b in d]  # noqa: E731
+        rest = calib[seen.batches:n] if 0 < seen.batches < n else None
+        rest_loop = None if rest is None else (lambda m, d=rest: [forward_step(m, b) for b in d])
+        record = n if not seen.batches and n < len(calib) and records_float_inputs(cand) else 0
+        for p, slot in calibrate_candidate(original, cand, paths, loop, seen, record, rest_loop).items():
             slots[p][f] = slot
     base = {p: (model.get_submodule(p)._modules.get("input_quantizer"), model.get_submodule(p).weight_quantizer)
             for p in paths}

@@ -257,3 +257,38 @@ def _searched_tiny():
     model = tiny_llama(tie=False)
     model, sd = _run(model)
     return model, sd, None, None
+
+
+def test_max_candidate_reuses_the_awq_batches_input_maxima():
+    """AWQ calibrates on the first quarter of the batches and records its inputs' channel maxima;
+    the FP8 candidate then runs only the other batches, with the same amax as on all of them."""
+    base = tiny_llama(tie=False)
+    data = _data(4)
+    calls = []
+
+    def step(model, batch):
+        calls.append(batch)
+        return forward_step(model, batch)
+
+    model, _ = auto_quantize(copy.deepcopy(base), {"effective_bits": 12.0}, FORMATS, data, step, loss_func,
+                             num_calib_steps=4, num_score_steps=1)
+    assert len(calls) == 1 + 3 + 1 + 1  # AWQ on batch 0, FP8 on batches 1-3, trace, one score batch
+    ref = copy.deepcopy(base)
+    rules = [r for r in qpass.config.normalize_config("FP8_DEFAULT_CFG")[0] if is_per_layer(r)]
+    qpass.quantize(ref, {"quant_cfg": rules, "algorithm": "max"}, lambda m: [forward_step(m, b) for b in data])
+    slots = model.__dict__[SEARCH_ATTR].slots
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        assert torch.equal(slots[path][1].input_quantizer.amax, ref.get_submodule(path).input_quantizer.amax), path
+
+
+def test_max_candidate_the_record_does_not_cover_calibrates_on_every_batch():
+    base = tiny_llama(tie=False)
+    data = _data(4)
+    per_channel = {"quant_cfg": {"*weight_quantizer": {"num_bits": 8, "axis": 0},
+                                 "*input_quantizer": {"num_bits": 8, "axis": -1}}, "algorithm": "max"}
+    model, _ = auto_quantize(copy.deepcopy(base), {"effective_bits": 12.0}, ["INT4_AWQ_CFG", per_channel, None],
+                             data, forward_step, loss_func, num_calib_steps=4, num_score_steps=1)
+    ref = copy.deepcopy(base)
+    qpass.quantize(ref, per_channel, lambda m: [forward_step(m, b) for b in data])
+    got = model.__dict__[SEARCH_ATTR].slots["model.layers.0.mlp.up_proj"][1].input_quantizer.amax
+    assert got.numel() > 1 and torch.equal(got, ref.model.layers[0].mlp.up_proj.input_quantizer.amax)
