@@ -94,7 +94,8 @@ class GradientScorer:
                         a = list(args)
                         a[tap.i_in], a[tap.i_w] = xin, slot.qweight
                         out = tap.target(*a, **kwargs)
-                    diff = out.float().sub_(yf)  # a fresh output (or its float copy): in place is safe
+                    # a fresh output: in place is safe; bfloat16 promotes to float32 in the subtraction
+                    diff = out.sub_(yf) if out.dtype == torch.float32 else torch.sub(out, yf)
                     self.scores[tap.path][f] += float(torch.linalg.vector_norm(diff.mul_(g)) ** 2)
         return on_grad
 
