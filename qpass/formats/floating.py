@@ -119,9 +119,9 @@ class FloatFormat:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (from :meth:`encode`) back to float32 values; keeps the sign of zero."""
         if codes.dtype == self.torch_dtype:
-            if codes.device.type == "cpu":
+            if codes.device.type == "cpu" and not torch.compiler.is_compiling():
                 return self._decode_float8_cpu(codes)
-            return codes.float()
+            return codes.float()  # CUDA, and graphs being captured (the compile backend matches the cast)
         shift = self.exponent_bits + self.mantissa_bits
         mag = self._table("values", codes.device)[(codes & ((1 << shift) - 1)).long()]
         return torch.where((codes >> shift) & 1 == 1, -mag, mag)
