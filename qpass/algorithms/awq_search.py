@@ -76,11 +76,13 @@ def gram_factor(g: torch.Tensor, x: torch.Tensor | None = None, low_precision: b
     return (vecs * vals.clamp(min=0).sqrt()).to(dtype)
 
 
-def scaled_weight_loss(mods, s: torch.Tensor, factor: torch.Tensor) -> float:
-    """``sum |(Q(W s) / s - W) @ factor|^2`` over the members' weights, row chunk by row chunk."""
+def scaled_weight_loss(mods, s: torch.Tensor, factor: torch.Tensor, col_amax=None) -> float:
+    """``sum |(Q(W s) / s - W) @ factor|^2`` over the members' weights, row chunk by row chunk
+    (``col_amax``: each member's ``|W|.amax(0)``, in order, when known)."""
     total = 0.0
-    for m in mods:
-        for _, wc, wq in scaled_weight_rows(m.weight_quantizer, m.weight, s):
+    for i, m in enumerate(mods):
+        cols = None if col_amax is None else col_amax[i]
+        for _, wc, wq in scaled_weight_rows(m.weight_quantizer, m.weight, s, cols):
             total += float(output_error(wq.float().div_(s).sub_(wc), factor).sum())
     return total
 
@@ -200,11 +202,12 @@ def search_unit_scale(model, unit: list[str], x: torch.Tensor, scale_fn, grid, c
     g = gram(x)
     factor = gram_factor(g, x)
     denom = max(x.shape[0], 1) * sum(m.weight.shape[0] for m in mods.values())
+    cols = [m.weight.detach().float().abs().amax(0) for m in mods.values()]  # the same for every alpha
     losses = {}
     for alpha in grid:
         s = scale_fn(alpha)
         # (x / s) @ Q(W s)^T = x @ (Q(W s) / s)^T: the effective weight error through x's Gram matrix
-        losses[alpha] = scaled_weight_loss(mods.values(), s, factor) / denom
+        losses[alpha] = scaled_weight_loss(list(mods.values()), s, factor, cols) / denom
     best = min(losses, key=losses.get)
     s = scale_fn(best)
     amaxes = {}

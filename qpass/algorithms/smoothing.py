@@ -145,7 +145,7 @@ def fake_quant_weight(q: nn.Module, w: torch.Tensor, first_amax: torch.Tensor | 
 _GLOBAL, _LOCAL, _NONE = "global", "local", "none"
 
 
-def _stage_kinds(q: nn.Module, w: torch.Tensor, s: torch.Tensor):
+def _stage_kinds(q: nn.Module, w: torch.Tensor, s: torch.Tensor, col_amax: torch.Tensor | None = None):
     """Per enabled stage of ``q``: (spec, kind, amax) for quantizing ``w * s`` in row chunks, or None
     when some stage's statistic spans rows in a way chunks cannot reproduce.
 
@@ -164,7 +164,8 @@ def _stage_kinds(q: nn.Module, w: torch.Tensor, s: torch.Tensor):
             continue
         one, two = (spec.amax_of(torch.ones(n, w.shape[1], device=w.device)) for n in (1, 2))
         if one.numel() == 1 and two.numel() == 1:
-            amax = (w.detach().float().abs().amax(0) * s.float()).amax()
+            cols = w.detach().float().abs().amax(0) if col_amax is None else col_amax
+            amax = (cols * s.float()).amax()
             plan.append((spec, _GLOBAL, amax.reshape(spec.amax_of(w[:1].float()).shape)))
         elif two.numel() == 2 * one.numel():
             plan.append((spec, _LOCAL, None))
@@ -173,13 +174,14 @@ def _stage_kinds(q: nn.Module, w: torch.Tensor, s: torch.Tensor):
     return plan
 
 
-def scaled_weight_rows(q: nn.Module, w: torch.Tensor, s: torch.Tensor):
+def scaled_weight_rows(q: nn.Module, w: torch.Tensor, s: torch.Tensor, col_amax: torch.Tensor | None = None):
     """Yield ``(rows, w[rows].float(), Q(w[rows] * s))`` over row chunks of a 2-D weight: the same
     values as ``fake_quant_weight(q, w * s)[rows]`` (each stage's amax from ``w * s``), with small
-    temporaries. Falls back to one whole-tensor chunk when the stages do not split by rows."""
+    temporaries. Falls back to one whole-tensor chunk when the stages do not split by rows.
+    ``col_amax``: ``|w|.amax(0)`` when the caller has it (a search over many ``s``)."""
     w = w.detach()
     s = s.to(w.device, torch.float32)
-    plan = _stage_kinds(q, w, s) if w.dim() == 2 else None
+    plan = _stage_kinds(q, w, s, col_amax) if w.dim() == 2 else None
     if plan is None:
         wf = w.float()
         yield slice(0, w.shape[0]), wf, fake_quant_weight(q, wf * s)

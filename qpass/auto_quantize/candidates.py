@@ -171,7 +171,7 @@ class SeenInputs:
         return True
 
 
-def _capture_seen(work: nn.Module, paths: list[str], forward_loop, seen: SeenInputs, batches: int):
+def _capture_seen(paths: list[str], forward_loop, seen: SeenInputs, batches: int):
     """``forward_loop`` that also records the searched modules' input channel maxima into ``seen``."""
     from qpass.calib.capture import ActivationCapture
 
@@ -203,7 +203,7 @@ def calibrate_candidate(original: nn.Module, cand: Candidate, paths: list[str], 
     work = copy.deepcopy(original)
     cfg = {"quant_cfg": list(cand.rules), "algorithm": usable_algorithm(cand)}
     if record and seen is not None:
-        forward_loop = _capture_seen(work, paths, forward_loop, seen, record)
+        forward_loop = _capture_seen(paths, forward_loop, seen, record)
     if rest_loop is not None and seen is not None and seen.batches and is_max_only(cand):
         quantize(work, cfg, rest_loop)
         acts = activation_quantizers(work)

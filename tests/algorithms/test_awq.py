@@ -253,3 +253,16 @@ def test_row_chunked_weight_fake_quant_equals_whole(preset, monkeypatch):
     assert len(chunks) == 5
     got = torch.cat([c[2] for c in chunks])
     assert torch.equal(got, want)
+
+
+def test_row_chunks_with_a_known_column_amax_are_the_same():
+    from qpass.algorithms import smoothing
+
+    torch.manual_seed(1)
+    lin = torch.nn.Sequential(torch.nn.Linear(96, 40, bias=False))
+    qpass.quantize(lin, "W4A8_AWQ_BETA_CFG", lambda m: m(torch.randn(4, 96)))
+    q, w = lin[0].weight_quantizer, lin[0].weight.detach()
+    s = torch.rand(96) + 0.2
+    plain = torch.cat([c[2] for c in smoothing.scaled_weight_rows(q, w, s)])
+    known = torch.cat([c[2] for c in smoothing.scaled_weight_rows(q, w, s, w.abs().amax(0))])
+    assert torch.equal(plain, known) and torch.equal(plain, smoothing.fake_quant_weight(q, w * s))
