@@ -95,7 +95,7 @@ def _lite(model, state, modules, stats, alpha_step, debug, changes, clip_ratios,
         clip_x = _limit(st, clip_tokens) if clip_ratios else None
         s, alpha, losses, amaxes = search_unit_scale(
             model, unit, st.sample, lambda a, m=act_mean, w=w_scale: awq_scale(m, w, a), grid,
-            clip_ratios=clip_ratios, clip_x=clip_x, max_co_batch_size=max_co_batch_size)
+            clip_ratios=clip_ratios, clip_x=clip_x, max_co_batch_size=max_co_batch_size, prune=not debug)
         plan.append((unit, s, alpha, losses, amaxes))
     applied, keep = [], {}
     for unit, s, alpha, losses, amaxes in plan:

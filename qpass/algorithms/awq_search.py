@@ -76,15 +76,20 @@ def gram_factor(g: torch.Tensor, x: torch.Tensor | None = None, low_precision: b
     return (vecs * vals.clamp(min=0).sqrt()).to(dtype)
 
 
-def scaled_weight_loss(mods, s: torch.Tensor, factor: torch.Tensor, col_amax=None) -> float:
-    """``sum |(Q(W s) / s - W) @ factor|^2`` over the members' weights, row chunk by row chunk
-    (``col_amax``: each member's ``|W|.amax(0)``, in order, when known)."""
+def scaled_weight_loss(mods, s: torch.Tensor, factor: torch.Tensor, col_amax=None,
+                       stop_above: float = math.inf, denom: float = 1.0) -> float:
+    """``sum |(Q(W s) / s - W) @ factor|^2 / denom`` over the members' weights, row chunk by row
+    chunk (``col_amax``: each member's ``|W|.amax(0)``, in order, when known). Every row adds a
+    non-negative term, so once the partial result exceeds ``stop_above`` it is returned as is: a
+    lower bound of the whole, already too large to matter."""
     total = 0.0
     for i, m in enumerate(mods):
         cols = None if col_amax is None else col_amax[i]
         for _, wc, wq in scaled_weight_rows(m.weight_quantizer, m.weight, s, cols):
             total += float(output_error(wq.float().div_(s).sub_(wc), factor).sum())
-    return total
+            if total / denom > stop_above:
+                return total / denom
+    return total / denom
 
 
 def output_error(dw: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -191,24 +196,33 @@ def _clipped_amaxes(mods, s, gc, gb_of, clip_ratios, max_co_batch_size) -> dict:
 
 @torch.no_grad()
 def search_unit_scale(model, unit: list[str], x: torch.Tensor, scale_fn, grid, clip_ratios=None,
-                      clip_x: torch.Tensor | None = None, max_co_batch_size: int = 1024):
+                      clip_x: torch.Tensor | None = None, max_co_batch_size: int = 1024, prune: bool = True):
     """The grid alpha whose quantized unit output is closest (MSE over ``x``) to the float one,
     then, with ``clip_ratios``, each member's clipped weight amax for that scale.
 
     ``scale_fn(alpha)`` gives the scale s; the clip search runs on ``W * s`` with the tokens
     ``clip_x / s`` (default: ``x``). Returns (s, alpha, losses, {path: clipped amax}).
+    ``prune``: alphas are tried from the middle of the grid outwards, and one whose partial loss
+    already exceeds the best whole loss stops early (its entry in ``losses`` is then that lower
+    bound). The chosen alpha is the same as with every loss complete (ties: the first in grid order).
     """
     mods = {p: model.get_submodule(p) for p in unit}
     g = gram(x)
     factor = gram_factor(g, x)
     denom = max(x.shape[0], 1) * sum(m.weight.shape[0] for m in mods.values())
     cols = [m.weight.detach().float().abs().amax(0) for m in mods.values()]  # the same for every alpha
-    losses = {}
-    for alpha in grid:
-        s = scale_fn(alpha)
+    grid = list(grid)
+    order = sorted(range(len(grid)), key=lambda i: (abs(i - (len(grid) - 1) / 2), i)) if prune else range(len(grid))
+    losses, best_i = {}, None
+    for i in order:
+        s = scale_fn(grid[i])
+        bound = losses[grid[best_i]] if prune and best_i is not None else math.inf
         # (x / s) @ Q(W s)^T = x @ (Q(W s) / s)^T: the effective weight error through x's Gram matrix
-        losses[alpha] = scaled_weight_loss(list(mods.values()), s, factor, cols) / denom
-    best = min(losses, key=losses.get)
+        losses[grid[i]] = loss = scaled_weight_loss(list(mods.values()), s, factor, cols, bound, denom)
+        if best_i is None or loss < losses[grid[best_i]] or (loss == losses[grid[best_i]] and i < best_i):
+            best_i = i
+    losses = {a: losses[a] for a in grid}  # grid order
+    best = grid[best_i]
     s = scale_fn(best)
     amaxes = {}
     if clip_ratios:

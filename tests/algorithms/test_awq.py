@@ -266,3 +266,30 @@ def test_row_chunks_with_a_known_column_amax_are_the_same():
     plain = torch.cat([c[2] for c in smoothing.scaled_weight_rows(q, w, s)])
     known = torch.cat([c[2] for c in smoothing.scaled_weight_rows(q, w, s, w.abs().amax(0))])
     assert torch.equal(plain, known) and torch.equal(plain, smoothing.fake_quant_weight(q, w * s))
+
+
+def test_pruned_alpha_search_picks_the_same_alpha_as_the_full_one():
+    """Stopping an alpha once its partial loss exceeds the best whole loss changes nothing chosen."""
+    from qpass.algorithms import smoothing
+    from qpass.algorithms.awq import awq_scale
+    from qpass.algorithms.awq_search import search_unit_scale
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300, bias=False), torch.nn.Linear(64, 200, bias=False))
+    x = torch.randn(500, 64) * torch.rand(64) * 4
+    for lin in model:
+        qpass.quantize(torch.nn.Sequential(lin), "W4A8_AWQ_BETA_CFG", lambda m: m(x))
+    mean = x.abs().mean(0)
+    w_scale = torch.cat([model[0].weight, model[1].weight]).abs().mean(0)
+    grid = [i / 10 for i in range(11)]
+    old = smoothing.ROW_CHUNK_ELEMENTS
+    smoothing.ROW_CHUNK_ELEMENTS = 64 * 40  # several chunks per member, so pruning can stop early
+    try:
+        full = search_unit_scale(model, ["0", "1"], x, lambda a: awq_scale(mean, w_scale, a), grid, prune=False)
+        pruned = search_unit_scale(model, ["0", "1"], x, lambda a: awq_scale(mean, w_scale, a), grid)
+    finally:
+        smoothing.ROW_CHUNK_ELEMENTS = old
+    assert pruned[1] == full[1] and torch.equal(pruned[0], full[0])
+    assert pruned[2][pruned[1]] == full[2][full[1]]
+    assert all(pruned[2][a] <= full[2][a] for a in grid)  # stopped ones are lower bounds
+    assert any(pruned[2][a] < full[2][a] for a in grid)  # and some did stop
