@@ -249,14 +249,15 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
     steps = {f: calib_steps(c, len(calib)) for f, c in enumerate(candidates) if c.rules is not None}
     order = sorted(steps, key=lambda f: (steps[f], f))
     seen = SeenInputs()
+
+    def over(batches):
+        return lambda m: [forward_step(m, b) for b in batches]
+
     for f in tqdm(order, desc="auto_quantize: calibrating formats"):
         cand, n = candidates[f], steps[f]
-        data = calib[:n]
-        loop = lambda m, d=data: [forward_step(m, b) for b in d]  # noqa: E731
-        rest = calib[seen.batches:n] if 0 < seen.batches < n else None
-        rest_loop = None if rest is None else (lambda m, d=rest: [forward_step(m, b) for b in d])
+        rest_loop = over(calib[seen.batches:n]) if 0 < seen.batches < n else None
         record = n if not seen.batches and n < len(calib) and records_float_inputs(cand) else 0
-        for p, slot in calibrate_candidate(original, cand, paths, loop, seen, record, rest_loop).items():
+        for p, slot in calibrate_candidate(original, cand, paths, over(calib[:n]), seen, record, rest_loop).items():
             slots[p][f] = slot
     base = {p: (model.get_submodule(p)._modules.get("input_quantizer"), model.get_submodule(p).weight_quantizer)
             for p in paths}
