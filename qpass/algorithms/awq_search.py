@@ -49,17 +49,17 @@ def fast_bf16(device) -> bool:
         return False
 
 
-def gram_factor(g: torch.Tensor, x: torch.Tensor | None = None, low_precision: bool | None = None) -> torch.Tensor:
+def gram_factor(g: torch.Tensor | None, x: torch.Tensor | None = None, low_precision: bool | None = None) -> torch.Tensor:
     """A factor ``F`` [C, r] with ``F @ F.T == g``, so that :func:`output_error` is a sum of squares.
 
-    With at most C tokens, ``x.T`` itself (r = tokens); otherwise the Cholesky factor of ``g``
+    With at most C tokens, ``x.T`` itself (r = tokens; ``g`` may then be None); otherwise the Cholesky factor of ``g``
     (computed in float64; a Gram matrix of rank < C gets a jitter of 1e-12 of its mean diagonal,
     which adds that fraction of ``|dw|^2`` to every error). ``low_precision`` (default: where
     :func:`fast_bf16`) returns it in bfloat16, and :func:`output_error` then multiplies in
     bfloat16 with float32 accumulation: about 2x faster, with errors about 1e-5 relative, far
     below the gaps between the candidates compared."""
     if low_precision is None:
-        low_precision = fast_bf16(g.device)
+        low_precision = fast_bf16((x if g is None else g).device)
     dtype = torch.bfloat16 if low_precision else torch.float32
     if x is not None and x.shape[0] <= x.shape[1]:
         return x.t().to(dtype).contiguous()
@@ -95,7 +95,7 @@ def scaled_weight_loss(mods, s: torch.Tensor, factor: torch.Tensor, col_amax=Non
 def output_error(dw: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Per output row, the sum over tokens of (x . dw_row)^2, given ``factor = gram_factor(gram(x))``
     (any ``F`` with ``F @ F.T = x^T x``): ``|dw_row @ F|^2``, float32 (the product in ``F``'s dtype)."""
-    return (dw.to(factor.dtype) @ factor).float().pow(2).sum(-1)
+    return torch.linalg.vector_norm(dw.to(factor.dtype) @ factor, dim=-1, dtype=torch.float32).pow_(2)
 
 
 def block_grams(g: torch.Tensor, bs: int) -> torch.Tensor:
@@ -207,7 +207,8 @@ def search_unit_scale(model, unit: list[str], x: torch.Tensor, scale_fn, grid, c
     bound). The chosen alpha is the same as with every loss complete (ties: the first in grid order).
     """
     mods = {p: model.get_submodule(p) for p in unit}
-    g = gram(x)
+    few_tokens = x.shape[0] <= x.shape[1]  # the factor is x^T itself: no Gram matrix needed for it
+    g = None if few_tokens else gram(x)
     factor = gram_factor(g, x)
     denom = max(x.shape[0], 1) * sum(m.weight.shape[0] for m in mods.values())
     cols = [m.weight.detach().float().abs().amax(0) for m in mods.values()]  # the same for every alpha
@@ -226,6 +227,6 @@ def search_unit_scale(model, unit: list[str], x: torch.Tensor, scale_fn, grid, c
     s = scale_fn(best)
     amaxes = {}
     if clip_ratios:
-        gc = g if clip_x is None or clip_x is x else gram(clip_x)
+        gc = g if g is not None and (clip_x is None or clip_x is x) else gram(x if clip_x is None else clip_x)
         amaxes = _clipped_amaxes(mods, s, gc, {}, clip_ratios, max_co_batch_size)
     return s, best, losses, amaxes

@@ -175,9 +175,17 @@ def _users_ok(node: fx.Node, allowed: set) -> bool:
 
 
 def _param_count(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many (module, name) slots hold it, as
+    ``named_parameters(remove_duplicate=False)`` counts them (an explicit stack instead of
+    nested generators: called once per smoothed unit, on models with hundreds of modules)."""
     counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        for p in m._parameters.values():
+            if p is not None:
+                counts[id(p)] = counts.get(id(p), 0) + 1
+        stack.extend(c for c in m._modules.values() if c is not None)
     return counts
 
 
@@ -221,12 +229,12 @@ def find_fold_site(model: nn.Module, graphs, paths: list[str], channels: int) ->
     if site is None:
         return None
     # Parameters must be used only there: not tied, and not read elsewhere in any graph.
-    for name in site.params:
-        p = model.get_parameter(name)
-        if counts.get(id(p), 0) != 1:
-            return None
+    site_ids = {id(model.get_parameter(name)) for name in site.params}
+    if any(counts.get(i, 0) != 1 for i in site_ids):
+        return None
     for gm in graphs:
-        qnodes = input_quantizer_nodes(gm, paths)
+        if input_quantizer_nodes(gm, paths):
+            continue
         for node in gm.graph.nodes:
             if node.op != "get_attr":
                 continue
@@ -234,9 +242,7 @@ def find_fold_site(model: nn.Module, graphs, paths: list[str], channels: int) ->
                 p = model.get_parameter(node.target)
             except AttributeError:
                 continue
-            if not any(p is model.get_parameter(n) for n in site.params):
-                continue
-            if not qnodes:
+            if id(p) in site_ids:
                 return None  # a graph that reads the parameter without the group
     return site
 
@@ -246,7 +252,7 @@ def owner_of(name: str) -> str:
 
 
 def is_shared_parameter(model: nn.Module, param: torch.Tensor) -> bool:
-    return sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is param) > 1
+    return _param_count(model).get(id(param), 0) > 1
 
 
 def untie_weight(model: nn.Module, graphs, path: str) -> bool:

@@ -13,6 +13,8 @@ pass), calibrates the weights and shares amax within groups.
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -145,6 +147,12 @@ def fake_quant_weight(q: nn.Module, w: torch.Tensor, first_amax: torch.Tensor | 
 _GLOBAL, _LOCAL, _NONE = "global", "local", "none"
 
 
+@functools.lru_cache(maxsize=256)
+def _amax_counts(spec, channels: int) -> tuple[int, int]:
+    """How many amax values ``spec`` keeps for a weight of one row and of two rows."""
+    return tuple(spec.amax_of(torch.ones(n, channels)).numel() for n in (1, 2))
+
+
 def _stage_kinds(q: nn.Module, w: torch.Tensor, s: torch.Tensor, col_amax: torch.Tensor | None = None):
     """Per enabled stage of ``q``: (spec, kind, amax) for quantizing ``w * s`` in row chunks, or None
     when some stage's statistic spans rows in a way chunks cannot reproduce.
@@ -162,12 +170,12 @@ def _stage_kinds(q: nn.Module, w: torch.Tensor, s: torch.Tensor, col_amax: torch
         if not spec.needs_amax:
             plan.append((spec, _NONE, None))
             continue
-        one, two = (spec.amax_of(torch.ones(n, w.shape[1], device=w.device)) for n in (1, 2))
-        if one.numel() == 1 and two.numel() == 1:
+        one, two = _amax_counts(spec, w.shape[1])
+        if one == 1 and two == 1:
             cols = w.detach().float().abs().amax(0) if col_amax is None else col_amax
             amax = (cols * s.float()).amax()
             plan.append((spec, _GLOBAL, amax.reshape(spec.amax_of(w[:1].float()).shape)))
-        elif two.numel() == 2 * one.numel():
+        elif two == 2 * one:
             plan.append((spec, _LOCAL, None))
         else:
             return None

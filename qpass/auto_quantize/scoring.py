@@ -74,6 +74,10 @@ class GradientScorer:
             hit = self.memo[key] = (x, xq.bfloat16() if low else xq)  # holding x keeps its storage unique
         return hit[1]
 
+    @staticmethod
+    def _low_weight(slot):
+        return slot.qweight_low if slot.qweight_low is not None else slot.qweight.bfloat16()
+
     def hook(self, tap: ScoreTap, y, x, args, kwargs):
         def on_grad(g):
             self.seen.add(tap.path)
@@ -81,15 +85,25 @@ class GradientScorer:
                 self.bad_grad = tap.path
                 return
             with torch.no_grad():
+                low = (self.low_precision and y.dtype in (torch.float32, torch.bfloat16) and _is_linear(tap.target)
+                       and not kwargs)
+                bias = args[2] if low and len(args) > 2 else None
+                if low and y.dtype == torch.bfloat16:
+                    # Y from a bfloat16 (autocast) forward: the candidate output is rounded the same
+                    # way, so Y_quant - Y is exact in bfloat16 wherever the two are within 2x.
+                    bias = None if bias is None else bias.to(y.dtype)
+                    for f, slot in self.slots[tap.path].items():
+                        out = F.linear(self.quantized_input(tap.path, f, slot, x, True), self._low_weight(slot), bias)
+                        score = torch.linalg.vector_norm(out.sub_(y).mul_(g), dtype=torch.float32)
+                        self.scores[tap.path][f] += float(score) ** 2
+                    return
                 g, yf = g.float(), y.float()
-                low = self.low_precision and y.dtype == torch.float32 and _is_linear(tap.target) and not kwargs
-                if low and len(args) > 2 and args[2] is not None:  # compare without the bias: Y - b
-                    yf = yf - args[2].float()
+                if bias is not None:  # compare without the bias: Y - b
+                    yf = yf - bias.float()
                 for f, slot in self.slots[tap.path].items():
                     xin = self.quantized_input(tap.path, f, slot, x, low)
                     if low:
-                        w = slot.qweight_low if slot.qweight_low is not None else slot.qweight.bfloat16()
-                        out = F.linear(xin, w)
+                        out = F.linear(xin, self._low_weight(slot))
                     else:
                         a = list(args)
                         a[tap.i_in], a[tap.i_w] = xin, slot.qweight
@@ -187,6 +201,18 @@ def check_gradient_inputs(loss_func, forward_backward_step) -> None:
         )
 
 
+AUTOCAST = True
+
+
+def _low_precision(model, on: bool):
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    dev = next(iter(model.parameters())).device.type
+    return torch.autocast(dev, dtype=torch.bfloat16)
+
+
 def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, forward_backward_step,
                     progress=None, history=None, low_precision: bool = False, groups=()) -> dict[str, list[float]]:
     scorer = GradientScorer(slots, n_formats, low_precision, groups)
@@ -201,15 +227,16 @@ def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, f
         for i, batch in enumerate(batches):
             for gm in _graphs(model):
                 insert_taps(gm, scorer)
-            if forward_backward_step is not None:
-                forward_backward_step(model, batch)
-            else:
-                out = forward_step(model, batch)
-                for gm in _graphs(model):  # a new input structure traced by this call
-                    if insert_taps(gm, scorer):
-                        out = forward_step(model, batch)
-                loss = loss_func(out, batch)
-                loss.backward()
+            with _low_precision(model, low_precision and AUTOCAST):
+                if forward_backward_step is not None:
+                    forward_backward_step(model, batch)
+                else:
+                    out = forward_step(model, batch)
+                    for gm in _graphs(model):  # a new input structure traced by this call
+                        if insert_taps(gm, scorer):
+                            out = forward_step(model, batch)
+                    loss = loss_func(out, batch)
+                    loss.backward()
             if scorer.bad_grad is not None:
                 raise AutoQuantizeError(
                     f"score batch {i}: the gradient reaching '{scorer.bad_grad}' has NaN or Inf; check the "

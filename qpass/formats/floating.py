@@ -91,14 +91,33 @@ class FloatFormat:
             raise TypeError("E8M0 is a scale format; use qpass.formats.dynamic.e8m0_exponent")
         dt = self.torch_dtype
         if dt is not None:
+            if self._arithmetic(v):
+                return self._round_float8_cpu(v.clamp(-self.max, self.max))
             return self.decode(v.clamp(-self.max, self.max).to(dt))
         return self.decode(self.encode(v))
 
     def round_(self, v: torch.Tensor) -> torch.Tensor:
         """:meth:`round` that may reuse ``v`` (a float32 temporary the caller owns) for the result."""
         if self.torch_dtype is not None:
+            if self._arithmetic(v):
+                return self._round_float8_cpu(v.clamp_(-self.max, self.max))
             return self.decode(v.clamp_(-self.max, self.max).to(self.torch_dtype))
         return self.round(v)
+
+    @staticmethod
+    def _arithmetic(v: torch.Tensor) -> bool:
+        return v.device.type == "cpu" and v.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+    def _round_float8_cpu(self, v: torch.Tensor) -> torch.Tensor:
+        """In place: ``v`` (float32, already within +-max) rounded to the nearest multiple of its
+        FP8 quantum, ties to even: the same bits as torch's cast there and back (exhaustive-style
+        test), about 2x faster on CPU than cast + table decode. The quantum is 2^(e - M) for the
+        exponent e of max(|v|, smallest normal), built directly in the float32 exponent field;
+        dividing and multiplying by a power of two is exact, and ``round_`` is half-to-even."""
+        emin = 2 - (1 << (self.exponent_bits - 1))  # exponent of the smallest normal
+        field = torch.bitwise_and(v.view(torch.int32), 0x7F800000).clamp_min_((127 + emin) << 23)
+        quantum = field.sub_(self.mantissa_bits << 23).view(torch.float32)
+        return v.div_(quantum).round_().mul_(quantum)
 
     def encode(self, v: torch.Tensor) -> torch.Tensor:
         """Round and return codes: a float8 tensor for FP8, else uint8 ``sign|index`` codes."""

@@ -13,7 +13,7 @@ import inspect
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from qpass.errors import QpassError
@@ -49,6 +49,9 @@ class QpassState:
         self.calib_placed: set[str] = set()  # quantizers in graphs that ran during calibration
         self.layerwise = None  # qpass.calib.layerwise.LayerwiseOptions while calibrate() runs layer by layer
         self.recorder = None  # set while a layerwise pass records the forward_loop's inputs
+        # set by internal calibration loops that discard the output: each graph run stops after
+        # its last quantizer and raises QuantizersDone (see run_graph)
+        self.stop_after_quantizers = False
 
     @property
     def groups(self) -> list[list[str]]:
@@ -144,7 +147,44 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     if state.recorder is not None:  # layerwise calibration records the inputs; it returns None
         return state.recorder(model, args, kwargs)
     traced, tensors = graph_for(model, args, kwargs)
+    if state.stop_after_quantizers and not torch.compiler.is_compiling():
+        head = quantizers_head(traced)
+        if head is not None:
+            head(*tensors)
+            raise QuantizersDone
     return traced.gm(*tensors)
+
+
+class QuantizersDone(Exception):
+    """A graph run under ``stop_after_quantizers`` ran every quantizer and skipped the rest
+    (e.g. an LM head's vocabulary GEMM, which feeds nothing calibration reads)."""
+
+
+def quantizers_head(traced: TracedGraph) -> fx.GraphModule | None:
+    """The graph's nodes up to its last active quantizer node (enabled, or observed by a hook,
+    as the activation captures are); None if it has none. Cached until the graph or the set of
+    active quantizers changes."""
+    from qpass.passes.insert_quantizers import QUANTIZER_META
+
+    gm = traced.gm
+    nodes = list(gm.graph.nodes)
+    active = tuple(i for i, n in enumerate(nodes) if n.op == "call_module" and QUANTIZER_META in n.meta
+                   and _observed(gm.get_submodule(n.target)))
+    if traced.head is not None and traced.head[0] is gm.code and traced.head[1] == active:
+        return traced.head[2]
+    head = None
+    if active:
+        graph, env = fx.Graph(), {}
+        for n in nodes[: active[-1] + 1]:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        graph.output(env[nodes[active[-1]]])
+        head = fx.GraphModule(gm, graph)
+    traced.head = (gm.code, active, head)
+    return head
+
+
+def _observed(q: nn.Module) -> bool:
+    return bool(q._forward_pre_hooks or q._forward_hooks) or any(t.is_enabled for t in iter_tensor_quantizers(q))
 
 
 # ---------------------------------------------------------------------- quantizers
