@@ -121,11 +121,14 @@ def calib_steps(cand: Candidate, num_calib_steps: int) -> int:
 
 
 def _standalone(q: nn.Module | None) -> nn.Module | None:
+    """The quantizer itself, taken over from the candidate's copy of the model (which is
+    discarded right after, so nothing else holds or changes it); its weight cache is dropped
+    (it refers to the copy's weight, and holds a weakref, which later deep copies cannot copy)."""
     if q is None:
         return None
     for tq in iter_tensor_quantizers(q):
-        tq._weight_cache = None  # holds a weakref, which cannot be copied
-    return copy.deepcopy(q)
+        tq._weight_cache = None
+    return q
 
 
 def _methods(cand: Candidate) -> list:

@@ -94,8 +94,9 @@ class GradientScorer:
                     bias = None if bias is None else bias.to(y.dtype)
                     for f, slot in self.slots[tap.path].items():
                         out = F.linear(self.quantized_input(tap.path, f, slot, x, True), self._low_weight(slot), bias)
-                        score = torch.linalg.vector_norm(out.sub_(y).mul_(g), dtype=torch.float32)
-                        self.scores[tap.path][f] += float(score) ** 2
+                        d = out.sub_(y).mul_(g)
+                        # per-row dot products (float32 accumulation, bfloat16 results), summed in float32
+                        self.scores[tap.path][f] += float(torch.linalg.vecdot(d, d).sum(dtype=torch.float32))
                     return
                 g, yf = g.float(), y.float()
                 if bias is not None:  # compare without the bias: Y - b
