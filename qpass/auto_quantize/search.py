@@ -223,9 +223,10 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
     state_dict contents. ``method``: ``"gradient"`` (needs ``loss_func`` or
     ``forward_backward_step``) or ``"kl_div"`` (label-free). Formats calibrated with AWQ use
     ``num_calib_steps // 4`` batches (at least one), as ModelOpt's auto_quantize does.
-    ``fast_scores``: recompute float32 Linear outputs for the gradient scores with bfloat16
-    GEMMs (see :class:`qpass.auto_quantize.scoring.GradientScorer`); default: on CPUs with
-    native bfloat16 (AVX512-BF16/AMX), off elsewhere. ``False`` scores in float32.
+    ``fast_scores``: run the score batches under bfloat16 autocast and compute the candidates'
+    Linear outputs with bfloat16 GEMMs (see :class:`qpass.auto_quantize.scoring.GradientScorer`);
+    default: on CPUs with native bfloat16 (AVX512-BF16/AMX), off elsewhere. ``False`` scores in
+    float32. Calibration always runs in the model's own precision.
     """
     from qpass.model_quant import quantize
 
