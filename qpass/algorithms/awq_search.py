@@ -49,15 +49,16 @@ def fast_bf16(device) -> bool:
         return False
 
 
-def gram_factor(g: torch.Tensor | None, x: torch.Tensor | None = None, low_precision: bool | None = None) -> torch.Tensor:
+def gram_factor(g: torch.Tensor | None, x: torch.Tensor | None = None,
+                low_precision: bool | None = None) -> torch.Tensor:
     """A factor ``F`` [C, r] with ``F @ F.T == g``, so that :func:`output_error` is a sum of squares.
 
-    With at most C tokens, ``x.T`` itself (r = tokens; ``g`` may then be None); otherwise the Cholesky factor of ``g``
-    (computed in float64; a Gram matrix of rank < C gets a jitter of 1e-12 of its mean diagonal,
-    which adds that fraction of ``|dw|^2`` to every error). ``low_precision`` (default: where
-    :func:`fast_bf16`) returns it in bfloat16, and :func:`output_error` then multiplies in
-    bfloat16 with float32 accumulation: about 2x faster, with errors about 1e-5 relative, far
-    below the gaps between the candidates compared."""
+    With at most C tokens, ``x.T`` itself (r = tokens; ``g`` may then be None); otherwise the
+    Cholesky factor of ``g`` (computed in float64; a Gram matrix of rank < C gets a jitter of
+    1e-12 of its mean diagonal, which adds that fraction of ``|dw|^2`` to every error).
+    ``low_precision`` (default: where :func:`fast_bf16`) returns it in bfloat16, and
+    :func:`output_error` then multiplies in bfloat16 with float32 accumulation: about 2x faster,
+    with errors about 1e-5 relative, far below the gaps between the candidates compared."""
     if low_precision is None:
         low_precision = fast_bf16((x if g is None else g).device)
     dtype = torch.bfloat16 if low_precision else torch.float32

@@ -14,7 +14,6 @@ pass), calibrates the weights and shares amax within groups.
 from __future__ import annotations
 
 import functools
-
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
