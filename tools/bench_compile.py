@@ -226,39 +226,56 @@ def _logits(out):
 
 def bench_gpu(args) -> dict:
     """H100: SmolLM2-shaped (hidden 576, 9 heads, 3 kv heads, MLP 1536) bf16 Llama with random
-    weights at 8 x 512; FP8 compiled (qpass) and fake quant compiled (inductor) vs bf16 compiled."""
+    weights at 8 x 512; FP8 compiled (qpass) and fake quant compiled (inductor) vs bf16 compiled.
+    ``--gpu-dry-run``: the same code on the CPU, 2 layers at 2 x 32 (checks the script; the
+    "qpass" backend then takes its CPU path)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if not torch.cuda.is_available():
+    dry = args.gpu_dry_run
+    if not dry and not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")
+    device = "cpu" if dry else "cuda"
+    sync = None if dry else torch.cuda.synchronize
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers or 30,
+    layers = 2 if dry else (args.layers or 30)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                       tie_word_embeddings=True)
-    bf16 = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (8, 512), device="cuda")
-    res = {"model": f"SmolLM2-shaped bf16 ({cfg.num_hidden_layers} layers)", "shape": "8x512",
-           "device": torch.cuda.get_device_name()}
+    bf16 = LlamaForCausalLM(cfg).to(device, torch.bfloat16).eval()
+    batch, seq = (2, 32) if dry else (8, 512)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    res = {"model": f"SmolLM2-shaped bf16 ({cfg.num_hidden_layers} layers)", "shape": f"{batch}x{seq}",
+           "device": "cpu (dry run)" if dry else torch.cuda.get_device_name()}
     with torch.no_grad():
         fns = {"bf16": torch.compile(bf16, backend="inductor", dynamic=False)}
         ref = bf16(input_ids=ids, use_cache=False).logits.float()
+        t0 = time.perf_counter()
         fns["bf16"](input_ids=ids, use_cache=False)
+        res["compile_s_bf16"] = time.perf_counter() - t0
         for name, backend in (("fp8_qpass", "qpass"), ("fp8_fake_quant_inductor", "inductor")):
             q = copy.deepcopy(bf16)
             qpass.quantize(q, qpass.FP8_DEFAULT_CFG, lambda m: m(input_ids=ids[:2]))
+            fake = q(input_ids=ids).logits.float()
             fns[name] = torch.compile(q, backend=backend, dynamic=False)
+            t0 = time.perf_counter()
             out = fns[name](input_ids=ids).logits.float()
+            res[f"compile_s_{name}"] = time.perf_counter() - t0
             res[f"cos_{name}"] = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+            res[f"cos_to_fake_quant_{name}"] = torch.nn.functional.cosine_similarity(
+                out.flatten(), fake.flatten(), dim=0).item()
             if backend == "qpass":
                 rep = cb.report(q)
                 res["lowered"], res["fell_back"] = len(rep.lowered), len(rep.fell_back)
+            print(f"  {name}: compiled in {res[f'compile_s_{name}']:.1f} s, cosine to bf16 {res[f'cos_{name}']:.5f}",
+                  flush=True)
         calls = {"bf16": lambda: fns["bf16"](input_ids=ids, use_cache=False)}
         calls.update({n: (lambda f=f: f(input_ids=ids)) for n, f in fns.items() if n != "bf16"})
-        med = _interleaved_medians(calls, args.warmup, args.runs, torch.cuda.synchronize)
+        med = _interleaved_medians(calls, args.warmup, args.runs, sync)
     for n, s in med.items():
         res[f"ms_{n}"] = 1e3 * s
     for n in ("fp8_qpass", "fp8_fake_quant_inductor"):
         res[f"speedup_{n}"] = med["bf16"] / med[n]
+    res["target"] = "fp8_qpass speedup >= 1.3x; fake quant compiled time <= 1.2x bf16 compiled"
     return res
 
 
@@ -292,8 +309,9 @@ def main():
     p.add_argument("--lm-head", action="store_true",
                    help="SmolLM2: also qpass with lm_head quantized (INT8_DEFAULT_CFG leaves it FP32; PT2E does not)")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--gpu-dry-run", action="store_true", help="the --gpu code path on the CPU, tiny (no timings)")
     args = p.parse_args()
-    if args.gpu:
+    if args.gpu or args.gpu_dry_run:
         rows = [bench_gpu(args)]
     else:
         torch.set_num_threads(args.threads)

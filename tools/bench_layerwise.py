@@ -3,6 +3,7 @@
     python tools/bench_layerwise.py                      # CPU: peak live tensors + RSS high-water
     python tools/bench_layerwise.py --gpu                # CUDA: torch.cuda.max_memory_allocated
     python tools/bench_layerwise.py --layers 4 --batches 4 --config INT4_AWQ_CFG
+    python tools/bench_layerwise.py --gpu --random-weights   # no model package (the GPU machine)
 
 Each mode runs in its own child process (same model, config and data), so one mode's
 allocations cannot hide in the other's high-water mark. The model is traced first
@@ -63,6 +64,19 @@ def _state_digest(model) -> dict:
     return out
 
 
+def _random_smollm2(layers):
+    """SmolLM2-135M's architecture and FP32 dtype with random weights (for machines without the
+    model package: memory and time depend on the shapes alone)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers or 30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def child(args) -> dict:
     import torch
 
@@ -70,10 +84,15 @@ def child(args) -> dict:
     from qpass import zoo
 
     torch.set_num_threads(args.threads)
-    with quiet():
-        model, tok = zoo.load_smollm2(args.layers)
-    zoo._SMOLLM2_CACHE.clear()  # keep one copy of the weights in this process
-    windows = zoo.token_windows(tok, zoo.text_split().calib, args.batches * args.batch_size, args.seq_len)
+    if args.random_weights:
+        model = _random_smollm2(args.layers)
+        g = torch.Generator().manual_seed(0)
+        windows = torch.randint(0, model.config.vocab_size, (args.batches * args.batch_size, args.seq_len), generator=g)
+    else:
+        with quiet():
+            model, tok = zoo.load_smollm2(args.layers)
+        zoo._SMOLLM2_CACHE.clear()  # keep one copy of the weights in this process
+        windows = zoo.token_windows(tok, zoo.text_split().calib, args.batches * args.batch_size, args.seq_len)
     batches = list(windows.split(args.batch_size))
     cfg = copy.deepcopy(qpass.config.get_preset(args.config))
     algorithm = cfg["algorithm"]
@@ -125,7 +144,8 @@ def child(args) -> dict:
 def run_mode(args, mode: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--layers", str(args.layers or 0),
            "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--config", args.config, "--threads", str(args.threads)] + (["--gpu"] if args.gpu else [])
+           "--config", args.config, "--threads", str(args.threads)] + (["--gpu"] if args.gpu else []) \
+        + (["--random-weights"] if args.random_weights else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -143,6 +163,8 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--random-weights", action="store_true",
+                   help="SmolLM2's architecture with random weights and random tokens (no model package needed)")
     p.add_argument("--child", choices=["whole", "layerwise"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.layers == 0:
@@ -161,7 +183,7 @@ def main(argv=None) -> None:
     ratio = lambda key: f"{lw[key] / whole[key]:.2f}x" if whole[key] > 0 else "-"  # noqa: E731
     rows.append(["layerwise / whole", ratio("seconds"), ratio("peak_mib")] + ([] if args.gpu else [ratio("rss_mib")]))
     device = whole.get("name", "CPU") if args.gpu else f"CPU, {args.threads} thread(s)"
-    print(f"SmolLM2-135M ({args.layers or 30} layers), {args.config}, {args.batches} batches of "
+    print(f"SmolLM2-135M{' architecture, random weights,' if args.random_weights else ''} ({args.layers or 30} layers), {args.config}, {args.batches} batches of "
           f"{args.batch_size}x{args.seq_len} tokens, {device}")
     print(format_table(headers, rows, right={1, 2, 3}))
     if not args.gpu:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a machine with an NVIDIA GPU and a CUDA build of torch:
+# `pytest -m cuda`, then the GPU benchmarks (bench.py --gpu, bench_compile.py --gpu,
+# bench_layerwise.py --gpu). Each step has its own time limit, so one slow step cannot take the
+# others' time; each writes its log to $OUT (default /tmp/qpass_gpu) and its tail to stdout.
+#
+#   bash tools/gpu_check.sh [steps...]     # steps: pytest bench compile layerwise (default: all)
+#
+# Runs from a source checkout with the machine's own python3 (torch, transformers, onnx,
+# onnxruntime, networkx); the model packages are not needed (random SmolLM2-shaped weights).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/qpass_gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export PYTHONPATH="$PWD:$PWD/tools${PYTHONPATH:+:$PYTHONPATH}"
+steps=${*:-pytest bench compile layerwise}
+
+step() {  # step NAME LIMIT_S CMD...
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    t0=$(date +%s)
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $(($(date +%s) - t0)) s"
+    grep -v -e "^DEBUG" -e "Warning" "$OUT/$name.log" | tail -n "${TAIL:-30}"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $PY -c "import torch, transformers, onnx, onnxruntime; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'onnx', onnx.__version__, 'ort', onnxruntime.__version__)"
+} 2>&1 | tee "$OUT/env.log"
+
+xdist=()
+$PY -c "import xdist" 2>/dev/null && xdist=(-n 4)
+for s in $steps; do
+    case $s in
+    pytest) step pytest "${PYTEST_LIMIT:-180}" $PY -m pytest -m cuda -q -p no:cacheprovider "${xdist[@]}" -rfE \
+        tests/test_cuda.py tests/test_cuda_algorithms.py tests/calib/test_layerwise.py tests/calib/test_histogram.py \
+        tests/export/test_compile_backend.py tests/export/test_tensorrt.py ;;
+    bench) step bench "${BENCH_LIMIT:-150}" $PY tools/bench.py --gpu --no-modelopt --json "$OUT/bench_gpu.json" ;;
+    compile) step compile "${COMPILE_LIMIT:-170}" $PY tools/bench_compile.py --gpu --layers 30 --runs 20 ;;
+    layerwise) step layerwise "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \
+        --config INT8_SMOOTHQUANT_CFG ;;
+    *) echo "unknown step $s" ;;
+    esac
+done
