@@ -42,8 +42,12 @@ def test_quantize_on_cuda_matches_cpu(config):
     cpu_model = qpass.quantize(copy.deepcopy(model), config, lambda m: m(input_ids=ids))
     gpu_model = qpass.quantize(copy.deepcopy(model).cuda(), config, lambda m: m(input_ids=ids.cuda()))
     for (n, a), (_, b) in zip(cpu_model.named_buffers(), gpu_model.named_buffers()):
-        if n.endswith("_amax"):
+        if n.endswith("weight_quantizer._amax"):  # the same weights: the same bits
             assert torch.equal(a, b.cpu()), n
+        elif n.endswith("_amax"):
+            # activations come from CUDA's GEMM and attention kernels, whose float32 sums
+            # differ from the CPU's in the last bits
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=0, msg=n)
     out_cpu = cpu_model(input_ids=ids).logits
     out_gpu = gpu_model(input_ids=ids.cuda()).logits.cpu()
     cos = torch.nn.functional.cosine_similarity(out_cpu.flatten(), out_gpu.flatten(), dim=0)

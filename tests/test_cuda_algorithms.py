@@ -124,7 +124,8 @@ def test_auto_quantize_on_cuda():
 @pytest.mark.parametrize("name", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_AWQ_CFG"])
 def test_export_onnx_from_cuda_model(name, tmp_path):
     import onnx
-    import onnxruntime as ort
+
+    from qpass.export.compare import ort_session
 
     batches = _ids()
     model = qpass.quantize(tiny_llama().cuda(), name, lambda m: [m(input_ids=b.cuda()) for b in batches])
@@ -132,7 +133,7 @@ def test_export_onnx_from_cuda_model(name, tmp_path):
     ref = model(input_ids=x.cuda()).logits.float().cpu()
     path = qpass.export_onnx(model, str(tmp_path / "m.onnx"), example_inputs={"input_ids": x.cuda()})
     onnx.checker.check_model(onnx.load(path), full_check=True)
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     feed = {i.name: x.numpy() for i in sess.get_inputs()}
     out = torch.from_numpy(sess.run(None, feed)[0])
     assert _cos(out, ref) > 0.9999

@@ -32,7 +32,7 @@ def first_quantizer(q):
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x [C, C] in float64 (float32 products summed over chunks of tokens)."""
-    g = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    g = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], _CHUNK):
         part = x[start:start + _CHUNK].float()
         g += (part.t() @ part).double()
@@ -104,7 +104,7 @@ def block_grams(g: torch.Tensor, bs: int) -> torch.Tensor:
     c = g.shape[0]
     nb = math.ceil(c / bs)
     gp = F.pad(g.float(), (0, nb * bs - c, 0, nb * bs - c))
-    idx = torch.arange(nb)
+    idx = torch.arange(nb, device=g.device)
     return gp.view(nb, bs, nb, bs)[idx, :, idx, :]
 
 
@@ -151,13 +151,13 @@ def clip_amax(tq, w: torch.Tensor, g: torch.Tensor, ratios, max_co_batch_size: i
     pad = nb * bs - ci
     if gb is None:
         gb = block_grams(g, bs)
-    best_loss = torch.full((co, nb), float("inf"))
-    best = torch.zeros(co, nb)
+    best_loss = torch.full((co, nb), float("inf"), device=w.device)
+    best = torch.zeros(co, nb, device=w.device)
     amax2d = w_amax.reshape(co, nb).float()
     for r in ratios:
         dw = spec.fake_quant(w, w_amax * r).float() - w
         dwb = F.pad(dw, (0, pad)).view(co, nb, bs)
-        loss = torch.empty(co, nb)
+        loss = torch.empty(co, nb, device=w.device)
         for start in range(0, co, max_co_batch_size):
             part = dwb[start:start + max_co_batch_size]
             loss[start:start + max_co_batch_size] = (torch.einsum("onb,nbc->onc", part, gb) * part).sum(-1)

@@ -10,14 +10,38 @@ from torch.utils import _pytree as pytree
 
 from qpass.errors import ExportError
 
-__all__ = ["compare", "compare_quantizers", "ort_session"]
+__all__ = ["compare", "compare_quantizers", "ort_session", "session_options"]
+
+
+#: ONNX Runtime 1.30's extended graph optimizations fuse an FP8 Q/DQ pair in front of a MatMul
+#: into MatMulIntegerToFloat, which takes integers only, and the session then refuses the model
+#: ("Type 'tensor(float8e4m3fn)' ... of operator (MatMulIntegerToFloat) is invalid"); 1.32 does not.
+_ORT_FP8_FUSION_FIXED = (1, 32)
+_FP8_TYPES = {17, 18, 19, 20}  # onnx.TensorProto FLOAT8E4M3FN, FLOAT8E4M3FNUZ, FLOAT8E5M2, FLOAT8E5M2FNUZ
+
+
+def _has_fp8(proto) -> bool:
+    graph = proto.graph
+    return any(t.data_type in _FP8_TYPES for t in graph.initializer) or any(
+        a.t.data_type in _FP8_TYPES for n in graph.node for a in n.attribute if a.HasField("t"))
+
+
+def session_options(ort, proto):
+    """SessionOptions for ``proto``: basic graph optimizations only where this ONNX Runtime
+    would mis-fuse the model's FP8 Q/DQ (see ``_ORT_FP8_FUSION_FIXED``)."""
+    opts = ort.SessionOptions()
+    version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+    if version < _ORT_FP8_FUSION_FIXED and _has_fp8(proto):
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return opts
 
 
 def ort_session(onnx_path, threads: int | None = None):
     """An ONNX Runtime CPU session (``threads`` sets intra_op_num_threads)."""
+    import onnx
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = session_options(ort, onnx.load(os.fspath(onnx_path), load_external_data=False))
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -112,8 +136,8 @@ def compare_quantizers(model, onnx_path, inputs) -> list[dict]:
                 outputs.add(name)
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(proto.SerializeToString(), session_options(ort, proto),
+                                providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     got = dict(zip([o.name for o in sess.get_outputs()],
                    sess.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, flat_in)})))

@@ -137,6 +137,28 @@ def test_fp8(tmp_path):
     assert len(q) == 2 and all(r["mismatches"] == 0 and r["format"] == "e4m3" for r in q), q
 
 
+@pytest.mark.parametrize("version,basic", [("1.30.0", True), ("1.32.0", False)])
+def test_fp8_session_options_avoid_ort_130_misfusion(tmp_path, version, basic):
+    """ONNX Runtime 1.30 fuses FP8 Q/DQ + MatMul into MatMulIntegerToFloat and then refuses the
+    model; qpass's sessions keep to basic graph optimizations there, and only for FP8 graphs."""
+    import types
+
+    import onnxruntime as ort
+
+    from qpass.export.compare import session_options
+
+    fake = types.SimpleNamespace(__version__=version, SessionOptions=ort.SessionOptions,
+                                 GraphOptimizationLevel=ort.GraphOptimizationLevel)
+    default = ort.SessionOptions().graph_optimization_level
+    model, _ = _quantized(Attention, (2, 8, 32), "FP8_DEFAULT_CFG")
+    fp8 = onnx.load(qpass.export_onnx(model, str(tmp_path / "fp8.onnx")))
+    want = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else default
+    assert session_options(fake, fp8).graph_optimization_level == want
+    model, _ = _quantized(Attention, (2, 8, 32), "INT8_DEFAULT_CFG")
+    int8 = onnx.load(qpass.export_onnx(model, str(tmp_path / "int8.onnx")))
+    assert session_options(fake, int8).graph_optimization_level == default
+
+
 def test_int4_blockwise(tmp_path):
     torch.manual_seed(0)
     model = MLP(d=256, h=64).eval()  # 256 inputs: two blocks of 128 per row of fc1
