@@ -106,8 +106,13 @@ def dequantize(elem, scale_fmt: FloatFormat, codes: torch.Tensor, scale) -> torc
 
 
 def fake_quant(elem, scale_fmt: FloatFormat, xb: torch.Tensor, amax) -> torch.Tensor:
-    codes, scale = quantize(elem, scale_fmt, xb, amax)
-    return dequantize(elem, scale_fmt, codes, scale)
+    """``dequantize(quantize(...))`` without the codes: the elements rounded in place."""
+    if scale_fmt.is_scale_only:
+        e, scale, _ = _mx_scales(elem, xb)
+        return elem.round_(xb * scale).mul_(pow2(e))
+    _, _, d = _float_scales(elem, scale_fmt, xb, amax)
+    zero = d == 0
+    return elem.round_(torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d))).mul_(d)
 
 
 def step(elem, scale_fmt: FloatFormat, xb: torch.Tensor, amax) -> torch.Tensor:

@@ -94,6 +94,8 @@ class FloatFormat:
             if self._arithmetic(v):
                 return self._round_float8_cpu(v.clamp(-self.max, self.max))
             return self.decode(v.clamp(-self.max, self.max).to(dt))
+        if self._sub_byte_arithmetic(v):
+            return self.round_(v.clone())
         return self.decode(self.encode(v))
 
     def round_(self, v: torch.Tensor) -> torch.Tensor:
@@ -102,16 +104,28 @@ class FloatFormat:
             if self._arithmetic(v):
                 return self._round_float8_cpu(v.clamp_(-self.max, self.max))
             return self.decode(v.clamp_(-self.max, self.max).to(self.torch_dtype))
+        if self._sub_byte_arithmetic(v):
+            # the quantum arithmetic of the FP8 path, on any device: a handful of elementwise
+            # kernels instead of a table search (bucketize, tie fix-up, sign, gather); NaN
+            # saturates to +max as the table search does
+            return self._round_float8_cpu(v.clamp_(-self.max, self.max)).nan_to_num_(nan=self.max)
         return self.round(v)
 
     @staticmethod
     def _arithmetic(v: torch.Tensor) -> bool:
         return v.device.type == "cpu" and v.dtype == torch.float32 and not torch.compiler.is_compiling()
 
+    def _sub_byte_arithmetic(self, v: torch.Tensor) -> bool:
+        """Sub-byte formats with an exponent field and ties to even (FP4 E2M1, FP6 E2M3/E3M2,
+        E1M2) round by quantum arithmetic; E0M3 (integers), E3M0 (ties away) use the table."""
+        return (self.exponent_bits >= 1 and self.bits != (3, 0) and v.dtype == torch.float32
+                and not torch.compiler.is_compiling())
+
     def _round_float8_cpu(self, v: torch.Tensor) -> torch.Tensor:
         """In place: ``v`` (float32, already within +-max) rounded to the nearest multiple of its
-        FP8 quantum, ties to even: the same bits as torch's cast there and back (exhaustive-style
-        test), about 2x faster on CPU than cast + table decode. The quantum is 2^(e - M) for the
+        quantum, ties to even: for FP8 the same bits as torch's cast there and back
+        (exhaustive-style test), about 2x faster on CPU than cast + table decode; for the
+        sub-byte formats the same values as the table search. The quantum is 2^(e - M) for the
         exponent e of max(|v|, smallest normal), built directly in the float32 exponent field;
         dividing and multiplying by a power of two is exact, and ``round_`` is half-to-even."""
         emin = 2 - (1 << (self.exponent_bits - 1))  # exponent of the smallest normal
@@ -131,8 +145,10 @@ class FloatFormat:
         if self.bits != (3, 0):  # ties to even: a tie at an odd midpoint rounds up
             i = idx.clamp(max=mids.numel() - 1)
             idx = idx + ((a == mids[i]) & (i % 2 == 1)).to(idx.dtype)
-        idx = torch.where(torch.isnan(a), mids.numel(), idx)  # NaN saturates like ModelOpt
-        sign = (v < 0).to(torch.uint8) << (self.exponent_bits + self.mantissa_bits)
+        nan = torch.isnan(a)
+        idx = torch.where(nan, mids.numel(), idx)  # NaN saturates (to +max) like ModelOpt
+        # the sign bit of v, so -0.0 keeps its sign as in an FP8 cast (and in round_)
+        sign = (torch.signbit(v) & ~nan).to(torch.uint8) << (self.exponent_bits + self.mantissa_bits)
         return sign | idx.to(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from qpass.errors import QpassError
+from qpass.graph.execution import execution_graph
 from qpass.graph.graph_cache import cached_export
 from qpass.graph.trace import TracedGraph, matches_static_dims
 from qpass.nn.tensor_quantizer import TensorQuantizer, SequentialQuantizer, is_quantizer
@@ -147,12 +148,14 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     if state.recorder is not None:  # layerwise calibration records the inputs; it returns None
         return state.recorder(model, args, kwargs)
     traced, tensors = graph_for(model, args, kwargs)
-    if state.stop_after_quantizers and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return traced.gm(*tensors)  # the compile backend lowers the traced graph's quantizer nodes
+    if state.stop_after_quantizers:
         head = quantizers_head(traced)
         if head is not None:
             head(*tensors)
             raise QuantizersDone
-    return traced.gm(*tensors)
+    return execution_graph(traced.gm)(*tensors)
 
 
 class QuantizersDone(Exception):

@@ -27,6 +27,22 @@ _UNSUPPORTED_WHEN_SET = {
 }
 
 
+class _Epoch:
+    """Counts changes to any quantizer's state that decide how a graph runs it: enabled or not,
+    quantizing or calibrating, a pre_quant_scale, hooks, the attributes, the amax. Cached
+    execution graphs (:mod:`qpass.graph.execution`) are rebuilt when it moves."""
+
+    value = 0
+
+
+def quantizer_epoch() -> int:
+    return _Epoch.value
+
+
+def bump_quantizer_epoch() -> None:
+    _Epoch.value += 1
+
+
 class TensorQuantizer(nn.Module):
     """Fake-quantizes its input with the configured format.
 
@@ -43,6 +59,7 @@ class TensorQuantizer(nn.Module):
         self._if_calib = False
         self._state_version = 0
         self._weight_cache: tuple | None = None
+        self._fast: tuple | None = None
         self._attrs: dict = {}
         self._spec = None
         self._calibrator = MaxCalibrator()
@@ -68,6 +85,16 @@ class TensorQuantizer(nn.Module):
     def _bump(self) -> None:
         self._state_version += 1
         self._weight_cache = None
+        self._fast = None
+        _Epoch.value += 1
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        _Epoch.value += 1  # an execution graph that skips this quantizer must call it again
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+    def register_forward_hook(self, *args, **kwargs):
+        _Epoch.value += 1
+        return super().register_forward_hook(*args, **kwargs)
 
     def __getattr__(self, name: str):
         attrs = self.__dict__.get("_attrs")
@@ -127,9 +154,11 @@ class TensorQuantizer(nn.Module):
 
     def enable_quant(self) -> None:
         self._if_quant = True
+        _Epoch.value += 1
 
     def disable_quant(self) -> None:
         self._if_quant = False
+        _Epoch.value += 1
 
     def enable_calib(self) -> None:
         if self._calibrator is None:
@@ -138,9 +167,11 @@ class TensorQuantizer(nn.Module):
                 "needs a calibration algorithm that supports it"
             )
         self._if_calib = True
+        _Epoch.value += 1
 
     def disable_calib(self) -> None:
         self._if_calib = False
+        _Epoch.value += 1
 
     # ------------------------------------------------------------------ amax
     @property
@@ -228,7 +259,84 @@ class TensorQuantizer(nn.Module):
             self.collect(x)
         if not self._if_quant:
             return x
-        return self._fake_quant_cached(x) if isinstance(x, nn.Parameter) else self._fake_quant(x)
+        if isinstance(x, nn.Parameter):
+            return self._fake_quant_cached(x)
+        out = self._fake_quant_per_tensor(x)
+        return self._fake_quant(x) if out is None else out
+
+    # Activations with one calibrated amax (the INT8/FP8/NVFP4 input quantizers) are quantized by a
+    # short fixed sequence of kernels, with the scales computed once per amax: on a GPU the
+    # host issues every kernel of every quantizer, and the general path (layouts, 0-dim scale
+    # arithmetic, a float32 copy of the input, a final cast) issued three to four times as many.
+    # The values are those of the general path (tested: to the bit for the float formats; an
+    # integer zero may keep the sign of x, which the general path normalises to +0.0).
+    _FAST_DTYPES = (torch.float32, torch.bfloat16)
+
+    def _fake_quant_per_tensor(self, x: torch.Tensor):
+        """Fake quantization of ``x`` with a per-tensor static INT/FP8 format or NVFP4-style
+        blocks under a calibrated global amax, or None where the general path applies (other
+        formats, autograd, torch.compile, float16, a 0-dim x)."""
+        amax = self._buffers.get("_amax")
+        if (amax is None or x.dtype not in self._FAST_DTYPES or x.dim() == 0 or amax.numel() != 1
+                or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()):
+            return None
+        fast = self._fast
+        if fast is None or fast[0] is not amax or fast[1] != amax._version or fast[2] != x.device:
+            fast = self._fast = (amax, amax._version, x.device, self._fast_constants(amax, x.device))
+        consts = fast[3]
+        if consts is None:
+            return None
+        if consts[0] == "blocks":
+            return self._fake_quant_float_blocks(x, *consts[1:])
+        _, fmt, mult, div, integer_format = consts
+        y = torch.mul(x, mult)  # float32: ``mult`` has one dimension, so it takes part in promotion
+        if integer_format:
+            y.round_().clamp_(fmt.min_bound, fmt.max_bound)
+            return torch.div(y, div, out=torch.empty_like(x))  # computed in float32, stored in x's dtype
+        return torch.mul(fmt.round_(y), div, out=torch.empty_like(x))  # FP8: ``div`` is 1 / scale
+
+    @staticmethod
+    def _fake_quant_float_blocks(x, elem, scale_fmt, block, g, denom):
+        """NVFP4-style dynamic blocks (float block scales under a calibrated global amax), the
+        arithmetic of :func:`qpass.formats.dynamic.fake_quant` on x's own blocks."""
+        if x.shape[-1] % block:
+            return None
+        xb = x.view(*x.shape[:-1], x.shape[-1] // block, block) if x.is_contiguous() else \
+            x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+        s = torch.div(xb.abs().amax(dim=-1, keepdim=True), denom).clamp_(max=scale_fmt.max)  # float32
+        d = scale_fmt.round_(s).mul_(g)
+        zero = d == 0
+        y = torch.div(xb, torch.where(zero, 1.0, d)).masked_fill_(zero, 0.0)
+        out = torch.empty(xb.shape, dtype=x.dtype, device=x.device)
+        return torch.mul(elem.round_(y), d, out=out).view(x.shape)
+
+    def _fast_constants(self, amax: torch.Tensor, device):
+        from qpass.formats import dynamic, floating, integer, scaled
+
+        spec = self.spec
+        if self._attrs.get("type") == "dynamic" or not self._attrs.get("fake_quant", True):
+            return None
+        a = amax.detach().to(device=device, dtype=torch.float32).reshape(1)
+        elem = spec.fmt
+        if spec.is_dynamic:
+            key, block = spec.dynamic_block
+            scale_fmt = spec.scale_format
+            if (spec.is_mx or key not in (-1,) or scale_fmt.torch_dtype is None
+                    or not isinstance(elem, floating.FloatFormat) or elem.torch_dtype is not None):
+                return None
+            g = dynamic._global_scale(elem, scale_fmt, a)
+            if not bool(g > 0) or not bool(torch.isfinite(g)):  # zero or NaN global scale: general path
+                return None
+            return "blocks", elem, scale_fmt, block, g.reshape(1), (elem.max * g).reshape(1)
+        if spec.block_sizes or not isinstance(elem, (integer.IntFormat, floating.FloatFormat)):
+            return None
+        if isinstance(elem, integer.IntFormat):
+            mult, div = scaled._int_divisor(elem, a)
+            return "tensor", elem, mult, div, True
+        if elem.torch_dtype is None:  # FP8 only (FP4/FP6 per tensor take the general path)
+            return None
+        scale, scale_inv = scaled._float_scale(elem, a)
+        return "tensor", elem, scale, scale_inv, False
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec

@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from qpass.passes.rules import OUT, REGISTER_ONLY, OpRule, RuleSet
+from qpass.nn.tensor_quantizer import bump_quantizer_epoch
 
 aten = torch.ops.aten
 
@@ -80,6 +81,7 @@ def _register(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
         if leaf in parent.__dict__:
             delattr(parent, leaf)
         parent._modules[leaf] = module
+        bump_quantizer_epoch()  # execution graphs re-check which quantizers they skip
 
 
 class InsertQuantizers(PassBase):
