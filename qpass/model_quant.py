@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import warnings
 from typing import Any, Callable
 
@@ -38,6 +39,27 @@ def _register_module_quantizers(model: nn.Module, state: QpassState) -> None:
                     if slot in rule.hard_disabled:
                         state.hard_disabled.add(f"{path}.{slot}" if path else slot)
                     make_quantizer(model, state, path, module, slot)
+
+
+_GC_FROZEN = [0]
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Objects alive on entry move to the collector's permanent generation until exit.
+
+    quantize and calibrate allocate many small objects (quantizers, graph nodes) next to a
+    large live heap (the model, its traced graphs); each full collection then walked the whole
+    heap, about 0.3 s per collection on a 30-layer model. New garbage is still collected."""
+    _GC_FROZEN[0] += 1
+    if _GC_FROZEN[0] == 1:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        _GC_FROZEN[0] -= 1
+        if _GC_FROZEN[0] == 0:
+            gc.unfreeze()
 
 
 def _unquantize(model: nn.Module) -> None:
@@ -105,18 +127,23 @@ def quantize(
     model.__dict__[STATE_ATTR] = state
     model.__class__ = wrapped_class(state.original_cls)
     try:
-        _register_module_quantizers(model, state)
-        if example_inputs is not None:
-            args, kwargs = _split_example_inputs(example_inputs)
-            with torch.no_grad():
-                model(*args, **kwargs)
-        calibrate(model, algorithm, forward_loop)
-        _check_formats(model)
-        _warn_unmatched(model, config_rules)
+        with frozen_gc():
+            _quantize_steps(model, state, algorithm, forward_loop, example_inputs, config_rules)
     except BaseException:
         _unquantize(model)
         raise
     return model
+
+
+def _quantize_steps(model, state, algorithm, forward_loop, example_inputs, config_rules) -> None:
+    _register_module_quantizers(model, state)
+    if example_inputs is not None:
+        args, kwargs = _split_example_inputs(example_inputs)
+        with torch.no_grad():
+            model(*args, **kwargs)
+    calibrate(model, algorithm, forward_loop)
+    _check_formats(model)
+    _warn_unmatched(model, config_rules)
 
 
 def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable | None = None, *,
@@ -151,7 +178,7 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
     try:
         # Neither the kwarg nor the config says: keep the mode the caller set (layerwise_mode).
         unset = layerwise is None and in_config is None
-        with contextlib.nullcontext() if unset else layerwise_mode(model, lw):
+        with frozen_gc(), contextlib.nullcontext() if unset else layerwise_mode(model, lw):
             run(model, state, forward_loop, **options)
     except BaseException:
         restore_amax(model, snap)

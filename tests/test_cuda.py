@@ -52,3 +52,45 @@ def test_quantize_on_cuda_matches_cpu(config):
     out_gpu = gpu_model(input_ids=ids.cuda()).logits.cpu()
     cos = torch.nn.functional.cosine_similarity(out_cpu.flatten(), out_gpu.flatten(), dim=0)
     assert cos > 0.9999
+
+
+def test_nan_in_cuda_calibration_names_the_quantizer_and_leaves_the_model():
+    from qpass.errors import CalibrationError
+
+    from conftest import MLP
+
+    torch.manual_seed(0)
+    model = MLP().cuda().eval()
+    x = torch.randn(4, 32, device="cuda")
+    ref = model(x)
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(CalibrationError, match="'fc1.input_quantizer' saw NaN or Inf"):
+        qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: [m(x), m(bad)])
+    assert type(model) is MLP and torch.equal(model(x), ref)
+
+
+FAST_PATH_FORMATS = [
+    dict(num_bits=8), dict(num_bits=(4, 3)),
+    dict(num_bits=(2, 1), block_sizes={-1: 16, "type": "dynamic", "scale_bits": (4, 3)}),
+]
+
+
+@pytest.mark.parametrize("attrs", FAST_PATH_FORMATS, ids=lambda a: str(a["num_bits"]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_fast_path_on_cuda_equals_the_general_path(attrs, dtype):
+    from qpass.nn.tensor_quantizer import TensorQuantizer
+
+    torch.manual_seed(0)
+    x = (torch.randn(8, 64, 128) * 3).to(dtype).cuda()
+    x[0, 0, :16] = -0.0
+    q = TensorQuantizer(attrs, name="t.input_quantizer")
+    q.amax = x.float().abs().amax().cpu() * 0.7
+    q.cuda()
+    fast = q(x)
+    assert q._fast is not None and q._fast[3] is not None
+    spec = QuantSpec.from_attributes(**attrs)
+    ref = spec.fake_quant(x, q.amax)
+    assert torch.equal(fast, ref)
+    # and the CPU computes the same values
+    assert torch.equal(fast.cpu(), spec.fake_quant(x.cpu(), q.amax.cpu()))

@@ -225,6 +225,20 @@ def test_nan_activations_name_the_quantizer(mlp):
     _assert_untouched(mlp, ref, x, MLP)
 
 
+def test_non_finite_running_amax_is_caught_when_loaded():
+    """On a GPU the per-batch check is deferred to the collected amax (NaN/Inf carry through the
+    running max); the error names the quantizer and the last input's shape."""
+    from qpass.nn.tensor_quantizer import TensorQuantizer
+
+    q = TensorQuantizer({"num_bits": 8}, name="blk.fc.input_quantizer")
+    q.enable_calib()
+    q.calibrator.collect_amax(torch.tensor(float("inf")))  # what a CUDA batch with Inf leaves
+    q.__dict__["_calib_input"] = ((2, 5), torch.bfloat16)
+    with pytest.raises(CalibrationError, match=r"'blk.fc.input_quantizer' saw NaN or Inf .*shape \(2, 5\)"):
+        q.load_calib_amax()
+    assert q.amax is None
+
+
 def test_forward_loop_raising_halfway_keeps_model_usable(mlp):
     x = torch.randn(4, 32)
     qpass.quantize(mlp, qpass.INT8_DEFAULT_CFG, _loop([x]))

@@ -171,6 +171,14 @@ def run_gpu(args) -> int:
 
     print()
     print(render_gpu(rows, eager_ms, plain_s))
+    from qpass.formats import triton_kernels
+
+    if triton_kernels._STATE:
+        used = ", ".join(f"{k[0]} {str(k[1]).replace('torch.', '')}: {'verified, used' if v else 'differs, off'}"
+                         for k, v in triton_kernels._STATE.items())
+        print(f"Triton fake-quant kernels (checked against the torch path on first use): {used}")
+    else:
+        print("Triton fake-quant kernels: not used (no Triton, not CUDA, or QPASS_TRITON=0)")
     for row in rows:
         for w in row.get("warnings") or []:
             print(f"{row['name']}: warning: {w[:300]}")

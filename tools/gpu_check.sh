@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 export PYTHONPATH="$PWD:$PWD/tools${PYTHONPATH:+:$PYTHONPATH}"
-steps=${*:-pytest bench compile layerwise}
+steps=${*:-bench pytest compile layerwise}
 
 step() {  # step NAME LIMIT_S CMD...
     local name=$1 limit=$2 t0 rc
@@ -35,14 +35,14 @@ step() {  # step NAME LIMIT_S CMD...
 } 2>&1 | tee "$OUT/env.log"
 
 xdist=()
-$PY -c "import xdist" 2>/dev/null && xdist=(-n 4)
+$PY -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-8}")
 for s in $steps; do
     case $s in
     pytest) step pytest "${PYTEST_LIMIT:-180}" $PY -m pytest -m cuda -q -p no:cacheprovider "${xdist[@]}" -rfE \
         tests/test_cuda.py tests/test_cuda_algorithms.py tests/calib/test_layerwise.py tests/calib/test_histogram.py \
         tests/export/test_compile_backend.py tests/export/test_tensorrt.py ;;
     bench) step bench "${BENCH_LIMIT:-150}" $PY tools/bench.py --gpu --no-modelopt --json "$OUT/bench_gpu.json" ;;
-    compile) step compile "${COMPILE_LIMIT:-170}" $PY tools/bench_compile.py --gpu --layers 30 --runs 20 ;;
+    compile) step compile "${COMPILE_LIMIT:-170}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" --runs 20 ;;
     layerwise) step layerwise "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \
         --config INT8_SMOOTHQUANT_CFG ;;
     *) echo "unknown step $s" ;;

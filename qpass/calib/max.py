@@ -30,9 +30,11 @@ class MaxCalibrator:
                     f"calibration statistic changed shape from {tuple(self._amax.shape)} "
                     f"to {tuple(amax.shape)} between batches"
                 )
-            self._amax = amax.clone()
+            self._amax = amax.float()  # a copy: float32 (the statistic may come in x's dtype)
+            if self._amax is amax:
+                self._amax = amax.clone()
         else:
-            torch.maximum(self._amax, amax, out=self._amax)
+            torch.maximum(self._amax, amax, out=self._amax)  # computed in float32, exact
         self.num_batches += 1
 
     @property

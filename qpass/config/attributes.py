@@ -8,6 +8,7 @@ key it came from and the values that would have been accepted.
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -76,18 +77,18 @@ class QuantizerAttributes:
                     f"{where(key)}unknown quantizer attribute {name!r}; "
                     f"allowed attributes: {', '.join(allowed)}"
                 )
-        values = {f.name: copy.deepcopy(f.default) for f in dataclasses.fields(cls)}
+        values = {f.name: _copied(f.default) for f in _fields(cls)}
         values.update(copy.deepcopy(d))
         return cls(**check_values(values, key))
 
     def to_dict(self, exclude_defaults: bool = False) -> dict:
         """All attributes as a plain dict (tuples stay tuples); optionally only non-defaults."""
         out = {}
-        for f in dataclasses.fields(self):
+        for f in _fields(type(self)):
             value = getattr(self, f.name)
             if exclude_defaults and value == f.default:
                 continue
-            out[f.name] = copy.deepcopy(value)
+            out[f.name] = _copied(value)
         return out
 
     def replace(self, **changes) -> QuantizerAttributes:
@@ -102,3 +103,18 @@ class QuantizerAttributes:
 
 
 __all__ = ["QuantizerAttributes"]
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(cls) -> tuple:
+    return dataclasses.fields(cls)
+
+
+def _copied(value):
+    """A deep copy of mutable attribute values (dicts, lists); immutable ones as they are
+    (one quantizer per Linear: deep-copying every attribute cost most of its creation time)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
+        return value
+    return copy.deepcopy(value)

@@ -16,6 +16,7 @@ from torch import nn
 from qpass.calib.histogram import HistogramCalibrator, histogram_calibrator_for
 from qpass.calib.max import MaxCalibrator
 from qpass.errors import CalibrationError, QuantConfigError
+from qpass.formats import triton_kernels
 
 # Attributes this version implements numerically. Others are accepted by the
 # config (so every preset loads) and refused when the quantizer is first used.
@@ -212,22 +213,37 @@ class TensorQuantizer(nn.Module):
         return self._calibrator
 
     def collect(self, x: torch.Tensor) -> None:
-        """Feed one batch to the calibrator; NaN/Inf is an error naming this quantizer."""
+        """Feed one batch to the calibrator; NaN/Inf is an error naming this quantizer.
+
+        Per-tensor statistics are checked once, on the collected amax (NaN and Inf carry through
+        the running max), in :meth:`load_calib_amax`: a check per batch would stop a GPU's host
+        until the device caught up, once per quantizer and batch. Per-channel, block and
+        histogram statistics are checked per batch."""
         spec = self.spec
         if self.is_dynamic or x.numel() == 0:  # x.numel() == 0: e.g. an MoE expert that got no tokens
             return
         histogram = isinstance(self._calibrator, HistogramCalibrator)
+        self.__dict__["_calib_input"] = (tuple(x.shape), x.dtype)
+        if not histogram and spec.axis is None and not spec.block_sizes:
+            # per tensor: max |x| in one reduction, exact in x's own dtype (no float32 copy of x);
+            # NaN and Inf carry through it
+            self._calibrator.collect_amax(torch.linalg.vector_norm(x.detach(), float("inf")))
+            return
         stat = x.detach().abs().amax().float() if histogram else spec.amax_of(x)
-        if not bool(torch.isfinite(stat).all()):
-            raise CalibrationError(
-                f"quantizer '{self._name}' saw NaN or Inf in its input during calibration "
-                f"(input shape {tuple(x.shape)}, dtype {x.dtype}); check the calibration data "
-                "and the layers before it"
-            )
+        if (histogram or x.device.type == "cpu") and not bool(torch.isfinite(stat).all()):
+            self._raise_not_finite()
         if histogram:
             self._calibrator.collect(x, stat)  # the raw input: the histogram is of |x|
         else:
             self._calibrator.collect_amax(stat)
+
+    def _raise_not_finite(self):
+        shape, dtype = self.__dict__.get("_calib_input", ("?", "?"))
+        raise CalibrationError(
+            f"quantizer '{self._name}' saw NaN or Inf in its input during calibration "
+            f"(input shape {shape}, dtype {dtype}); check the calibration data "
+            "and the layers before it"
+        )
 
     def load_calib_amax(self, *args, **kwargs) -> bool:
         """Move the calibrator's result into ``_amax``. Returns False if it saw no data.
@@ -243,6 +259,8 @@ class TensorQuantizer(nn.Module):
             raise type(e)(f"quantizer '{self._name}': {e}") from None
         if amax is None:
             return False
+        if isinstance(self._calibrator, MaxCalibrator) and not bool(torch.isfinite(amax).all()):
+            self._raise_not_finite()  # a batch on a GPU held NaN or Inf (see collect)
         self.amax = amax
         return True
 
@@ -289,11 +307,20 @@ class TensorQuantizer(nn.Module):
         if consts[0] == "blocks":
             return self._fake_quant_float_blocks(x, *consts[1:])
         _, fmt, mult, div, integer_format = consts
-        y = torch.mul(x, mult)  # float32: ``mult`` has one dimension, so it takes part in promotion
-        if integer_format:
-            y.round_().clamp_(fmt.min_bound, fmt.max_bound)
-            return torch.div(y, div, out=torch.empty_like(x))  # computed in float32, stored in x's dtype
-        return torch.mul(fmt.round_(y), div, out=torch.empty_like(x))  # FP8: ``div`` is 1 / scale
+
+        def torch_path():
+            y = torch.mul(x, mult)  # float32: ``mult`` has one dimension, so it takes part in promotion
+            if integer_format:
+                y.round_().clamp_(fmt.min_bound, fmt.max_bound)
+                return torch.div(y, div, out=torch.empty_like(x))  # in float32, stored in x's dtype
+            return torch.mul(fmt.round_(y), div, out=torch.empty_like(x))  # FP8: ``div`` is 1 / scale
+
+        if triton_kernels.usable(x) and (integer_format or fmt.bits == (4, 3)):
+            lo, hi = (fmt.min_bound, fmt.max_bound) if integer_format else (-fmt.max, fmt.max)
+            out = triton_kernels.fake_quant_per_tensor(x, mult, div, lo, hi, not integer_format, torch_path)
+            if out is not None:
+                return out
+        return torch_path()
 
     @staticmethod
     def _fake_quant_float_blocks(x, elem, scale_fmt, block, g, denom):
@@ -301,14 +328,22 @@ class TensorQuantizer(nn.Module):
         arithmetic of :func:`qpass.formats.dynamic.fake_quant` on x's own blocks."""
         if x.shape[-1] % block:
             return None
-        xb = x.view(*x.shape[:-1], x.shape[-1] // block, block) if x.is_contiguous() else \
-            x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
-        s = torch.div(xb.abs().amax(dim=-1, keepdim=True), denom).clamp_(max=scale_fmt.max)  # float32
-        d = scale_fmt.round_(s).mul_(g)
-        zero = d == 0
-        y = torch.div(xb, torch.where(zero, 1.0, d)).masked_fill_(zero, 0.0)
-        out = torch.empty(xb.shape, dtype=x.dtype, device=x.device)
-        return torch.mul(elem.round_(y), d, out=out).view(x.shape)
+
+        def torch_path():
+            xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+            s = torch.div(xb.abs().amax(dim=-1, keepdim=True), denom).clamp_(max=scale_fmt.max)  # float32
+            d = scale_fmt.round_(s).mul_(g)
+            zero = d == 0
+            y = torch.div(xb, torch.where(zero, 1.0, d)).masked_fill_(zero, 0.0)
+            out = torch.empty(xb.shape, dtype=x.dtype, device=x.device)
+            return torch.mul(elem.round_(y), d, out=out).view(x.shape)
+
+        if (triton_kernels.usable(x) and scale_fmt.bits == (4, 3) and elem._sub_byte_arithmetic(g)
+                and block & (block - 1) == 0):
+            out = triton_kernels.fake_quant_blocks(x, elem, scale_fmt, block, g, denom, torch_path)
+            if out is not None:
+                return out
+        return torch_path()
 
     def _fast_constants(self, amax: torch.Tensor, device):
         from qpass.formats import dynamic, floating, integer, scaled
