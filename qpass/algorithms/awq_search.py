@@ -67,7 +67,7 @@ def gram_factor(g: torch.Tensor | None, x: torch.Tensor | None = None,
     g = g.double()
     jitter = 0.0
     scale = float(g.diagonal().mean()) or 1.0
-    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     for _ in range(8):
         factor, info = torch.linalg.cholesky_ex(g + jitter * eye if jitter else g)
         if int(info) == 0:
