@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-dry-run", action="store_true",
                    help="run the --gpu code path on the CPU with a tiny model (checks the script; no timings)")
     p.add_argument("--iters", type=int, default=20, help="--gpu: timed forwards per measurement (median)")
+    p.add_argument("--profile", action="store_true",
+                   help="--gpu: also profile one forward of each qpass row (torch.profiler; top ops by device and host time)")
     p.add_argument("--warmup", type=int, default=3, help="--gpu: untimed forwards before each measurement")
     return p
 

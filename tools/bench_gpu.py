@@ -68,6 +68,25 @@ def forward_ms(model, x, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def profile_forward(model, x, top: int = 12) -> str:
+    """One forward under torch.profiler: the ops that take the most device time and host time,
+    with their call counts (what a fake-quantized forward spends beyond the unquantized one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=acts) as prof:
+        model(input_ids=x, use_cache=False)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    ev = prof.key_averages()
+    out = []
+    if DEVICE == "cuda":
+        out.append(ev.table(sort_by="self_cuda_time_total", row_limit=top))
+    out.append(ev.table(sort_by="self_cpu_time_total", row_limit=top))
+    return "\n".join(out)
+
+
 def _measure(lib: str, base, cfg, loop, x, args, extra: dict | None = None) -> dict:
     """Quantize a copy of ``base`` with ``lib``, time it and its forward; never raises."""
     res = dict(quant_s=None, forward_ms=None, error=None, warnings=[])
@@ -84,6 +103,8 @@ def _measure(lib: str, base, cfg, loop, x, args, extra: dict | None = None) -> d
                 res["quant_s"] = _sync_time(lambda: mtq.quantize(model, cfg, loop))
         with bc.quiet(res["warnings"] if lib == "qpass" else None):
             res["forward_ms"] = forward_ms(model, x, args.warmup, args.iters)
+            if getattr(args, "profile", False):
+                res["profile"] = profile_forward(model, x)
     except Exception as e:  # noqa: BLE001 - one cell, never the whole table
         res["error"] = bc.short_reason(e, 40)
         res["traceback"] = bc.format_tb(e)
@@ -182,6 +203,8 @@ def run_gpu(args) -> int:
     for row in rows:
         for w in row.get("warnings") or []:
             print(f"{row['name']}: warning: {w[:300]}")
+        if row.get("profile"):
+            print(f"\n{row['name']}: profile of one forward\n{row['profile']}")
         if row.get("traceback") and row["lib"] == "qpass":
             print(f"\n{row['name']} failed:\n{row['traceback']}")
         elif row.get("traceback"):
@@ -189,7 +212,7 @@ def run_gpu(args) -> int:
     if args.json:
         doc = dict(mode="gpu", device=dev, model=shape, seq=SEQ, calib_batches=CALIB_BATCHES, eager_forward_ms=eager_ms, plain_calib_pass_s=plain_s,
                    warmup=args.warmup, iters=args.iters,
-                   rows=[{k: v for k, v in r.items() if k != "traceback"} for r in rows])
+                   rows=[{k: v for k, v in r.items() if k not in ("traceback", "profile")} for r in rows])
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"wrote {args.json}")

@@ -41,7 +41,7 @@ for s in $steps; do
     pytest) step pytest "${PYTEST_LIMIT:-180}" $PY -m pytest -m cuda -q -p no:cacheprovider "${xdist[@]}" -rfE \
         tests/test_cuda.py tests/test_cuda_algorithms.py tests/calib/test_layerwise.py tests/calib/test_histogram.py \
         tests/export/test_compile_backend.py tests/export/test_tensorrt.py ;;
-    bench) step bench "${BENCH_LIMIT:-150}" $PY tools/bench.py --gpu --no-modelopt --json "$OUT/bench_gpu.json" ;;
+    bench) step bench "${BENCH_LIMIT:-150}" $PY tools/bench.py --gpu --no-modelopt --profile --json "$OUT/bench_gpu.json" ;;
     compile) step compile "${COMPILE_LIMIT:-170}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" --runs 20 ;;
     layerwise) step layerwise "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \
         --config INT8_SMOOTHQUANT_CFG ;;

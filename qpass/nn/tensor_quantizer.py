@@ -28,6 +28,16 @@ _UNSUPPORTED_WHEN_SET = {
 }
 
 
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 0-dim tensor in x's dtype (exact); NaN and Inf carry through. One reduction
+    pass: on CUDA the inf-norm (one kernel); on the CPU ``aminmax`` (there the inf-norm is about
+    13x slower than ``abs().amax()``, and ``aminmax`` about 1.4x faster)."""
+    if x.is_cuda:
+        return torch.linalg.vector_norm(x, float("inf"))
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(lo.neg(), hi)
+
+
 class _Epoch:
     """Counts changes to any quantizer's state that decide how a graph runs it: enabled or not,
     quantizing or calibrating, a pre_quant_scale, hooks, the attributes, the amax. Cached
@@ -227,7 +237,7 @@ class TensorQuantizer(nn.Module):
         if not histogram and spec.axis is None and not spec.block_sizes:
             # per tensor: max |x| in one reduction, exact in x's own dtype (no float32 copy of x);
             # NaN and Inf carry through it
-            self._calibrator.collect_amax(torch.linalg.vector_norm(x.detach(), float("inf")))
+            self._calibrator.collect_amax(abs_max(x.detach()))
             return
         stat = x.detach().abs().amax().float() if histogram else spec.amax_of(x)
         if (histogram or x.device.type == "cpu") and not bool(torch.isfinite(stat).all()):
