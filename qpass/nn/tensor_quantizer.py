@@ -225,10 +225,11 @@ class TensorQuantizer(nn.Module):
     def collect(self, x: torch.Tensor) -> None:
         """Feed one batch to the calibrator; NaN/Inf is an error naming this quantizer.
 
-        Per-tensor statistics are checked once, on the collected amax (NaN and Inf carry through
-        the running max), in :meth:`load_calib_amax`: a check per batch would stop a GPU's host
-        until the device caught up, once per quantizer and batch. Per-channel, block and
-        histogram statistics are checked per batch."""
+        Per-tensor statistics (and, on a GPU, per-channel and block ones) are checked once, on
+        the collected amax (NaN and Inf carry through the running max), in
+        :meth:`load_calib_amax`: a check per batch would stop a GPU's host until the device caught
+        up, once per quantizer and batch. Histogram statistics, and per-channel or block ones on
+        the CPU, are checked per batch."""
         spec = self.spec
         if self.is_dynamic or x.numel() == 0:  # x.numel() == 0: e.g. an MoE expert that got no tokens
             return
@@ -270,7 +271,7 @@ class TensorQuantizer(nn.Module):
         if amax is None:
             return False
         if isinstance(self._calibrator, MaxCalibrator) and not bool(torch.isfinite(amax).all()):
-            self._raise_not_finite()  # a batch on a GPU held NaN or Inf (see collect)
+            self._raise_not_finite()  # a batch held NaN or Inf (the checks deferred in collect)
         self.amax = amax
         return True
 
