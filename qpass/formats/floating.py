@@ -115,11 +115,14 @@ class FloatFormat:
     def _arithmetic(v: torch.Tensor) -> bool:
         return v.device.type == "cpu" and v.dtype == torch.float32 and not torch.compiler.is_compiling()
 
-    def _sub_byte_arithmetic(self, v: torch.Tensor) -> bool:
+    @property
+    def rounds_by_quantum(self) -> bool:
         """Sub-byte formats with an exponent field and ties to even (FP4 E2M1, FP6 E2M3/E3M2,
         E1M2) round by quantum arithmetic; E0M3 (integers), E3M0 (ties away) use the table."""
-        return (self.exponent_bits >= 1 and self.bits != (3, 0) and v.dtype == torch.float32
-                and not torch.compiler.is_compiling())
+        return self.torch_dtype is None and self.exponent_bits >= 1 and self.bits not in ((3, 0), (8, 0))
+
+    def _sub_byte_arithmetic(self, v: torch.Tensor) -> bool:
+        return self.rounds_by_quantum and v.dtype == torch.float32 and not torch.compiler.is_compiling()
 
     def _round_float8_cpu(self, v: torch.Tensor) -> torch.Tensor:
         """In place: ``v`` (float32, already within +-max) rounded to the nearest multiple of its

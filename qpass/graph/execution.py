@@ -118,9 +118,9 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list]:
     live = {key: gm.get_submodule(parent) for parent, key in containers.items()}
     for key, container in live.items():
         root._modules[key] = container
-    for name, value in gm.__dict__.items():  # export's spec/guard attributes the code reads
-        if name in ("_in_spec", "_out_spec"):
-            root.__dict__[name] = value
+    for name in ("_in_spec", "_out_spec"):  # export's pytree specs, which the code reads
+        if name in gm.__dict__:
+            root.__dict__[name] = gm.__dict__[name]
     for node in gm.graph.nodes:  # top-level attributes (no parent container)
         if node.op in ("get_attr", "call_module") and "." not in node.target:
             _copy_top_level(gm, root, node.target)

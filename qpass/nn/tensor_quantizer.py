@@ -349,7 +349,7 @@ class TensorQuantizer(nn.Module):
             out = torch.empty(xb.shape, dtype=x.dtype, device=x.device)
             return torch.mul(elem.round_(y), d, out=out).view(x.shape)
 
-        if (triton_kernels.usable(x) and scale_fmt.bits == (4, 3) and elem._sub_byte_arithmetic(g)
+        if (triton_kernels.usable(x) and scale_fmt.bits == (4, 3) and elem.rounds_by_quantum
                 and block & (block - 1) == 0):
             out = triton_kernels.fake_quant_blocks(x, elem, scale_fmt, block, g, denom, torch_path)
             if out is not None:
