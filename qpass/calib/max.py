@@ -30,9 +30,7 @@ class MaxCalibrator:
                     f"calibration statistic changed shape from {tuple(self._amax.shape)} "
                     f"to {tuple(amax.shape)} between batches"
                 )
-            self._amax = amax.float()  # a copy: float32 (the statistic may come in x's dtype)
-            if self._amax is amax:
-                self._amax = amax.clone()
+            self._amax = amax.to(torch.float32, copy=True)  # the statistic may come in x's dtype
         else:
             torch.maximum(self._amax, amax, out=self._amax)  # computed in float32, exact
         self.num_batches += 1

@@ -4,7 +4,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _rint(y):
     # round half to even (torch.round) by the float32 magic number 1.5 * 2^23: below 2^23 the
@@ -21,6 +20,7 @@ def _clamp(y, lo, hi):
     # NaN stays NaN (as in torch.clamp); the hardware min/max would return the other operand
     return tl.where(y != y, y, tl.minimum(tl.maximum(y, lo), hi))
 
+
 @triton.jit
 def per_tensor(x_ptr, out_ptr, n, mult_ptr, div_ptr, lo, hi, FP8: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -36,6 +36,7 @@ def per_tensor(x_ptr, out_ptr, n, mult_ptr, div_ptr, lo, hi, FP8: tl.constexpr, 
         y = _clamp(y, lo, hi)
         out = tl.div_rn(y, tl.load(div_ptr))
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
 
 @triton.jit
 def blocks(x_ptr, out_ptr, n_blocks, g_ptr, denom_ptr, SCALE_MAX: tl.constexpr, ELEM_MAX: tl.constexpr,

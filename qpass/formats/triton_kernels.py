@@ -79,14 +79,13 @@ def fake_quant_blocks(x, elem, scale_fmt, block: int, g, denom, reference):
     """NVFP4-style blocks of ``block`` elements along the last axis (E4M3 scales)."""
     _, kernel = _kernels()
     n_blocks = x.numel() // block
-    emin = 2 - (1 << (elem.exponent_bits - 1))
 
     def fast():
         out = torch.empty_like(x)
         rows = 64
         kernel[(triton_cdiv(n_blocks, rows),)](
             x, out, n_blocks, g, denom, SCALE_MAX=float(scale_fmt.max), ELEM_MAX=float(elem.max),
-            EMIN_FIELD=(127 + emin) << 23, MANT_SHIFT=elem.mantissa_bits << 23, BS=block, ROWS=rows)
+            EMIN_FIELD=(127 + elem.min_normal_exponent) << 23, MANT_SHIFT=elem.mantissa_bits << 23, BS=block, ROWS=rows)
         return out
 
     return _checked(f"{elem.name}/{scale_fmt.name} blocks", x, fast, reference)

@@ -367,7 +367,7 @@ class TensorQuantizer(nn.Module):
         if spec.is_dynamic:
             key, block = spec.dynamic_block
             scale_fmt = spec.scale_format
-            if (spec.is_mx or key not in (-1,) or scale_fmt.torch_dtype is None
+            if (spec.is_mx or key != -1 or scale_fmt.torch_dtype is None
                     or not isinstance(elem, floating.FloatFormat) or elem.torch_dtype is not None):
                 return None
             g = dynamic._global_scale(elem, scale_fmt, a)
