@@ -128,22 +128,18 @@ def quantize(
     model.__class__ = wrapped_class(state.original_cls)
     try:
         with frozen_gc():
-            _quantize_steps(model, state, algorithm, forward_loop, example_inputs, config_rules)
+            _register_module_quantizers(model, state)
+            if example_inputs is not None:
+                args, kwargs = _split_example_inputs(example_inputs)
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            calibrate(model, algorithm, forward_loop)
+            _check_formats(model)
+            _warn_unmatched(model, config_rules)
     except BaseException:
         _unquantize(model)
         raise
     return model
-
-
-def _quantize_steps(model, state, algorithm, forward_loop, example_inputs, config_rules) -> None:
-    _register_module_quantizers(model, state)
-    if example_inputs is not None:
-        args, kwargs = _split_example_inputs(example_inputs)
-        with torch.no_grad():
-            model(*args, **kwargs)
-    calibrate(model, algorithm, forward_loop)
-    _check_formats(model)
-    _warn_unmatched(model, config_rules)
 
 
 def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable | None = None, *,
