@@ -34,6 +34,7 @@ GPTQ_RUNS = {
     "fp32": ("fp32", None, None),
     "max": ("INT4 max (RTN)", "qpass", "max"),
     "gptq": ("INT4 with GPTQ", "qpass", {"method": "gptq"}),
+    "gptq-in-order": ("INT4 with GPTQ, act_order=False (ModelOpt's order)", "qpass", {"method": "gptq", "act_order": False}),
     "modelopt": ("INT4 with GPTQ (ModelOpt)", "modelopt", {"method": "gptq"}),
     "layerwise": ("INT4 with GPTQ, layerwise", "qpass", {"method": "gptq", "layerwise": {"enable": True}}),
 }

@@ -35,13 +35,21 @@ import torch
 import torch.nn.functional as F
 
 from qpass.algorithms import register_algorithm
+import os
+
 from qpass.algorithms.awq_search import clip_amax, first_quantizer, gram, search_unit_scale
+from qpass.algorithms.gptq import round_unit
 from qpass.algorithms.smoothing import (
     SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, end_smoothing,
     finish, require_forward_loop, smoothable_modules, smoothing_units, start_smoothing,
     validate_quantizers,
 )
 from qpass.errors import QuantConfigError
+
+
+GPTQ_DAMP = 0.1
+GPTQ_BLOCK = 128
+GPTQ_ACT_ORDER = True
 
 
 def weight_block_size(q) -> int | None:
@@ -81,10 +89,12 @@ def _unit_w_scale(model, unit) -> torch.Tensor:
     return sum(weight_scale(m.weight, weight_block_size(m.weight_quantizer)) * m.weight.shape[0] for m in mods) / rows
 
 
-def _lite(model, state, modules, stats, alpha_step, debug, changes, clip_ratios, clip_tokens, max_co_batch_size):
+def _lite(model, state, modules, stats, alpha_step, debug, changes, clip_ratios, clip_tokens, max_co_batch_size,
+          grams: list | None = None):
     """The scale search (and, with ``clip_ratios``, the joint clip search); applies the scales.
 
-    Returns the applied units and the clipped weight amax per weight quantizer."""
+    Returns the applied units and the clipped weight amax per weight quantizer. ``grams``: a list
+    that receives (unit, Gram matrix of the smoothed input, tokens) per unit, for the rounding."""
     grid = alpha_grid(alpha_step)
     plan = []
     for unit in smoothing_units(state, modules, stats):
@@ -93,10 +103,14 @@ def _lite(model, state, modules, stats, alpha_step, debug, changes, clip_ratios,
             continue
         act_mean, w_scale = st.abs_mean, _unit_w_scale(model, unit)
         clip_x = _limit(st, clip_tokens) if clip_ratios else None
+        g = gram(st.sample) if grams is not None else None
         s, alpha, losses, amaxes = search_unit_scale(
             model, unit, st.sample, lambda a, m=act_mean, w=w_scale: awq_scale(m, w, a), grid,
-            clip_ratios=clip_ratios, clip_x=clip_x, max_co_batch_size=max_co_batch_size, prune=not debug)
+            clip_ratios=clip_ratios, clip_x=clip_x, max_co_batch_size=max_co_batch_size, prune=not debug, g=g)
         plan.append((unit, s, alpha, losses, amaxes))
+        if grams is not None:
+            sd = s.to(g.device, torch.float64)
+            grams.append((unit, g / (sd[:, None] * sd[None, :]), st.tokens))
     applied, keep = [], {}
     for unit, s, alpha, losses, amaxes in plan:
         done = apply_scale(model, state, unit, s, changes)
@@ -147,9 +161,29 @@ def _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios
     return keep
 
 
+def _round(model, state, grams: list, changes) -> None:
+    """GPTQ rounding of every unit's weights onto their final grids (scales and clipped amax
+    already set), from the Gram matrices of the captured, smoothed inputs."""
+    for unit, g, tokens in grams:
+        round_unit(model, state, unit, g, tokens, GPTQ_DAMP, GPTQ_BLOCK, changes, act_order=GPTQ_ACT_ORDER)
+
+
+def _clip_grams(state, modules, stats) -> list:
+    """(unit, Gram matrix, tokens) of every shared-input unit, for rounding after awq_clip."""
+    out = []
+    for unit in smoothing_units(state, modules, stats):
+        st = stats[unit[0]]
+        if st.sample.shape[0]:
+            out.append((unit, gram(st.sample), st.tokens))
+    return out
+
+
 def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_step=0.1, debug=False,
-         max_co_batch_size=1024, max_tokens_per_batch=64, min_clip_ratio=0.5, shrink_step=0.05, **options):
+         max_co_batch_size=1024, max_tokens_per_batch=64, min_clip_ratio=0.5, shrink_step=0.05, gptq=True,
+         **options):
     check_common_options(method, options)
+    if not isinstance(gptq, bool):
+        raise QuantConfigError(f"{method}: gptq must be True or False, got {gptq!r}")
     require_forward_loop(method, forward_loop)
     alpha_step = _check_step(f"{method}: alpha_step", alpha_step)
     shrink_step = _check_step(f"{method}: shrink_step", shrink_step)
@@ -165,12 +199,17 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
         stats = capture_pass(model, state, forward_loop, modules, SEARCH_TOKENS)
         ratios = _clip_ratios(min_clip_ratio, shrink_step) if clip else None
         applied, keep = [], {}
+        grams = [] if gptq else None
         if lite:
             applied, keep = _lite(model, state, modules, stats, alpha_step, debug, changes, ratios,
-                                  max_tokens_per_batch, max_co_batch_size)
+                                  max_tokens_per_batch, max_co_batch_size, grams)
         elif clip:
             keep = _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios, debug)
+            if gptq:
+                grams = _clip_grams(state, modules, stats)
         finish(model, state, forward_loop, applied, stats, keep_weight_amax=keep)
+        if grams:
+            _round(model, state, grams, changes)
     except BaseException:
         abort_smoothing(state, changes, redo)  # calibrate() restores the amax values
         raise

@@ -197,19 +197,22 @@ def _clipped_amaxes(mods, s, gc, gb_of, clip_ratios, max_co_batch_size) -> dict:
 
 @torch.no_grad()
 def search_unit_scale(model, unit: list[str], x: torch.Tensor, scale_fn, grid, clip_ratios=None,
-                      clip_x: torch.Tensor | None = None, max_co_batch_size: int = 1024, prune: bool = True):
+                      clip_x: torch.Tensor | None = None, max_co_batch_size: int = 1024, prune: bool = True,
+                      g: torch.Tensor | None = None):
     """The grid alpha whose quantized unit output is closest (MSE over ``x``) to the float one,
     then, with ``clip_ratios``, each member's clipped weight amax for that scale.
 
     ``scale_fn(alpha)`` gives the scale s; the clip search runs on ``W * s`` with the tokens
-    ``clip_x / s`` (default: ``x``). Returns (s, alpha, losses, {path: clipped amax}).
+    ``clip_x / s`` (default: ``x``); ``g``: ``gram(x)`` when the caller has it. Returns
+    (s, alpha, losses, {path: clipped amax}).
     ``prune``: alphas are tried from the middle of the grid outwards, and one whose partial loss
     already exceeds the best whole loss stops early (its entry in ``losses`` is then that lower
     bound). The chosen alpha is the same as with every loss complete (ties: the first in grid order).
     """
     mods = {p: model.get_submodule(p) for p in unit}
     few_tokens = x.shape[0] <= x.shape[1]  # the factor is x^T itself: no Gram matrix needed for it
-    g = None if few_tokens else gram(x)
+    if g is None and not few_tokens:
+        g = gram(x)
     factor = gram_factor(g, x)
     denom = max(x.shape[0], 1) * sum(m.weight.shape[0] for m in mods.values())
     cols = [m.weight.detach().float().abs().amax(0) for m in mods.values()]  # the same for every alpha

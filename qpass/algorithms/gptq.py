@@ -129,18 +129,38 @@ def _stages(modules: dict) -> list[dict]:
 
 
 @torch.no_grad()
-def _quantize_unit(model, state, unit, stats, perc_damp, block_size, changes) -> list[GPTQResult]:
+def _quantize_unit(model, state, unit, stats, perc_damp, block_size, changes, act_order) -> list[GPTQResult]:
     st = stats[unit[0]]
-    u = damped_inverse_factor(st.hessian, perc_damp)
-    out = []
+    return round_unit(model, state, unit, st.hessian, st.tokens, perc_damp, block_size, changes, act_order)
+
+
+@torch.no_grad()
+def round_unit(model, state, unit: list[str], hessian: torch.Tensor, tokens: int, perc_damp: float,
+               block_size: int, changes, act_order: bool = False) -> list[GPTQResult]:
+    """GPTQ-round the weights of ``unit`` (modules reading one input whose Hessian, or Gram matrix:
+    only its shape matters, is ``hessian``) in place, onto their weight quantizers' current grids.
+
+    ``act_order``: round the columns in order of decreasing Hessian diagonal, where every
+    member's grid is static (otherwise in channel order)."""
+    grids = {}  # path -> (untied, grid)
     for path in unit:
         module = model.get_submodule(path)
         untied = is_shared_parameter(model, module.weight)
         if untied:
             untie_weight(model, graphs_of(state), path)
-        grid = column_grid(path, module, block_size)
+        grids[path] = (untied, column_grid(path, module, block_size))
+    perm = None
+    if act_order and not any(g.is_dynamic for _, g in grids.values()):
+        perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+        hessian = hessian[perm][:, perm]
+    u = damped_inverse_factor(hessian, perc_damp)
+    out = []
+    for path in unit:
+        module = model.get_submodule(path)
+        untied, grid = grids[path]
         w = module.weight
-        new = gptq_quantize(w, u.to(w.device), grid, block_size).to(w.dtype)
+        p = None if perm is None else perm.to(w.device)
+        new = gptq_quantize(w, u.to(w.device), grid, block_size, p).to(w.dtype)
         q = module.weight_quantizer
         projected = 0
         fq = q(new)
@@ -150,8 +170,8 @@ def _quantize_unit(model, state, unit, stats, perc_damp, block_size, changes) ->
             if not torch.equal(q(new), new):
                 raise CalibrationError(f"gptq: the weight quantizer of '{path}' has no fixed point near the "
                                        f"GPTQ weight ({q.describe()})")
-        changes.tensor(w).copy_(new)
-        out.append(GPTQResult(path=path, tokens=st.tokens, projected=projected, untied=untied))
+        changes.tensor(w, f"{path}.weight").copy_(new)
+        out.append(GPTQResult(path=path, tokens=tokens, projected=projected, untied=untied))
     return out
 
 
@@ -173,9 +193,10 @@ def _capture(model, state, forward_loop, modules, first: bool) -> dict:
 
 @register_algorithm("gptq")
 def gptq(model, state, forward_loop, perc_damp=0.01, block_size=128, fused=False, layerwise=None,
-         moe_calib_experts_ratio=None):
+         moe_calib_experts_ratio=None, act_order=True):
     opts = check_gptq_options({"perc_damp": perc_damp, "block_size": block_size, "fused": fused,
-                               "layerwise": layerwise, "moe_calib_experts_ratio": moe_calib_experts_ratio})
+                               "layerwise": layerwise, "moe_calib_experts_ratio": moe_calib_experts_ratio,
+                               "act_order": act_order})
     require_forward_loop("gptq", forward_loop)
     validate_quantizers(model)
     calibrate_weights(model)
@@ -195,7 +216,8 @@ def gptq(model, state, forward_loop, perc_damp=0.01, block_size=128, fused=False
         for i, stage in enumerate(stages):
             stats = _capture(model, state, forward_loop, stage, first=i == 0)
             for unit in _units(state, stage, stats):
-                results += _quantize_unit(model, state, unit, stats, opts["perc_damp"], opts["block_size"], changes)
+                results += _quantize_unit(model, state, unit, stats, opts["perc_damp"], opts["block_size"], changes,
+                                          opts["act_order"])
         share_group_amax(model, state.groups)
     except BaseException:
         changes.restore()  # calibrate() restores the amax values

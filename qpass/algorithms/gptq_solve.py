@@ -47,10 +47,20 @@ def damped_inverse_factor(hessian: torch.Tensor, perc_damp: float) -> torch.Tens
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, u: torch.Tensor, grid: ColumnGrid, block_size: int) -> torch.Tensor:
-    """GPTQ-rounded copy of ``weight`` (``[rows, cols]``, float32), every value on ``grid``."""
+def gptq_quantize(weight: torch.Tensor, u: torch.Tensor, grid: ColumnGrid, block_size: int,
+                  perm: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ-rounded copy of ``weight`` (``[rows, cols]``, float32), every value on ``grid``.
+
+    ``perm``: the order in which the columns are rounded (act-order: largest Hessian diagonal
+    first); ``u`` is then the factor of the permuted Hessian ``H[perm][:, perm]``. Only for
+    static grids, whose scales do not depend on the order."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
+    if perm is not None:
+        if grid.is_dynamic:
+            raise ValueError("gptq: a column order needs a static grid (dynamic block scales follow the columns)")
+        w = w[:, perm]
+        order = perm.tolist()
     qblock = grid.block if grid.is_dynamic else None
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
@@ -61,7 +71,7 @@ def gptq_quantize(weight: torch.Tensor, u: torch.Tensor, grid: ColumnGrid, block
             col = start + i
             if qblock and col % qblock == 0:
                 grid.start_block(wb[:, i:i + qblock], col)
-            q = grid.quantize(wb[:, i], col)
+            q = grid.quantize(wb[:, i], col if perm is None else order[col])
             err = (wb[:, i] - q) / ub[i, i]
             wb[:, i] = q
             wb[:, i + 1:].sub_(err[:, None] * ub[i, i + 1:][None, :])
@@ -69,4 +79,6 @@ def gptq_quantize(weight: torch.Tensor, u: torch.Tensor, grid: ColumnGrid, block
         w[:, start:end] = wb
         if end < cols:
             w[:, end:].sub_(errs @ u[start:end, end:])
+    if perm is not None:
+        w = w[:, torch.argsort(perm)]
     return w

@@ -102,7 +102,12 @@ def usable_algorithm(cand: Candidate):
     algos = cand.algorithm if isinstance(cand.algorithm, list) else [cand.algorithm]
     missing = [a["method"] for a in algos if a is not None and a["method"] not in ALGORITHMS]
     if not missing:
-        return cand.algorithm
+        # A slot keeps the unrounded weight times the AWQ scale (a fold into a previous Linear
+        # becomes a pre_quant_scale, so formats can mix), so AWQ's GPTQ rounding, which rounds the
+        # folded rows, cannot be carried over: candidates run ModelOpt's AWQ.
+        out = [{**a, "gptq": a.get("gptq", False)} if a is not None and str(a["method"]).startswith("awq") else a
+               for a in algos]
+        return out if isinstance(cand.algorithm, list) else out[0]
     warnings.warn(
         f"auto_quantize: format {cand.name!r} asks for calibration algorithm {missing[0]!r}, which qpass "
         "does not implement; it is calibrated with 'max' instead", stacklevel=4)

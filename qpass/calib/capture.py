@@ -138,11 +138,6 @@ class ActivationCapture:
         if pqs is not None:
             x = x * pqs.to(x.dtype)
         x = x.reshape(-1, x.shape[-1]).float()
-        if not bool(torch.isfinite(x).all()):
-            raise CalibrationError(
-                f"the input of '{path}' holds NaN or Inf during calibration (shape {tuple(x.shape)}); "
-                "check the calibration data and the layers before it"
-            )
         if prev is not None and prev.channels != x.shape[-1]:
             raise CalibrationError(
                 f"the input of '{path}' changed from {prev.channels} to {x.shape[-1]} channels between calls"
@@ -154,10 +149,20 @@ class ActivationCapture:
         x = self._rows(path, prev, quantizer, x)
         absx = x.abs()
         amax = absx.amax(0)
+        if not bool(torch.isfinite(amax).all()):  # max reductions propagate NaN, and Inf is its own max
+            raise CalibrationError(
+                f"the input of '{path}' holds NaN or Inf during calibration (shape {tuple(x.shape)}); "
+                "check the calibration data and the layers before it"
+            )
         abs_sum = absx.sum(0, dtype=torch.float64)
         if self.max_tokens <= 0:
             x = x[:0]
         keys = torch.rand(x.shape[0], generator=self._generator(path)).to(x.device)
+        if prev is not None and prev.keys.numel() >= self.max_tokens > 0:
+            # the sample is full: only tokens whose key beats its largest can enter (same result as
+            # ranking all of them, without copying the whole batch)
+            enter = keys < prev.keys.max().to(keys.device)
+            keys, x = keys[enter], x[enter]
         sample = x
         if prev is not None:
             dev = x.device

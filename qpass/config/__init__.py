@@ -8,7 +8,7 @@ API-compatible with ``modelopt.torch.quantization.config`` (ModelOpt 0.47)::
 """
 
 from . import presets as _presets
-from .algorithms import ALGORITHM_OPTIONS, ALGORITHMS, normalize_algorithm
+from .algorithms import ALGORITHM_OPTIONS, ALGORITHMS, QPASS_OPTIONS, normalize_algorithm
 from .attributes import QuantizerAttributes
 from .normalize import normalize_config, normalize_quant_cfg
 from .presets import choices, get_preset
@@ -26,6 +26,7 @@ globals().update({name: getattr(_presets, name) for name in choices})
 __all__ = [
     "ALGORITHMS",
     "ALGORITHM_OPTIONS",
+    "QPASS_OPTIONS",
     "QuantizerAttributes",
     "Rule",
     "apply_rule",

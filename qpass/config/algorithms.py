@@ -11,20 +11,27 @@ from qpass.errors import QuantConfigError
 _COMMON = ("moe_calib_experts_ratio", "layerwise")
 _SHARED_STATES = ("shared_states",)
 _AWQ_CLIP = ("max_co_batch_size", "max_tokens_per_batch", "min_clip_ratio", "shrink_step", "debug")
+#: qpass's own options, not in ModelOpt 0.47: AWQ's GPTQ rounding of the smoothed weights and
+#: GPTQ's column order (both on by default)
+_QPASS_AWQ = ("gptq",)
+QPASS_OPTIONS: dict[str, tuple[str, ...]] = {
+    "awq_lite": _QPASS_AWQ, "awq_clip": _QPASS_AWQ, "awq_full": _QPASS_AWQ, "gptq": ("act_order",),
+}
 _AMAX_SEARCH = ("step_size", "start_multiplier", "stop_multiplier", "fp8_scale_sweep")
 
-#: Every calibration method name ModelOpt 0.47 registers, with the keyword options it takes.
+#: Every calibration method name ModelOpt 0.47 registers, with the keyword options it takes
+#: (and qpass's own, :data:`QPASS_OPTIONS`).
 ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
     "max": _SHARED_STATES
     + ("distributed_sync", "sync_expert_weight_amax", "skip_forward_without_activation_calib"),
     "mse": _SHARED_STATES + _AMAX_SEARCH + ("distributed_sync",),
     "local_hessian": _SHARED_STATES + _AMAX_SEARCH + ("block_size", "distributed_sync", "debug"),
     "smoothquant": ("alpha",),
-    "awq_lite": ("alpha_step", "debug"),
-    "awq_clip": _AWQ_CLIP,
-    "awq_full": _AWQ_CLIP + ("alpha_step",),
+    "awq_lite": ("alpha_step", "debug") + _QPASS_AWQ,
+    "awq_clip": _AWQ_CLIP + _QPASS_AWQ,
+    "awq_full": _AWQ_CLIP + ("alpha_step",) + _QPASS_AWQ,
     "svdquant": ("lowrank", "skip_layers"),
-    "gptq": ("perc_damp", "block_size", "fused"),
+    "gptq": ("perc_damp", "block_size", "fused", "act_order"),
     "nvfp4_act_headroom": ("anchor_percentile", "upper_percentile", "rho", "weight_scale_algorithm"),
     "lsq": ("learnable_amax", "tied_amax", "quantize_pre_scale", "scale_algorithm"),
 }
@@ -129,10 +136,13 @@ def check_gptq_options(options: dict, where: str = "gptq") -> dict:
     fused = options.get("fused", False)
     if not isinstance(fused, bool):
         raise QuantConfigError(f"{where}: fused must be True or False, got {fused!r}")
+    act_order = options.get("act_order", True)
+    if not isinstance(act_order, bool):
+        raise QuantConfigError(f"{where}: act_order must be True or False (default True), got {act_order!r}")
     ratio = options.get("moe_calib_experts_ratio")
     if ratio is not None:
         raise QuantConfigError(f"{where}: option moe_calib_experts_ratio={ratio!r} is not implemented yet in qpass")
-    return {"perc_damp": float(perc_damp), "block_size": block_size, "fused": fused,
+    return {"perc_damp": float(perc_damp), "block_size": block_size, "fused": fused, "act_order": act_order,
             "layerwise": _layerwise_enabled(options.get("layerwise"), where)}
 
 

@@ -63,7 +63,7 @@ def test_awq_lite_scale_is_explicit_without_producer_and_exact_in_float():
     base, x = _salient_case()
     ref = base(x)
     w0 = base.fc.weight.detach().clone()
-    qpass.quantize(base, _cfg("INT4_AWQ_CFG"), lambda m: m(x))
+    qpass.quantize(base, _cfg("INT4_AWQ_CFG", gptq=False), lambda m: m(x))
     a = state_of(base).smoothing[0]
     assert a.site is None and a.alpha in alpha_grid(0.1)
     # weight-only: the input quantizer is off, yet its pre_quant_scale applies
@@ -113,7 +113,7 @@ def test_presets_end_to_end_on_llama(name):
     ids = [torch.randint(0, 128, (2, 32)) for _ in range(2)]
     ref = model(ids[0]).logits
     loop, calls = _counting(ids)
-    options = {}
+    options = {"gptq": False}  # ModelOpt's algorithm: the float function is unchanged
     if "NVFP4" in name and "CLIP" not in name:
         options["alpha_step"] = 0.5  # NVFP4 fake quantization is slow on the CPU
     if "CLIP" in name or "FULL" in name:
@@ -143,7 +143,9 @@ def test_w4a8_input_amax_equals_recalibrated_smoothed_activations():
     model = tiny_llama(1)
     ids = [torch.randint(0, 128, (2, 32)) for _ in range(2)]
     loop = lambda m: [m(i) for i in ids]  # noqa: E731
-    qpass.quantize(model, _cfg("W4A8_AWQ_BETA_CFG"), loop)
+    # without GPTQ rounding: the layers after a rounded one would see other values than the
+    # float model the amax was computed on
+    qpass.quantize(model, _cfg("W4A8_AWQ_BETA_CFG", gptq=False), loop)
     assert isinstance(model.model.layers[0].self_attn.q_proj.weight_quantizer, nn.Sequential)
     names = [n for n, m in model.named_modules() if n.endswith("input_quantizer") and m.is_enabled]
     analytic = {n: model.get_submodule(n).amax.clone() for n in names}
@@ -223,7 +225,7 @@ def test_awq_full_clips_the_smoothed_weights_of_the_chosen_scale():
     for name, method in (("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", None), ("INT4_AWQ_CFG", "awq_lite"),
                          ("INT4_AWQ_CFG", "awq_full")):
         m = copy.deepcopy(base)
-        qpass.quantize(m, _cfg(name, **({"method": method} if method else {})), lambda mm: mm(x))
+        qpass.quantize(m, _cfg(name, **({"method": method, "gptq": False} if method else {})), lambda mm: mm(x))
         errs[method], models[method] = _err(m, x, ref), m
     m = models["awq_full"]
     a = state_of(m).smoothing[0]
@@ -293,3 +295,38 @@ def test_pruned_alpha_search_picks_the_same_alpha_as_the_full_one():
     assert pruned[2][pruned[1]] == full[2][full[1]]
     assert all(pruned[2][a] <= full[2][a] for a in grid)  # stopped ones are lower bounds
     assert any(pruned[2][a] < full[2][a] for a in grid)  # and some did stop
+
+
+@pytest.mark.parametrize("name", ["INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG", "NVFP4_AWQ_LITE_CFG", "NVFP4_AWQ_CLIP_CFG"])
+def test_gptq_rounding_keeps_weights_on_their_grid_and_lowers_the_error(name):
+    """qpass's default gptq=True: after the AWQ search the weights are GPTQ-rounded onto their
+    quantizers' grids (each a fixed point of its weight quantizer), from the same one pass,
+    and the quantized model is closer to the float one than with round-to-nearest."""
+    torch.manual_seed(0)
+    base = tiny_llama(2)
+    ids = [torch.randint(0, 128, (4, 32)) for _ in range(2)]
+    ref = [base(i).logits for i in ids]
+    options = {"alpha_step": 0.5} if "LITE" in name else {}
+    if "CLIP" in name:
+        options["max_co_batch_size"] = 64
+    errs = {}
+    for gptq in (False, True):
+        model = copy.deepcopy(base)
+        loop, calls = _counting(ids)
+        qpass.quantize(model, _cfg(name, gptq=gptq, **options), loop)
+        assert len(calls) == 1
+        with torch.no_grad():
+            errs[gptq] = sum(float((model(i).logits - r).pow(2).mean()) for i, r in zip(ids, ref))
+        if gptq:
+            for path, mod in model.named_modules():
+                q = getattr(mod, "weight_quantizer", None)
+                if isinstance(mod, nn.Linear) and q is not None and q.is_enabled:
+                    assert torch.equal(q(mod.weight), mod.weight), path
+            assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert errs[True] < errs[False]
+
+
+def test_gptq_option_is_checked():
+    base, x = _salient_case()
+    with pytest.raises(QuantConfigError, match="gptq"):
+        qpass.quantize(copy.deepcopy(base), _cfg("INT4_AWQ_CFG", gptq="yes"), lambda mm: mm(x))

@@ -313,3 +313,60 @@ def test_calibrate_with_gptq_after_quantize(mlp):
     qpass.calibrate(mlp, {"method": "gptq", "block_size": 32}, lambda m: m(x))
     assert not torch.equal(mlp.fc1.weight, w)
     assert (mlp(x) - ref).pow(2).mean() < rtn
+
+
+def test_act_order_equals_the_textbook_update_on_permuted_columns():
+    """act_order rounds the columns in order of decreasing Hessian diagonal: the same as the
+    textbook update run on the permuted weight and Hessian, with each column keeping its own
+    (static) grid, then un-permuted."""
+    torch.manual_seed(0)
+    x = _correlated_inputs() * torch.linspace(0.1, 3.0, 64)
+    w = torch.randn(12, 64)
+    spec, amax = _spec_and_amax(w, **INT4_B16)
+    h = 2 * x.t() @ x / x.shape[0]
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    u = damped_inverse_factor(h[perm][:, perm], 0.01)
+    got = gptq_quantize(w, u, ColumnGrid(spec, w, amax), 16, perm)
+    assert torch.equal(spec.fake_quant(got, amax), got)  # on the original grid
+
+    class Permuted:  # the grid of column perm[j] for permuted column j
+        def __init__(self):
+            self.inner = ColumnGrid(spec, w, amax)
+
+        def quantize(self, column, col):
+            return self.inner.quantize(column, int(perm[col]))
+
+    ref = w.double()[:, perm].clone()
+    hp = h.double()[perm][:, perm]
+    hp += 0.01 * hp.diagonal().mean() * torch.eye(64, dtype=hp.dtype)
+    hinv = torch.linalg.inv(hp)
+    grid = Permuted()
+    for j in range(64):
+        q = grid.quantize(ref[:, j].float(), j).double()
+        err = (ref[:, j] - q) / hinv[j, j]
+        ref[:, j] = q
+        ref[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
+        hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
+    ref = ref.float()[:, torch.argsort(perm)]
+    assert (got != ref).float().mean() < 0.01  # float32 vs float64: rare rounding ties differ
+    with pytest.raises(ValueError, match="static grid"):
+        nvfp4 = QuantSpec.from_attributes(num_bits=(2, 1), block_sizes={-1: 16, "type": "dynamic", "scale_bits": (4, 3)})
+        gptq_quantize(w, u, ColumnGrid(nvfp4, w, w.abs().max()), 16, perm)
+
+
+def test_act_order_is_the_default_and_lowers_the_output_error():
+    torch.manual_seed(0)
+    base = tiny_llama(2)
+    ids = [torch.randint(0, 128, (4, 32)) for _ in range(2)]
+    with torch.no_grad():
+        ref = [base(i).logits for i in ids]
+    errs = {}
+    for act_order in (False, True, None):
+        m = copy.deepcopy(base)
+        opts = {"block_size": 64} if act_order is None else {"block_size": 64, "act_order": act_order}
+        qpass.quantize(m, _cfg("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", **opts), lambda mm: [mm(i) for i in ids])
+        with torch.no_grad():
+            errs[act_order] = sum(float((m(i).logits - r).pow(2).mean()) for i, r in zip(ids, ref))
+    assert errs[None] == errs[True] < errs[False]
+    with pytest.raises(QuantConfigError, match="act_order"):
+        qpass.quantize(copy.deepcopy(base), _cfg("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", act_order=1), lambda mm: mm(ids[0]))

@@ -191,6 +191,7 @@ def _llama_cfg(algorithm, weight):
 
 @pytest.mark.parametrize("algorithm,weight", [
     ({"method": "smoothquant", "alpha": 0.5}, {"num_bits": 8, "axis": 0}),
+    ({"method": "awq_lite", "gptq": False}, {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}),
     ({"method": "awq_lite"}, {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}),
 ])
 def test_tied_embedding_is_never_changed(algorithm, weight):
@@ -207,6 +208,8 @@ def test_tied_embedding_is_never_changed(algorithm, weight):
     assert torch.equal(model.model.embed_tokens(ids), emb0)
     lm = [a for a in state_of(model).smoothing if a.unit == ["lm_head"]][0]
     assert lm.untied == ["lm_head"] and lm.site is not None  # 1/s folded into model.norm
+    if algorithm.get("gptq", True) and algorithm["method"] != "smoothquant":
+        return  # GPTQ rounding (qpass's AWQ default) changes the weights, not the embedding
     torch.testing.assert_close(_float_output(model, ids).logits, ref, rtol=1e-3, atol=1e-4)
 
 

@@ -110,7 +110,7 @@ def test_all_awq_matches_plain_quantize():
     model = copy.deepcopy(ref)
     data = _data()
     rules = [r for r in qpass.config.normalize_config("W4A8_AWQ_BETA_CFG")[0] if is_per_layer(r)]
-    cfg = {"quant_cfg": rules, "algorithm": "awq_lite"}
+    cfg = {"quant_cfg": rules, "algorithm": {"method": "awq_lite", "gptq": False}}  # as the candidates run it
     qpass.quantize(ref, cfg, lambda m: [forward_step(m, b) for b in data[:1]])  # AWQ: a quarter of 2 batches
     model, sd = _run(model, bits=4.2)
     for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):

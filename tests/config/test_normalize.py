@@ -212,5 +212,7 @@ def test_algorithm_names_and_options_match_modelopt():
             continue
         fields = set(CalibrateModeRegistry[mode].config_class.model_fields) - {"method"}
         theirs[mode.removesuffix("_calibrate")] = fields
-    ours = {m: set(opts) | {"moe_calib_experts_ratio", "layerwise"} for m, opts in qc.ALGORITHM_OPTIONS.items()}
+    ours = {m: (set(opts) - set(qc.QPASS_OPTIONS.get(m, ()))) | {"moe_calib_experts_ratio", "layerwise"}
+            for m, opts in qc.ALGORITHM_OPTIONS.items()}
     assert ours == theirs
+    assert not any(set(extra) & theirs[m] for m, extra in qc.QPASS_OPTIONS.items())  # truly qpass's own
