@@ -35,21 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from qpass.algorithms import register_algorithm
-import os
-
 from qpass.algorithms.awq_search import clip_amax, first_quantizer, gram, search_unit_scale
-from qpass.algorithms.gptq import round_unit
+from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
 from qpass.algorithms.smoothing import (
     SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, end_smoothing,
     finish, require_forward_loop, smoothable_modules, smoothing_units, start_smoothing,
     validate_quantizers,
 )
 from qpass.errors import QuantConfigError
-
-
-GPTQ_DAMP = 0.1
-GPTQ_BLOCK = 128
-GPTQ_ACT_ORDER = True
 
 
 def weight_block_size(q) -> int | None:
@@ -161,13 +154,6 @@ def _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios
     return keep
 
 
-def _round(model, state, grams: list, changes) -> None:
-    """GPTQ rounding of every unit's weights onto their final grids (scales and clipped amax
-    already set), from the Gram matrices of the captured, smoothed inputs."""
-    for unit, g, tokens in grams:
-        round_unit(model, state, unit, g, tokens, GPTQ_DAMP, GPTQ_BLOCK, changes, act_order=GPTQ_ACT_ORDER)
-
-
 def _clip_grams(state, modules, stats) -> list:
     """(unit, Gram matrix, tokens) of every shared-input unit, for rounding after awq_clip."""
     out = []
@@ -182,8 +168,7 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
          max_co_batch_size=1024, max_tokens_per_batch=64, min_clip_ratio=0.5, shrink_step=0.05, gptq=True,
          **options):
     check_common_options(method, options)
-    if not isinstance(gptq, bool):
-        raise QuantConfigError(f"{method}: gptq must be True or False, got {gptq!r}")
+    check_gptq_flag(method, gptq)
     require_forward_loop(method, forward_loop)
     alpha_step = _check_step(f"{method}: alpha_step", alpha_step)
     shrink_step = _check_step(f"{method}: shrink_step", shrink_step)
@@ -209,7 +194,7 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
                 grams = _clip_grams(state, modules, stats)
         finish(model, state, forward_loop, applied, stats, keep_weight_amax=keep)
         if grams:
-            _round(model, state, grams, changes)
+            round_smoothed(model, state, grams, changes)
     except BaseException:
         abort_smoothing(state, changes, redo)  # calibrate() restores the amax values
         raise

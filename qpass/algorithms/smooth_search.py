@@ -96,17 +96,22 @@ class ChannelProfile:
     def int_error(self, s: torch.Tensor, threshold: float, max_bound: float) -> torch.Tensor:
         """Per-channel squared error of x/s quantized to integers with amax ``threshold``:
         the exact clipping error plus step^2/12 for every unclipped element."""
-        s = s.double()
-        tau = (threshold * s)[:, None]  # the threshold in x's units, per channel
+        return self.int_errors(s, [threshold], max_bound)[:, 0]
+
+    def int_errors(self, s: torch.Tensor, thresholds, max_bound: float) -> torch.Tensor:
+        """:meth:`int_error` for several thresholds at once: [C, len(thresholds)]."""
+        s = s.double()[:, None]
+        t = torch.tensor([float(v) for v in thresholds], dtype=torch.float64, device=s.device)[None, :]
+        tau = t * s  # the thresholds in x's units, per channel
         j = torch.searchsorted(self.sorted, tau, right=True)  # kept elements <= tau
-        k = (self.sorted.shape[1] - j).squeeze(1).double()  # elements above tau
-        s1 = (self.cs1[:, -1:] - self.cs1.gather(1, j)).squeeze(1)
-        s2 = (self.cs2[:, -1:] - self.cs2.gather(1, j)).squeeze(1)
-        clip = s2 / s.pow(2) - 2 * threshold * s1 / s + k * threshold ** 2
-        step = threshold / max_bound
-        err = clip.clamp(min=0) + (self.n - k) * step ** 2 / 12
+        k = (self.sorted.shape[1] - j).double()  # elements above tau
+        s1 = self.cs1[:, -1:] - self.cs1.gather(1, j)
+        s2 = self.cs2[:, -1:] - self.cs2.gather(1, j)
+        clip = s2 / s.pow(2) - 2 * t * s1 / s + k * t.pow(2)
+        step = t / max_bound
+        err = clip.clamp(min=0) + (self.n - k) * step.pow(2) / 12
         if not self.complete:
-            err = torch.where(j.squeeze(1) == 0, torch.full_like(err, float("inf")), err)
+            err = torch.where(j == 0, torch.full_like(err, float("inf")), err)
         return err
 
 
@@ -152,9 +157,11 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
         col = ws.pow(2).sum(0).double()
         base = (stats.amax / s).max()
         cache[alpha] = (s, wq, base, col)
-        for r in clips:
+        if profile is not None:
+            errs = (profile.int_errors(s, [float(base) * r for r in clips], fmt.max_bound) * col[:, None]).sum(0)
+        for i, r in enumerate(clips):
             if profile is not None:
-                a_err = float((profile.int_error(s, float(base) * r, fmt.max_bound) * col).sum()) / profile.n
+                a_err = float(errs[i]) / profile.n
             else:
                 xs = xa / s
                 dx = input_fake_quant(mods[0].input_quantizer, xs, base * r) - xs

@@ -29,6 +29,8 @@ from qpass.algorithms.smoothing import (
     SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, finish, group_weight,
     end_smoothing, require_forward_loop, smoothable_modules, start_smoothing, smoothing_units, validate_quantizers,
 )
+from qpass.algorithms.awq_search import gram
+from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
 from qpass.algorithms.smooth_search import search_alpha_clip
 from qpass.errors import QuantConfigError
 
@@ -60,23 +62,25 @@ def _check_alpha(alpha):
 
 
 @register_algorithm("smoothquant")
-def smoothquant(model, state, forward_loop, alpha="auto", **options):
+def smoothquant(model, state, forward_loop, alpha="auto", gptq=True, **options):
     check_common_options("smoothquant", options)
     require_forward_loop("smoothquant", forward_loop)
     alpha = _check_alpha(alpha)
+    check_gptq_flag("smoothquant", gptq)
     validate_quantizers(model)
     changes, redo = start_smoothing(state)
     try:
-        applied = _smooth(model, state, forward_loop, alpha, changes)
+        applied = _smooth(model, state, forward_loop, alpha, changes, gptq)
     except BaseException:
         abort_smoothing(state, changes, redo)
         raise
     end_smoothing(state, changes, applied)
 
 
-def _smooth(model, state, forward_loop, alpha, changes):
+def _smooth(model, state, forward_loop, alpha, changes, gptq):
     modules = smoothable_modules(model, need_input=True)
-    stats = capture_pass(model, state, forward_loop, modules, AUTO_SEARCH_TOKENS if alpha == "auto" else 0)
+    tokens = AUTO_SEARCH_TOKENS if alpha == "auto" or gptq else 0
+    stats = capture_pass(model, state, forward_loop, modules, tokens)
     plan = []
     for unit in smoothing_units(state, modules, stats):
         st = stats[unit[0]]
@@ -93,4 +97,12 @@ def _smooth(model, state, forward_loop, alpha, changes):
         done.alpha, done.clip = a, clip
         applied.append(done)
     finish(model, state, forward_loop, applied, stats)
+    if gptq:
+        grams = []
+        for done in applied:
+            st = stats[done.unit[0]]
+            if st.sample.shape[0]:
+                sd = done.scale.to(st.sample.device, torch.float64)
+                grams.append((done.unit, gram(st.sample) / (sd[:, None] * sd[None, :]), st.tokens))
+        round_smoothed(model, state, grams, changes)
     return applied

@@ -23,6 +23,8 @@ from qpass.config import Rule, normalize_config, resolve_attributes
 from qpass.graph.quantized_model import iter_tensor_quantizers, state_of
 
 NONE_NAME = "None"
+#: smoothing algorithms with qpass's GPTQ-rounding option
+QPASS_GPTQ_ROUNDING = ("awq_lite", "awq_clip", "awq_full", "smoothquant")
 
 
 @dataclass
@@ -102,10 +104,10 @@ def usable_algorithm(cand: Candidate):
     algos = cand.algorithm if isinstance(cand.algorithm, list) else [cand.algorithm]
     missing = [a["method"] for a in algos if a is not None and a["method"] not in ALGORITHMS]
     if not missing:
-        # A slot keeps the unrounded weight times the AWQ scale (a fold into a previous Linear
+        # A slot keeps the unrounded weight times the smoothing scale (a fold into a previous Linear
         # becomes a pre_quant_scale, so formats can mix), so AWQ's GPTQ rounding, which rounds the
-        # folded rows, cannot be carried over: candidates run ModelOpt's AWQ.
-        out = [{**a, "gptq": a.get("gptq", False)} if a is not None and str(a["method"]).startswith("awq") else a
+        # folded rows, cannot be carried over: candidates run ModelOpt's AWQ/SmoothQuant.
+        out = [{**a, "gptq": a.get("gptq", False)} if a is not None and a["method"] in QPASS_GPTQ_ROUNDING else a
                for a in algos]
         return out if isinstance(cand.algorithm, list) else out[0]
     warnings.warn(

@@ -11,11 +11,12 @@ from qpass.errors import QuantConfigError
 _COMMON = ("moe_calib_experts_ratio", "layerwise")
 _SHARED_STATES = ("shared_states",)
 _AWQ_CLIP = ("max_co_batch_size", "max_tokens_per_batch", "min_clip_ratio", "shrink_step", "debug")
-#: qpass's own options, not in ModelOpt 0.47: AWQ's GPTQ rounding of the smoothed weights and
+#: qpass's own options, not in ModelOpt 0.47: AWQ's and SmoothQuant's GPTQ rounding of the smoothed weights and
 #: GPTQ's column order (both on by default)
 _QPASS_AWQ = ("gptq",)
 QPASS_OPTIONS: dict[str, tuple[str, ...]] = {
-    "awq_lite": _QPASS_AWQ, "awq_clip": _QPASS_AWQ, "awq_full": _QPASS_AWQ, "gptq": ("act_order",),
+    "awq_lite": _QPASS_AWQ, "awq_clip": _QPASS_AWQ, "awq_full": _QPASS_AWQ, "smoothquant": _QPASS_AWQ,
+    "gptq": ("act_order",),
 }
 _AMAX_SEARCH = ("step_size", "start_multiplier", "stop_multiplier", "fp8_scale_sweep")
 
@@ -26,7 +27,7 @@ ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
     + ("distributed_sync", "sync_expert_weight_amax", "skip_forward_without_activation_calib"),
     "mse": _SHARED_STATES + _AMAX_SEARCH + ("distributed_sync",),
     "local_hessian": _SHARED_STATES + _AMAX_SEARCH + ("block_size", "distributed_sync", "debug"),
-    "smoothquant": ("alpha",),
+    "smoothquant": ("alpha",) + _QPASS_AWQ,
     "awq_lite": ("alpha_step", "debug") + _QPASS_AWQ,
     "awq_clip": _AWQ_CLIP + _QPASS_AWQ,
     "awq_full": _AWQ_CLIP + ("alpha_step",) + _QPASS_AWQ,

@@ -52,6 +52,21 @@ class ColumnGrid:
     def is_dynamic(self) -> bool:
         return self.spec.is_dynamic
 
+    @classmethod
+    def stacked(cls, grids: list["ColumnGrid"]) -> "ColumnGrid | None":
+        """One grid for the weights of ``grids`` concatenated along rows (modules reading one input,
+        rounded together), or None unless all are static grids of the same number format."""
+        first = grids[0]
+        if any(g.is_dynamic or type(g) is not cls or g.spec.fmt != first.spec.fmt for g in grids):
+            return None
+        out = cls.__new__(cls)
+        out.spec, out.amax, out.block = first.spec, None, first.block
+        out.shape = torch.Size([sum(g.shape[0] for g in grids), first.shape[1]])
+        out._mult = torch.cat([g._mult for g in grids], 1)
+        other = "_div" if isinstance(first.spec.fmt, IntFormat) else "_inv"
+        setattr(out, other, torch.cat([getattr(g, other) for g in grids], 1))
+        return out
+
     def start_block(self, values: torch.Tensor, col: int) -> None:
         """Fix the scales of the dynamic block that starts at ``col`` from ``values`` (its
         columns' current values, ``[rows, <= block]``). No-op for static formats."""

@@ -24,8 +24,9 @@ def quant_cfg(weight, inp):
 INT8_W, INT8_A = {"num_bits": 8, "axis": 0}, {"num_bits": 8, "axis": None}
 
 
-def sq_cfg(alpha=0.5):
-    return {"quant_cfg": quant_cfg(INT8_W, INT8_A), "algorithm": {"method": "smoothquant", "alpha": alpha}}
+def sq_cfg(alpha=0.5, gptq=False):
+    """SmoothQuant as ModelOpt runs it (gptq=False: the float function is unchanged)."""
+    return {"quant_cfg": quant_cfg(INT8_W, INT8_A), "algorithm": {"method": "smoothquant", "alpha": alpha, "gptq": gptq}}
 
 
 class OneLinear(nn.Module):
@@ -190,7 +191,8 @@ def _llama_cfg(algorithm, weight):
 
 
 @pytest.mark.parametrize("algorithm,weight", [
-    ({"method": "smoothquant", "alpha": 0.5}, {"num_bits": 8, "axis": 0}),
+    ({"method": "smoothquant", "alpha": 0.5, "gptq": False}, {"num_bits": 8, "axis": 0}),
+    ({"method": "smoothquant"}, {"num_bits": 8, "axis": 0}),
     ({"method": "awq_lite", "gptq": False}, {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}),
     ({"method": "awq_lite"}, {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}),
 ])
@@ -208,7 +210,7 @@ def test_tied_embedding_is_never_changed(algorithm, weight):
     assert torch.equal(model.model.embed_tokens(ids), emb0)
     lm = [a for a in state_of(model).smoothing if a.unit == ["lm_head"]][0]
     assert lm.untied == ["lm_head"] and lm.site is not None  # 1/s folded into model.norm
-    if algorithm.get("gptq", True) and algorithm["method"] != "smoothquant":
+    if algorithm.get("gptq", True):
         return  # GPTQ rounding (qpass's AWQ default) changes the weights, not the embedding
     torch.testing.assert_close(_float_output(model, ids).logits, ref, rtol=1e-3, atol=1e-4)
 
@@ -262,3 +264,35 @@ def test_failure_after_smoothing_restores_weights_and_norms(monkeypatch):
     assert set(after) == set(before)
     for k, v in before.items():
         assert torch.equal(after[k], v), k
+
+
+def test_gptq_rounding_after_smoothing_keeps_weights_on_grid_and_lowers_the_error():
+    """qpass's default gptq=True: the smoothed weights are GPTQ-rounded from the captured tokens'
+    Gram matrix, in the same one pass, onto the grids the smoothing left (fixed points of the
+    weight quantizers); the clipped input amax of alpha="auto" is kept."""
+    torch.manual_seed(0)
+    base = tiny_llama(2)
+    ids = [torch.randint(0, 128, (4, 32)) for _ in range(2)]
+    with torch.no_grad():
+        ref = [base(i).logits for i in ids]
+    errs, amax = {}, {}
+    for gptq in (False, True):
+        model = copy.deepcopy(base)
+        loop, calls = _counting(ids)
+        cfg = copy.deepcopy(qpass.INT8_SMOOTHQUANT_CFG)
+        cfg["algorithm"] = {"method": "smoothquant", "gptq": gptq}
+        qpass.quantize(model, cfg, loop)
+        assert len(calls) == 1
+        with torch.no_grad():
+            errs[gptq] = sum(float((model(i).logits - r).pow(2).mean()) for i, r in zip(ids, ref))
+        amax[gptq] = {n: q.amax.clone() for n, q in model.named_modules()
+                      if n.endswith("input_quantizer") and q.is_enabled}
+        if gptq:
+            for path, mod in model.named_modules():
+                q = getattr(mod, "weight_quantizer", None)
+                if isinstance(mod, nn.Linear) and q is not None and q.is_enabled:
+                    assert torch.equal(q(mod.weight), mod.weight), path
+    assert errs[True] < errs[False]
+    assert amax[True].keys() == amax[False].keys()
+    for n in amax[True]:
+        assert torch.equal(amax[True][n], amax[False][n]), n
