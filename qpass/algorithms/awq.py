@@ -25,6 +25,13 @@ replaces the max-calibrated amax.
 * ``awq_lite``: the scale search (ModelOpt's awq_lite).
 * ``awq_full``: the scale search, then the clip search on the smoothed weights.
 * ``awq_clip``: the clip search alone, on the unsmoothed weights.
+
+Then (``gptq=True``, qpass's own option and default; ``False`` is ModelOpt's round to nearest)
+the weights are GPTQ-rounded onto the grids the search left (its scales, clipped amax): the
+Hessian of each unit is the Gram matrix of its captured tokens, rescaled by ``s``, so no further
+forward_loop pass is needed (:func:`qpass.algorithms.gptq.round_smoothed`; act-order, damping
+0.1). On SmolLM2-135M INT4_AWQ_CFG this took held-out perplexity from 20.008 to 17.397
+(ModelOpt 0.47: 19.179; FP32 14.850).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from qpass.errors import QuantConfigError
 _COMMON = ("moe_calib_experts_ratio", "layerwise")
 _SHARED_STATES = ("shared_states",)
 _AWQ_CLIP = ("max_co_batch_size", "max_tokens_per_batch", "min_clip_ratio", "shrink_step", "debug")
-#: qpass's own options, not in ModelOpt 0.47: AWQ's and SmoothQuant's GPTQ rounding of the smoothed weights and
-#: GPTQ's column order (both on by default)
+#: qpass's own options, not in ModelOpt 0.47: GPTQ rounding of the smoothed weights (on by default
+#: for AWQ, off for SmoothQuant) and GPTQ's column order (act_order, on by default)
 _QPASS_AWQ = ("gptq",)
 QPASS_OPTIONS: dict[str, tuple[str, ...]] = {
     "awq_lite": _QPASS_AWQ, "awq_clip": _QPASS_AWQ, "awq_full": _QPASS_AWQ, "smoothquant": _QPASS_AWQ,

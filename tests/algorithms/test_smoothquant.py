@@ -192,7 +192,7 @@ def _llama_cfg(algorithm, weight):
 
 @pytest.mark.parametrize("algorithm,weight", [
     ({"method": "smoothquant", "alpha": 0.5, "gptq": False}, {"num_bits": 8, "axis": 0}),
-    ({"method": "smoothquant"}, {"num_bits": 8, "axis": 0}),
+    ({"method": "smoothquant", "gptq": True}, {"num_bits": 8, "axis": 0}),
     ({"method": "awq_lite", "gptq": False}, {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}),
     ({"method": "awq_lite"}, {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}),
 ])
