@@ -1,6 +1,6 @@
 """GPTQ and real_quantize on SmolLM2-135M, qpass vs ModelOpt, measured in one run.
 
-    python tools/bench_gptq_realq.py [--layers N] [--part gptq,realq] [--runs fp32,max,gptq,modelopt,layerwise]
+    python tools/bench_gptq_realq.py [--layers N] [--part gptq,realq] [--runs fp32,max,gptq,gptq-in-order,modelopt,layerwise]
                                      [--realq-windows 4] [--no-modelopt] [--json out.json]
 
 GPTQ part: held-out perplexity and quantize+calibrate time of INT4 block-128 weight-only

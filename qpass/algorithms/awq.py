@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from qpass.algorithms import register_algorithm
-from qpass.algorithms.awq_search import clip_amax, first_quantizer, gram, search_unit_scale
+from qpass.algorithms.awq_search import clip_amax, first_quantizer, gram, scaled_gram, search_unit_scale
 from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
 from qpass.algorithms.smoothing import (
     SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, end_smoothing,
@@ -109,8 +109,7 @@ def _lite(model, state, modules, stats, alpha_step, debug, changes, clip_ratios,
             clip_ratios=clip_ratios, clip_x=clip_x, max_co_batch_size=max_co_batch_size, prune=not debug, g=g)
         plan.append((unit, s, alpha, losses, amaxes))
         if grams is not None:
-            sd = s.to(g.device, torch.float64)
-            grams.append((unit, g / (sd[:, None] * sd[None, :]), st.tokens))
+            grams.append((unit, scaled_gram(g, s), st.tokens))
     applied, keep = [], {}
     for unit, s, alpha, losses, amaxes in plan:
         done = apply_scale(model, state, unit, s, changes)

@@ -167,6 +167,12 @@ def clip_amax(tq, w: torch.Tensor, g: torch.Tensor, ratios, max_co_batch_size: i
     return best.reshape(w_amax.shape).to(w_amax.dtype)
 
 
+def scaled_gram(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of x / s from that of x (float64)."""
+    sd = s.to(g.device, torch.float64)
+    return g.double() / (sd[:, None] * sd[None, :])
+
+
 def _scaled_block_grams(gb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Block Grams of x / s from those of x."""
     nb, bs, _ = gb.shape
@@ -188,8 +194,7 @@ def _clipped_amaxes(mods, s, gc, gb_of, clip_ratios, max_co_batch_size) -> dict:
                 gb_of[bs] = block_grams(gc, bs)
             amax = clip_amax(tq, ws, None, clip_ratios, max_co_batch_size, gb=_scaled_block_grams(gb_of[bs], s))
         elif kind == "global":
-            sd = s.double()
-            amax = clip_amax(tq, ws, gc / (sd[:, None] * sd[None, :]), clip_ratios, max_co_batch_size)
+            amax = clip_amax(tq, ws, scaled_gram(gc, s), clip_ratios, max_co_batch_size)
         if amax is not None:
             out[p] = amax
     return out

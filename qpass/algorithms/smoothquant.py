@@ -34,7 +34,7 @@ from qpass.algorithms.smoothing import (
     SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, finish, group_weight,
     end_smoothing, require_forward_loop, smoothable_modules, start_smoothing, smoothing_units, validate_quantizers,
 )
-from qpass.algorithms.awq_search import gram
+from qpass.algorithms.awq_search import gram, scaled_gram
 from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
 from qpass.algorithms.smooth_search import search_alpha_clip
 from qpass.errors import QuantConfigError
@@ -107,7 +107,6 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
         for done in applied:
             st = stats[done.unit[0]]
             if st.sample.shape[0]:
-                sd = done.scale.to(st.sample.device, torch.float64)
-                grams.append((done.unit, gram(st.sample) / (sd[:, None] * sd[None, :]), st.tokens))
+                grams.append((done.unit, scaled_gram(gram(st.sample), done.scale), st.tokens))
         round_smoothed(model, state, grams, changes)
     return applied
