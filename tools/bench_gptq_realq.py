@@ -4,8 +4,9 @@
                                      [--realq-windows 4] [--no-modelopt] [--json out.json]
 
 GPTQ part: held-out perplexity and quantize+calibrate time of INT4 block-128 weight-only
-(INT4_BLOCKWISE_WEIGHT_ONLY_CFG) with plain max, with qpass's GPTQ (one pass; and per decoder
-layer, ``layerwise``) and with ModelOpt's GPTQ, on the data of tools/bench_algorithms.py:
+(INT4_BLOCKWISE_WEIGHT_ONLY_CFG) with plain max, with qpass's GPTQ (one pass, act-order; in
+ModelOpt's channel order, ``gptq-in-order``; per decoder layer, ``layerwise``) and with ModelOpt's
+GPTQ, on the data of tools/bench_algorithms.py:
 ``--calib`` windows (16) of ``--seq`` tokens (256) from the start of pydoc text, 4 windows
 per forward_loop call, ``--eval`` windows (16) from its held-out end.
 
