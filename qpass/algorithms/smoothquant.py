@@ -85,7 +85,7 @@ def smoothquant(model, state, forward_loop, alpha="auto", gptq=False, **options)
 def _smooth(model, state, forward_loop, alpha, changes, gptq):
     modules = smoothable_modules(model, need_input=True)
     tokens = AUTO_SEARCH_TOKENS if alpha == "auto" or gptq else 0
-    stats = capture_pass(model, state, forward_loop, modules, tokens)
+    stats = capture_pass(model, state, forward_loop, modules, tokens, sums=False)
     plan = []
     for unit in smoothing_units(state, modules, stats):
         st = stats[unit[0]]

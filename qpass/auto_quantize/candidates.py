@@ -189,7 +189,7 @@ def _capture_seen(paths: list[str], forward_loop, seen: SeenInputs, batches: int
         if seen.batches:  # a later pass (e.g. after smoothing) is not the float model's
             return forward_loop(m)
         modules = {p: m.get_submodule(p) for p in paths}
-        with ActivationCapture(modules, max_tokens=0) as cap:
+        with ActivationCapture(modules, max_tokens=0, sums=False) as cap:
             out = forward_loop(m)
         seen.amax = {p: st.amax.detach().clone() for p, st in cap.stats.items()}
         seen.batches = batches

@@ -34,6 +34,7 @@ captured sample stays next to the weights the offline searches multiply it with.
 
 from __future__ import annotations
 
+import functools
 import weakref
 import zlib
 from collections import OrderedDict
@@ -49,17 +50,48 @@ _MEMO_SIZE = 64
 
 @dataclass(frozen=True)
 class InputStats:
-    """Statistics of one module's input over the pass (never mutated: updates make new ones)."""
+    """Statistics of one module's input over the pass (never mutated: updates make new ones).
+
+    The subsample is held as chunks of (keys, rows) in arrival order, each chunk's rows a copy of
+    only the tokens that could still enter; :attr:`sample` keeps the ``limit`` smallest keys of
+    all of them, in arrival order (built once, on first use)."""
 
     amax: torch.Tensor  # [C] float32: per-channel abs-max over all tokens
-    abs_sum: torch.Tensor  # [C] float64: per-channel sum of |x| over all tokens
+    abs_sum: torch.Tensor | None  # [C] float64: per-channel sum of |x| over all tokens (None: not kept)
     tokens: int  # tokens seen
     calls: int  # forward calls seen
-    sample: torch.Tensor  # [<=max_tokens, C] float32 token subsample
-    keys: torch.Tensor  # [<=max_tokens] the subsample's random keys
+    chunks: tuple  # ((keys [n], rows [n, C] float32), ...): candidate tokens, arrival order
+    limit: int  # the subsample's size bound (max_tokens)
+
+    @functools.cached_property
+    def _kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, rows = _bottom_k(self.chunks, self.limit)
+        return keys, rows
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """[<= max_tokens, C] float32: a uniform subsample of the tokens, in arrival order."""
+        return self._kept[1]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[<= max_tokens] the subsample's random keys."""
+        return self._kept[0]
+
+    @property
+    def candidates(self) -> int:
+        return sum(k.numel() for k, _ in self.chunks)
+
+    def threshold(self) -> torch.Tensor | None:
+        """The largest key a token may have to be in the sample (None while it is not full)."""
+        if self.limit <= 0 or self.candidates < self.limit:
+            return None
+        return torch.kthvalue(torch.cat([k for k, _ in self.chunks]), self.limit).values
 
     @property
     def abs_mean(self) -> torch.Tensor:
+        if self.abs_sum is None:
+            raise RuntimeError("this capture kept no per-channel sums (ActivationCapture(sums=False))")
         return (self.abs_sum / max(self.tokens, 1)).float()
 
     @property
@@ -67,17 +99,30 @@ class InputStats:
         return self.amax.numel()
 
 
+def _bottom_k(chunks, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows with the ``limit`` smallest keys over ``chunks``, in arrival order."""
+    keys = torch.cat([k for k, _ in chunks])
+    rows = torch.cat([r for _, r in chunks]) if len(chunks) > 1 else chunks[0][1]
+    if keys.numel() > limit:
+        keep = torch.topk(keys, limit, largest=False).indices.sort().values
+        keys, rows = keys[keep], rows[keep]
+    return keys, rows
+
+
 class ActivationCapture:
     """Context manager recording :class:`InputStats` for the input quantizers of ``modules``.
 
     ``modules`` maps a module path to the module; its ``input_quantizer`` submodule is
     observed. The tensor recorded is the one the quantizer quantizes, i.e. after an
-    existing ``pre_quant_scale``. ``max_tokens=0`` keeps only the per-channel statistics.
+    existing ``pre_quant_scale``. ``max_tokens=0`` keeps only the per-channel statistics;
+    ``sums=False`` leaves out the per-channel sums (``abs_mean``), which only AWQ reads.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], max_tokens: int = 4096, seed: int = 0) -> None:
+    def __init__(self, modules: dict[str, nn.Module], max_tokens: int = 4096, seed: int = 0,
+                 sums: bool = True) -> None:
         self.modules = modules
         self.max_tokens = int(max_tokens)
+        self.sums = sums
         self.seed = int(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.stats: dict[str, InputStats] = {}
@@ -147,35 +192,36 @@ class ActivationCapture:
     @torch.no_grad()
     def _update(self, path: str, prev: InputStats | None, quantizer: nn.Module, x: torch.Tensor) -> InputStats:
         x = self._rows(path, prev, quantizer, x)
-        absx = x.abs()
-        amax = absx.amax(0)
+        tokens = x.shape[0]
+        lo, hi = torch.aminmax(x, dim=0)
+        amax = torch.maximum(hi, lo.neg_())
         if not bool(torch.isfinite(amax).all()):  # max reductions propagate NaN, and Inf is its own max
             raise CalibrationError(
                 f"the input of '{path}' holds NaN or Inf during calibration (shape {tuple(x.shape)}); "
                 "check the calibration data and the layers before it"
             )
-        abs_sum = absx.sum(0, dtype=torch.float64)
+        abs_sum = x.abs().sum(0, dtype=torch.float64) if self.sums else None
         if self.max_tokens <= 0:
             x = x[:0]
-        keys = torch.rand(x.shape[0], generator=self._generator(path)).to(x.device)
-        if prev is not None and prev.keys.numel() >= self.max_tokens > 0:
-            # the sample is full: only tokens whose key beats its largest can enter (same result as
-            # ranking all of them, without copying the whole batch)
-            enter = keys < prev.keys.max().to(keys.device)
-            keys, x = keys[enter], x[enter]
-        sample = x
-        if prev is not None:
-            dev = x.device
-            amax = torch.maximum(prev.amax.to(dev), amax)
-            abs_sum = prev.abs_sum.to(dev) + abs_sum
-            keys = torch.cat([prev.keys.to(dev), keys])
-            sample = torch.cat([prev.sample.to(dev), x])
-        if keys.numel() > self.max_tokens:
-            keep = torch.topk(keys, self.max_tokens, largest=False).indices.sort().values
-            keys, sample = keys[keep], sample[keep]
         home = self._home(path, x)
+        keys = torch.rand(x.shape[0], generator=self._generator(path)).to(home)
+        chunks = prev.chunks if prev is not None else ()
+        cut = prev.threshold() if prev is not None else None
+        if cut is not None:
+            # the sample is full: only tokens whose key beats its current cut can enter, so only
+            # those are copied (the same sample as ranking every token)
+            enter = keys < cut
+            keys, rows = keys[enter], x[enter.to(x.device)].to(home)
+        else:
+            rows = x.to(home, copy=True)  # never a view of the live activation
+        chunks = chunks + ((keys, rows),)
+        if self.max_tokens > 0 and sum(k.numel() for k, _ in chunks) > 2 * self.max_tokens:
+            chunks = (_bottom_k(chunks, self.max_tokens),)  # compact now and then
+        if prev is not None:
+            amax = torch.maximum(prev.amax.to(amax.device), amax)
+            abs_sum = None if abs_sum is None else prev.abs_sum.to(abs_sum.device) + abs_sum
         return InputStats(
-            amax=amax.to(home), abs_sum=abs_sum.to(home), tokens=(prev.tokens if prev else 0) + absx.shape[0],
-            calls=(prev.calls if prev else 0) + 1, sample=(sample.clone() if sample is x else sample).to(home),
-            keys=keys.to(home),
+            amax=amax.to(home), abs_sum=None if abs_sum is None else abs_sum.to(home),
+            tokens=(prev.tokens if prev else 0) + tokens, calls=(prev.calls if prev else 0) + 1,
+            chunks=chunks, limit=self.max_tokens,
         )

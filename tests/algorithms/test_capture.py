@@ -66,3 +66,23 @@ def test_hooks_are_removed(mlp):
     mlp(x)
     assert cap.stats["fc1"].calls == 1
     assert not mlp.fc1.input_quantizer._forward_pre_hooks
+
+
+def test_subsample_is_the_bottom_k_of_all_tokens_in_arrival_order(mlp):
+    """Copying only the tokens that can still enter (and compacting now and then) keeps exactly
+    the tokens with the ``max_tokens`` smallest keys of the whole pass, in arrival order."""
+    import zlib
+
+    xs = [torch.randn(4, 50, 32) for _ in range(7)]
+    _quantized(mlp, xs[0])
+    with ActivationCapture({"fc1": mlp.fc1}, max_tokens=64, seed=3) as cap:
+        for x in xs:
+            mlp(x)
+    st = cap.stats["fc1"]
+    g = torch.Generator().manual_seed((3 << 32) ^ zlib.crc32(b"fc1"))
+    keys = torch.cat([torch.rand(200, generator=g) for _ in xs])
+    keep = torch.topk(keys, 64, largest=False).indices.sort().values
+    flat = torch.cat([x.reshape(-1, 32) for x in xs])
+    torch.testing.assert_close(st.sample, flat[keep], rtol=0, atol=0)
+    torch.testing.assert_close(st.keys, keys[keep], rtol=0, atol=0)
+    assert st.candidates <= 2 * 64 + 200  # bounded between compactions
