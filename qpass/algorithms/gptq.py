@@ -154,8 +154,9 @@ def _quantize_unit(model, state, unit, stats, perc_damp, block_size, changes, ac
 @torch.no_grad()
 def round_unit(model, state, unit: list[str], hessian: torch.Tensor, tokens: int, perc_damp: float,
                block_size: int, changes, act_order: bool = False) -> list[GPTQResult]:
-    """GPTQ-round the weights of ``unit`` (modules reading one input whose Hessian, or Gram matrix:
-    only its shape matters, is ``hessian``) in place, onto their weight quantizers' current grids.
+    """GPTQ-round the weights of ``unit`` (modules reading one input) in place, onto their weight
+    quantizers' current grids. ``hessian``: that input's Hessian or Gram matrix (its overall scale
+    does not matter: the damping is relative to its mean diagonal).
 
     ``act_order``: round the columns in order of decreasing Hessian diagonal, where every
     member's grid is static (otherwise in channel order)."""
@@ -218,10 +219,10 @@ def round_smoothed(model, state, grams: list, changes) -> None:
         round_unit(model, state, unit, g, tokens, SMOOTHED_DAMP, 128, changes, act_order=True)
 
 
-def check_gptq_flag(method: str, value) -> bool:
+def check_gptq_flag(method: str, value) -> None:
     if not isinstance(value, bool):
-        raise QuantConfigError(f"{method}: gptq must be True or False (default True), got {value!r}")
-    return value
+        raise QuantConfigError(f"{method}: gptq (qpass's GPTQ rounding of the smoothed weights) must be "
+                               f"True or False, got {value!r}")
 
 
 def _capture(model, state, forward_loop, modules, first: bool) -> dict:

@@ -65,8 +65,7 @@ class InputStats:
 
     @functools.cached_property
     def _kept(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, rows = _bottom_k(self.chunks, self.limit)
-        return keys, rows
+        return _bottom_k(self.chunks, self.limit)
 
     @property
     def sample(self) -> torch.Tensor:
