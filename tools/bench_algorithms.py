@@ -5,7 +5,8 @@
 Calibration: ``--calib`` windows (default 16) of ``--seq`` tokens (default 256) from the start
 of Python's pydoc text, fed 4 windows per call; evaluation: ``--eval`` windows from its held-out
 end. A run is ``LIB:PRESET`` or ``LIB:PRESET:alpha=VALUE`` (an algorithm option override);
-``fp32`` is the unquantized model. Every run quantizes a fresh copy; the table prints as rows
+``fp32`` is the unquantized model; ``True``/``False`` values are booleans (``:gptq=False``: AWQ
+without qpass's GPTQ rounding, ModelOpt's algorithm). Every run quantizes a fresh copy; the table prints as rows
 finish, then qpass/ModelOpt ratios (perplexity, quantize time) for presets run by both.
 qpass's smoothquant default is ``alpha="auto"`` (ModelOpt's: 1.0); ``alpha=1.0`` runs ModelOpt's
 algorithm in qpass. Not a test: ModelOpt's smoothquant/AWQ on the full model take minutes on the CPU.
@@ -33,6 +34,7 @@ DEFAULT_RUNS = [
     "qpass:INT8_SMOOTHQUANT_CFG:alpha=0.5",
     "qpass:INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
     "qpass:INT4_AWQ_CFG",
+    "qpass:INT4_AWQ_CFG:gptq=False",
     "modelopt:INT8_DEFAULT_CFG",
     "modelopt:INT8_SMOOTHQUANT_CFG",
     "modelopt:INT8_SMOOTHQUANT_CFG:alpha=0.5",
@@ -48,10 +50,13 @@ def parse_run(token: str):
     options = {}
     for o in opts:
         k, v = o.split("=", 1)
-        try:
-            v = float(v)
-        except ValueError:
-            pass
+        if v in ("True", "False"):
+            v = v == "True"
+        else:
+            try:
+                v = float(v)
+            except ValueError:
+                pass
         options[k] = v
     return lib, preset, options
 
