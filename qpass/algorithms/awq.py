@@ -42,7 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from qpass.algorithms import register_algorithm
-from qpass.algorithms.awq_search import clip_amax, first_quantizer, gram, scaled_gram, search_unit_scale
+from qpass.algorithms.awq_search import (
+    clip_amax, first_quantizer, gram, sample_grams, scaled_gram, search_unit_scale,
+)
 from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
 from qpass.algorithms.smoothing import (
     SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, end_smoothing,
@@ -160,16 +162,6 @@ def _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios
     return keep
 
 
-def _clip_grams(state, modules, stats) -> list:
-    """(unit, Gram matrix, tokens) of every shared-input unit, for rounding after awq_clip."""
-    out = []
-    for unit in smoothing_units(state, modules, stats):
-        st = stats[unit[0]]
-        if st.sample.shape[0]:
-            out.append((unit, gram(st.sample), st.tokens))
-    return out
-
-
 def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_step=0.1, debug=False,
          max_co_batch_size=1024, max_tokens_per_batch=64, min_clip_ratio=0.5, shrink_step=0.05, gptq=True,
          **options):
@@ -197,7 +189,7 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
         elif clip:
             keep = _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios, debug)
             if gptq:
-                grams = _clip_grams(state, modules, stats)
+                grams = sample_grams(stats, smoothing_units(state, modules, stats))
         finish(model, state, forward_loop, applied, stats, keep_weight_amax=keep)
         if grams:
             round_smoothed(model, state, grams, changes)

@@ -173,6 +173,18 @@ def scaled_gram(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return g.double() / (sd[:, None] * sd[None, :])
 
 
+def sample_grams(stats: dict, units, scales=None) -> list:
+    """(unit, Gram matrix of its captured token sample, tokens seen) for every unit whose sample is not
+    empty; with ``scales`` (one per unit) the Gram matrix of the smoothed tokens x / s."""
+    out = []
+    for i, unit in enumerate(units):
+        st = stats[unit[0]]
+        if st.sample.shape[0]:
+            g = gram(st.sample)
+            out.append((unit, g if scales is None else scaled_gram(g, scales[i]), st.tokens))
+    return out
+
+
 def _scaled_block_grams(gb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Block Grams of x / s from those of x."""
     nb, bs, _ = gb.shape

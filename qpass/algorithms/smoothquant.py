@@ -34,7 +34,7 @@ from qpass.algorithms.smoothing import (
     SEARCH_TOKENS, abort_smoothing, alpha_grid, apply_scale, capture_pass, check_common_options, finish, group_weight,
     end_smoothing, require_forward_loop, smoothable_modules, start_smoothing, smoothing_units, validate_quantizers,
 )
-from qpass.algorithms.awq_search import gram, scaled_gram
+from qpass.algorithms.awq_search import sample_grams
 from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
 from qpass.algorithms.smooth_search import search_alpha_clip
 from qpass.errors import QuantConfigError
@@ -103,10 +103,6 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
         applied.append(done)
     finish(model, state, forward_loop, applied, stats)
     if gptq:
-        grams = []
-        for done in applied:
-            st = stats[done.unit[0]]
-            if st.sample.shape[0]:
-                grams.append((done.unit, scaled_gram(gram(st.sample), done.scale), st.tokens))
+        grams = sample_grams(stats, [done.unit for done in applied], [done.scale for done in applied])
         round_smoothed(model, state, grams, changes)
     return applied

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qpass.config import Rule, normalize_config, resolve_attributes
+from qpass.config import QPASS_OPTIONS, Rule, normalize_config, resolve_attributes
 from qpass.graph.quantized_model import iter_tensor_quantizers, state_of
 
 NONE_NAME = "None"
-#: smoothing algorithms with qpass's GPTQ-rounding option
-QPASS_GPTQ_ROUNDING = ("awq_lite", "awq_clip", "awq_full", "smoothquant")
 
 
 @dataclass
@@ -107,8 +105,8 @@ def usable_algorithm(cand: Candidate):
         # A slot keeps the unrounded weight times the smoothing scale (a fold into a previous Linear
         # becomes a pre_quant_scale, so formats can mix), so AWQ's GPTQ rounding, which rounds the
         # folded rows, cannot be carried over: candidates run ModelOpt's AWQ/SmoothQuant.
-        out = [{**a, "gptq": a.get("gptq", False)} if a is not None and a["method"] in QPASS_GPTQ_ROUNDING else a
-               for a in algos]
+        out = [{**a, "gptq": a.get("gptq", False)}
+               if a is not None and "gptq" in QPASS_OPTIONS.get(a["method"], ()) else a for a in algos]
         return out if isinstance(cand.algorithm, list) else out[0]
     warnings.warn(
         f"auto_quantize: format {cand.name!r} asks for calibration algorithm {missing[0]!r}, which qpass "
