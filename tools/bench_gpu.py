@@ -87,6 +87,50 @@ def profile_forward(model, x, top: int = 12) -> str:
     return "\n".join(out)
 
 
+@torch.no_grad()
+def split_forward(model, x, args) -> str:
+    """Forward time with only the input quantizers, then only the weight quantizers enabled, and
+    the host's share of one forward (time to enqueue it, before the closing synchronize)."""
+    import qpass
+
+    lines = []
+    torch.cuda.synchronize() if DEVICE == "cuda" else None
+    t0 = time.perf_counter()
+    model(input_ids=x, use_cache=False)
+    host = time.perf_counter() - t0
+    total = _sync_time(lambda: model(input_ids=x, use_cache=False))
+    lines.append(f"host enqueue {1e3 * host:.2f} ms of a {1e3 * total:.2f} ms forward")
+    for keep, off in (("input quantizers only", "*weight_quantizer"), ("weight quantizers only", "*input_quantizer")):
+        with bc.quiet():
+            qpass.disable_quantizer(model, off)
+        lines.append(f"{keep}: {forward_ms(model, x, args.warmup, args.iters):.2f} ms")
+        with bc.quiet():
+            qpass.enable_quantizer(model, off)
+    return "\n".join(lines)
+
+
+def profile_quantize(base, cfg, loop, extra, top: int = 25) -> str:
+    """cProfile of one more quantize+calibrate of a fresh copy (the host's view of where it goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    import qpass
+
+    model = copy.deepcopy(base)
+    prof = cProfile.Profile()
+    with bc.quiet():
+        prof.enable()
+        qpass.quantize(model, copy.deepcopy(cfg), loop, **(extra or {}))
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    del model
+    return "quantize+calibrate under cProfile (cumulative):\n" + "\n".join(buf.getvalue().splitlines()[:top + 12])
+
+
 def _measure(lib: str, base, cfg, loop, x, args, extra: dict | None = None) -> dict:
     """Quantize a copy of ``base`` with ``lib``, time it and its forward; never raises."""
     res = dict(quant_s=None, forward_ms=None, error=None, warnings=[])
@@ -105,6 +149,8 @@ def _measure(lib: str, base, cfg, loop, x, args, extra: dict | None = None) -> d
             res["forward_ms"] = forward_ms(model, x, args.warmup, args.iters)
             if getattr(args, "profile", False):
                 res["profile"] = profile_forward(model, x)
+                if lib == "qpass":
+                    res["profile"] += "\n" + split_forward(model, x, args) + "\n" + profile_quantize(base, cfg, loop, extra)
     except Exception as e:  # noqa: BLE001 - one cell, never the whole table
         res["error"] = bc.short_reason(e, 40)
         res["traceback"] = bc.format_tb(e)
