@@ -14,6 +14,7 @@ from qpass.model_quant import (
     postprocess_amax,
     print_quant_summary,
     quantize,
+    set_cuda_graphs,
     shared_input_groups,
 )
 from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer

@@ -25,7 +25,7 @@ from qpass.passes.rules import get_rule_set
 
 __all__ = [
     "quantize", "calibrate", "disable_quantizer", "enable_quantizer", "print_quant_summary",
-    "fold_weight", "postprocess_amax", "shared_input_groups",
+    "fold_weight", "postprocess_amax", "shared_input_groups", "set_cuda_graphs",
 ]
 
 
@@ -217,6 +217,23 @@ def postprocess_amax(model: nn.Module, key: str, post_process_fn: Callable) -> n
 def shared_input_groups(model: nn.Module) -> list[list[str]]:
     """Groups of module names whose weighted ops read the same tensor (q/k/v, gate/up)."""
     return state_of(model).groups
+
+
+def set_cuda_graphs(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn CUDA-graph replay of the model's inference forwards on (the default) or off.
+
+    On, a forward on CUDA inputs in eval mode with autograd off is captured into a CUDA graph on
+    the second call of an input signature and replayed afterwards (see
+    :mod:`qpass.graph.cuda_graphs`); results are the eager ones. ``QPASS_CUDA_GRAPHS=0`` turns
+    it off for every model. Off also frees the captured graphs. Returns the model.
+    """
+    from qpass.graph import cuda_graphs
+
+    state = state_of(model)
+    if state.__dict__.get("cuda_graphs") is None:
+        state.cuda_graphs = cuda_graphs.CudaGraphs()
+    cuda_graphs.set_enabled(state.cuda_graphs, enabled)
+    return model
 
 
 def sync_graph_attributes(model: nn.Module) -> None:

@@ -94,3 +94,39 @@ def test_activation_fast_path_on_cuda_equals_the_general_path(attrs, dtype):
     assert torch.equal(fast, ref)
     # and the CPU computes the same values
     assert torch.equal(fast.cpu(), spec.fake_quant(x.cpu(), q.amax.cpu()))
+
+
+@pytest.mark.parametrize("config", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
+def test_cuda_graph_replay_equals_the_eager_forward(config):
+    from qpass.graph.quantized_model import state_of
+
+    torch.manual_seed(0)
+    model = tiny_llama().cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 32), device="cuda")
+    other = torch.randint(0, 128, (2, 32), device="cuda")
+    qpass.quantize(model, config, lambda m: m(input_ids=ids))
+    graphs = state_of(model).cuda_graphs
+    with torch.no_grad():
+        qpass.set_cuda_graphs(model, False)
+        ref, ref_other = model(input_ids=ids).logits, model(input_ids=other).logits
+        qpass.set_cuda_graphs(model, True)
+        outs = [model(input_ids=ids).logits for _ in range(3)]
+        out_other = model(input_ids=other).logits
+    assert graphs.replays == 3 and len(graphs.graphs) == 1, graphs.refused
+    for out in outs:
+        assert torch.equal(out, ref)
+    assert torch.equal(out_other, ref_other)
+    # a recalibrated amax drops the graph; the next forward is eager and uses the new amax
+    q = model.model.layers[0].self_attn.o_proj.input_quantizer
+    q.amax = q.amax * 0.25
+    with torch.no_grad():
+        changed = model(input_ids=ids).logits
+        qpass.set_cuda_graphs(model, False)
+        eager = model(input_ids=ids).logits
+    assert not torch.equal(changed, ref) and torch.equal(changed, eager)
+    # autograd on: never captured
+    qpass.set_cuda_graphs(model, True)
+    before = graphs.replays
+    for _ in range(3):
+        model(input_ids=ids)
+    assert graphs.replays == before

@@ -8,6 +8,9 @@ then the median of ``--iters`` timed ones. Rows:
 * qpass unquantized graph: qpass's captured graph with every quantizer disabled;
 * qpass / modelopt CONFIG: the fake-quantized forward.
 
+qpass rows replay CUDA graphs after the warm-up (its default for inference forwards on CUDA, see
+qpass.graph.cuda_graphs); the "no CUDA graphs" column times the same model with them off.
+
 Quantize+calibrate is timed (CUDA events around the whole call, after a synchronize) over 16
 batches of 4x512, against a plain bf16 pass over the same 16 batches.
 ModelOpt's CUDA extensions are built/loaded once before any timing (a one-time install cost).
@@ -147,6 +150,16 @@ def _measure(lib: str, base, cfg, loop, x, args, extra: dict | None = None) -> d
                 res["quant_s"] = _sync_time(lambda: mtq.quantize(model, cfg, loop))
         with bc.quiet(res["warnings"] if lib == "qpass" else None):
             res["forward_ms"] = forward_ms(model, x, args.warmup, args.iters)
+            if lib == "qpass":
+                # the same model with CUDA-graph replay off: what the host costs without it
+                import qpass
+
+                from qpass.graph.quantized_model import state_of
+
+                graphs = state_of(model).cuda_graphs
+                res["cuda_graph_replays"], res["cuda_graph_refused"] = graphs.replays, list(graphs.refused.values())
+                qpass.set_cuda_graphs(model, False)
+                res["forward_ms_no_cuda_graphs"] = forward_ms(model, x, args.warmup, args.iters)
             if getattr(args, "profile", False):
                 res["profile"] = profile_forward(model, x)
                 if lib == "qpass":
@@ -269,17 +282,23 @@ def _progress(row: dict, eager_ms: float, plain_s: float) -> None:
     if row["error"]:
         print(f"  {row['name']:<40} {'n/a' if row['lib'] == 'modelopt' else 'error'} ({row['error']})", flush=True)
     else:
-        print(f"  {row['name']:<40} forward {row['forward_ms']:.2f} ms ({row['forward_ms'] / eager_ms:.2f}x)  "
+        nog = row.get("forward_ms_no_cuda_graphs")
+        extra = f" [no CUDA graphs {nog:.2f} ms ({nog / eager_ms:.2f}x)]" if nog else ""
+        print(f"  {row['name']:<40} forward {row['forward_ms']:.2f} ms ({row['forward_ms'] / eager_ms:.2f}x){extra}  "
               f"quantize+calibrate {row['quant_s']:.3f} s ({row['quant_s'] / plain_s:.2f}x)", flush=True)
+        if row.get("cuda_graph_refused"):
+            print(f"    CUDA graphs refused: {row['cuda_graph_refused']}", flush=True)
 
 
 def render_gpu(rows: list[dict], eager_ms: float, plain_s: float) -> str:
-    headers = ["what", "forward ms", "vs bf16 eager", "quant+calib s", "vs bf16 pass"]
+    headers = ["what", "forward ms", "vs bf16 eager", "no CUDA graphs ms", "vs bf16 eager", "quant+calib s", "vs bf16 pass"]
     out = []
     for r in rows:
         if r["error"]:
-            out.append([r["name"], f"{'n/a' if r['lib'] == 'modelopt' else 'error'} ({r['error']})", "-", "-", "-"])
+            out.append([r["name"], f"{'n/a' if r['lib'] == 'modelopt' else 'error'} ({r['error']})", "-", "-", "-", "-", "-"])
             continue
+        nog = r.get("forward_ms_no_cuda_graphs")
         out.append([r["name"], bc.fmt_num(r["forward_ms"], 2), bc.fmt_ratio(r["forward_ms"], eager_ms),
+                    bc.fmt_num(nog, 2) if nog else "-", bc.fmt_ratio(nog, eager_ms) if nog else "-",
                     bc.fmt_num(r["quant_s"], 3), bc.fmt_ratio(r["quant_s"], plain_s)])
-    return bc.format_table(headers, out, right={1, 2, 3, 4})
+    return bc.format_table(headers, out, right={1, 2, 3, 4, 5, 6})

@@ -455,19 +455,21 @@ def prepare(gm: fx.GraphModule, example_inputs):
         else:
             keep.append(i)
     kept_ph = {placeholders[i] for i in keep}
+    for n in placeholders:  # every placeholder first: lowering inserts constants after the last one
+        if n in kept_ph:
+            env[n] = g.node_copy(n)
+    for n in placeholders:  # cached fake-quant weights: the quantizer of their parameter
+        if n in cached_ph:
+            r = cached_ph[n]
+            _install(root, r.path, r.q)
+            w = g.get_attr(params[id(r.param)])
+            w.meta["val"] = n.meta.get("example_value")
+            node = g.call_module(r.path, (w,))
+            node.meta[QUANTIZER_META] = r.path
+            node.meta["val"] = n.meta.get("example_value")
+            env[n] = node
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            if n in kept_ph:
-                env[n] = g.node_copy(n)
-            elif n in cached_ph:
-                r = cached_ph[n]
-                _install(root, r.path, r.q)
-                w = g.get_attr(params[id(r.param)])
-                w.meta["val"] = n.meta.get("example_value")
-                node = g.call_module(r.path, (w,))
-                node.meta[QUANTIZER_META] = r.path
-                node.meta["val"] = n.meta.get("example_value")
-                env[n] = node
             continue
         if n.op == "output":
             break

@@ -17,6 +17,8 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from qpass.errors import QpassError
+from qpass.graph import cuda_graphs
+from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.execution import execution_graph
 from qpass.graph.graph_cache import cached_export
 from qpass.graph.trace import TracedGraph, matches_static_dims
@@ -53,6 +55,7 @@ class QpassState:
         # set by internal calibration loops that discard the output: each graph run stops after
         # its last quantizer and raises QuantizersDone (see run_graph)
         self.stop_after_quantizers = False
+        self.cuda_graphs = CudaGraphs(enabled=True)  # inference forwards on CUDA replay captured graphs
 
     @property
     def groups(self) -> list[list[str]]:
@@ -155,7 +158,11 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
         if head is not None:
             head(*tensors)
             raise QuantizersDone
-    return execution_graph(traced.gm)(*tensors)
+    exe = execution_graph(traced.gm)
+    graphs = state.__dict__.get("cuda_graphs")  # states pickled before CUDA graphs have none
+    if graphs is not None and graphs.enabled and tensors and tensors[0].is_cuda and cuda_graphs.eligible(model, state, tensors):
+        return cuda_graphs.run(model, graphs, traced.gm, exe, tensors)
+    return exe(*tensors)
 
 
 class QuantizersDone(Exception):

@@ -402,8 +402,18 @@ class TensorQuantizer(nn.Module):
     def _fake_quant_cached(self, w: nn.Parameter) -> torch.Tensor:
         # Weights do not change between eval forwards: quantize once, reuse until the
         # weight or this quantizer changes. Never cache when autograd needs the graph.
-        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
-            # Under dynamo the version check would be data-dependent: compile the quantizer itself.
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self._fake_quant(w)
+        if torch.compiler.is_compiling():
+            # Dynamo cannot check w._version (data-dependent: a graph break per weight). With a
+            # cache from an eager forward under this quantizer state (dynamo guards on the
+            # _state_version it reads here), the compiled code reads the cached fake-quant weight
+            # as an input instead of re-quantizing every weight on every call; weights changed in
+            # place after compiling need torch._dynamo.reset(), as amax changes already do.
+            # Without a cache, the quantizer's arithmetic is compiled.
+            cache = self._weight_cache
+            if cache is not None and cache[1][1] == self._state_version:
+                return cache[2]
             return self._fake_quant(w)
         amax = self._buffers.get("_amax")
         key = (w._version, self._state_version, None if amax is None else amax._version)

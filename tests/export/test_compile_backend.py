@@ -414,3 +414,36 @@ def test_tied_weight_is_folded_and_runs_on_onednn():
         out, code = run_and_get_code(torch.compile(model, backend="qpass"), ids)
     assert _cos(out, ref) >= 0.999
     assert _onednn_ops(code)["qlinear_pointwise"] == 1
+
+
+def test_compiled_fake_quant_reads_cached_weights_and_recompiles_on_quantizer_change():
+    """After an eager no-grad forward, dynamo reads each weight quantizer's cached fake-quant
+    weight as an input instead of compiling the weight's quantization into every call; a
+    quantizer change (its _state_version, which dynamo guards on) recompiles."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = _quantized(MLP(64, 128).eval(), x, qpass.FP8_DEFAULT_CFG)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        ref = model(x)  # fills the weight caches
+        compiled = torch.compile(model, backend=backend)
+        out = compiled(x)
+    assert torch.equal(out, ref) and len(graphs) == 1
+    weight_params = {id(p) for p in model.parameters() if p.dim() == 2}
+    # the two cached weights are inputs; neither raw weight is read by the graph
+    vals = graphs[0][1]
+    assert sum(v is model.fc1.weight_quantizer._weight_cache[2] or v is model.fc2.weight_quantizer._weight_cache[2]
+               for v in vals) == 2
+    assert not any(id(v) in weight_params for v in vals)
+    qpass.disable_quantizer(model, "*fc2.weight_quantizer")
+    with torch.no_grad():
+        out2 = compiled(x)
+        assert torch.equal(out2, model(x)) and not torch.equal(out2, ref)
+    assert len(graphs) == 2
+    torch._dynamo.reset()

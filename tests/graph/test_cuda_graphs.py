@@ -1,0 +1,178 @@
+"""CUDA-graph replay of inference forwards (qpass.graph.cuda_graphs).
+
+The policy (when to capture, replay, drop and refuse) runs on the CPU with a stand-in for the
+CUDA graph that re-runs the execution graph into the static outputs, as a replay would; the
+real capture is checked under ``pytest -m cuda`` (tests/test_cuda.py)."""
+
+import copy
+
+import pytest
+import torch
+
+import qpass
+from qpass.graph import cuda_graphs
+from qpass.graph.quantized_model import graph_for, state_of
+from qpass.graph.execution import execution_graph
+
+from conftest import tiny_llama
+
+
+class _FakeGraph:
+    def __init__(self, exe, inputs, outputs):
+        self.exe, self.inputs, self.outputs, self.replays = exe, inputs, outputs, 0
+
+    def replay(self):
+        flat = torch.utils._pytree.tree_flatten(self.exe(*self.inputs))[0]
+        for dst, src in zip(self.outputs, flat):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        self.replays += 1
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    captures = []
+
+    def capture(model, exe, tensors):
+        cap = cuda_graphs._Captured()
+        static = [t.clone() for t in tensors]
+        flat, spec = torch.utils._pytree.tree_flatten(exe(*static))
+        cap.graph, cap.exe, cap.inputs = _FakeGraph(exe, static, flat), exe, static
+        cap.outputs, cap.out_spec = flat, spec
+        cap.epoch, cap.registrations = cuda_graphs.quantizer_epoch(), cuda_graphs._Registrations.value
+        cap.tracked = cuda_graphs._tracked(model, exe)
+        captures.append(cap)
+        return cap
+
+    monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    return captures
+
+
+def _quantized():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(input_ids=ids))
+    return model.eval(), ids
+
+
+@torch.no_grad()
+def _call(model, ids):
+    """One forward through the CUDA-graph policy (eligibility needs CUDA; the policy does not)."""
+    state = state_of(model)
+    traced, tensors = graph_for(model, (), {"input_ids": ids, "use_cache": False})
+    return cuda_graphs.run(model, state.cuda_graphs, traced.gm, execution_graph(traced.gm), tensors)
+
+
+def test_second_call_captures_then_replays_with_the_eager_result(fake_capture):
+    model, ids = _quantized()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    graphs = state_of(model).cuda_graphs
+    out1 = _call(model, ids).logits  # eager
+    assert not fake_capture and not graphs.graphs
+    out2 = _call(model, ids).logits  # captured and replayed
+    assert len(fake_capture) == 1 and graphs.replays == 1
+    other = torch.randint(0, 128, (2, 16))
+    out3 = _call(model, other).logits  # replayed on new values: static inputs are refreshed
+    assert graphs.replays == 2
+    for out in (out1, out2):
+        assert torch.equal(out, ref)
+    with torch.no_grad():
+        assert torch.equal(out3, model(input_ids=other).logits)
+    assert torch.equal(out2, ref)  # the earlier result was cloned out of the graph's outputs
+
+
+@pytest.mark.parametrize("change", ["weight_inplace", "weight_rebound", "disable_quantizer", "amax_inplace", "amax_set"])
+def test_a_changed_model_drops_the_graph_and_runs_eagerly(fake_capture, change):
+    model, ids = _quantized()
+    graphs = state_of(model).cuda_graphs
+    _call(model, ids)
+    _call(model, ids)
+    assert len(graphs.graphs) == 1
+    lin = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        if change == "weight_inplace":
+            lin.weight.mul_(0.5)
+        elif change == "weight_rebound":
+            lin.weight = torch.nn.Parameter(lin.weight.detach() * 0.5)
+        elif change == "disable_quantizer":
+            qpass.disable_quantizer(model, "*down_proj.input_quantizer")
+        elif change == "amax_inplace":
+            lin.input_quantizer._amax.mul_(0.5)
+        else:
+            lin.input_quantizer.amax = lin.input_quantizer.amax * 0.5
+    out = _call(model, ids).logits
+    assert not graphs.graphs  # dropped
+    state_of(model).cuda_graphs.enabled = False
+    with torch.no_grad():
+        assert torch.equal(out, model(input_ids=ids).logits)
+    state_of(model).cuda_graphs.enabled = True
+    _call(model, ids)  # captured again
+    assert len(graphs.graphs) == 1 and len(fake_capture) == 2
+
+
+def test_signature_invalidated_too_often_is_refused(fake_capture):
+    model, ids = _quantized()
+    graphs = state_of(model).cuda_graphs
+    w = model.model.layers[0].mlp.down_proj.weight
+    for _ in range(2 * cuda_graphs.MAX_RECAPTURES + 2):
+        _call(model, ids)
+        with torch.no_grad():
+            w.mul_(1.0)
+    assert any("invalidated" in r for r in graphs.refused.values())
+    n = len(fake_capture)
+    _call(model, ids)
+    _call(model, ids)
+    assert len(fake_capture) == n
+
+
+def test_hooked_quantizer_is_refused(fake_capture):
+    model, ids = _quantized()
+    seen = []
+    model.model.layers[0].mlp.down_proj.input_quantizer.register_forward_hook(lambda m, i, o: seen.append(1))
+    for _ in range(3):
+        _call(model, ids)
+    assert not fake_capture and len(seen) == 3
+    (reason,) = state_of(model).cuda_graphs.refused.values()
+    assert "down_proj.input_quantizer" in reason and "hooks" in reason
+
+
+def test_capture_failure_runs_eagerly(monkeypatch):
+    model, ids = _quantized()
+
+    def broken(*_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "_capture", broken)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    for _ in range(3):
+        assert torch.equal(_call(model, ids).logits, ref)
+    (reason,) = state_of(model).cuda_graphs.refused.values()
+    assert reason.startswith("capture failed: RuntimeError: operation not permitted")
+
+
+def test_lru_keeps_at_most_max_graphs(fake_capture, monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    model, _ = _quantized()
+    graphs = state_of(model).cuda_graphs
+    for seq in (8, 9, 10):
+        ids = torch.randint(0, 128, (1, seq))
+        _call(model, ids)
+        _call(model, ids)
+    assert len(graphs.graphs) == 2
+
+
+def test_eligibility_and_switches():
+    model, ids = _quantized()
+    state = state_of(model)
+    cuda_ids = ids  # CPU tensors: never eligible
+    with torch.no_grad():
+        assert not cuda_graphs.eligible(model, state, [cuda_ids])
+    qpass.set_cuda_graphs(model, False)
+    assert not state.cuda_graphs.enabled
+    qpass.set_cuda_graphs(model, True)
+    copied = copy.deepcopy(model)
+    assert state_of(copied).cuda_graphs.enabled and not state_of(copied).cuda_graphs.graphs
