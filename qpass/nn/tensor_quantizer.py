@@ -64,16 +64,10 @@ class TensorQuantizer(nn.Module):
 
     def __init__(self, attributes: Any = None, name: str = "") -> None:
         super().__init__()
-        self._name = name
-        self._disabled = False
-        self._if_quant = True
-        self._if_calib = False
-        self._state_version = 0
-        self._weight_cache: tuple | None = None
-        self._fast: tuple | None = None
-        self._attrs: dict = {}
-        self._spec = None
-        self._calibrator = MaxCalibrator()
+        # plain attributes straight into __dict__ (nn.Module.__setattr__ checks each one for
+        # parameters, buffers and modules: a model's quantizers are created by the hundred)
+        self.__dict__.update(_name=name, _disabled=False, _if_quant=True, _if_calib=False, _state_version=0,
+                             _weight_cache=None, _fast=None, _attrs={}, _spec=None, _calibrator=MaxCalibrator())
         self.set_from_attribute_config(attributes or {})
 
     # ------------------------------------------------------------------ attributes
