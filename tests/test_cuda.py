@@ -130,3 +130,36 @@ def test_cuda_graph_replay_equals_the_eager_forward(config):
     for _ in range(3):
         model(input_ids=ids)
     assert graphs.replays == before
+
+
+@pytest.mark.parametrize("config", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
+def test_cuda_graph_calibration_gives_the_eager_amax(config):
+    """Max calibration replays its forwards from a CUDA graph after the first batch; the running
+    statistics are the eager pass's, to the bit."""
+    torch.manual_seed(0)
+    base = tiny_llama().cuda().to(torch.bfloat16).eval()
+    batches = [torch.randint(0, 128, (2, 32), device="cuda") for _ in range(6)]
+
+    def loop(m):
+        for b in batches:
+            m(input_ids=b)
+
+    import os
+
+    os.environ["QPASS_CUDA_GRAPHS"] = "0"
+    try:
+        ref = qpass.quantize(copy.deepcopy(base), config, loop)
+    finally:
+        del os.environ["QPASS_CUDA_GRAPHS"]
+    from qpass.graph import cuda_graphs
+
+    captured = []
+    real = cuda_graphs._capture
+    cuda_graphs._capture = lambda *a: captured.append(1) or real(*a)
+    try:
+        model = qpass.quantize(copy.deepcopy(base), config, loop)
+    finally:
+        cuda_graphs._capture = real
+    assert captured, "no calibration forward was captured"
+    for (n, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
+        assert torch.equal(a, b), n

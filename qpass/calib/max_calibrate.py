@@ -19,6 +19,7 @@ from torch import nn
 from qpass.calib.distributed import reduce_statistics
 from qpass.calib.layerwise import run_forward_loop
 from qpass.errors import CalibrationError
+from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
 from qpass.nn.tensor_quantizer import TensorQuantizer, is_quantizer
 
@@ -83,11 +84,16 @@ def collect_activations(model: nn.Module, state: QpassState, forward_loop: Calla
     state.calibrating = True
     state.calib_placed = set()
     calls_before = state.calls
+    # CUDA-graph replay of the pass's forwards (qpass.graph.cuda_graphs), for this pass only: its
+    # graphs update this pass's running statistics in place
+    inference_graphs = state.__dict__.get("cuda_graphs")
+    state.calib_graphs = CudaGraphs(enabled=inference_graphs is None or inference_graphs.enabled)
     try:
         with torch.no_grad():
             run_forward_loop(model, state, forward_loop)
     finally:
         state.calibrating = False
+        state.calib_graphs = None
         for _, q in named_tensor_quantizers(model):  # includes quantizers created while tracing
             q.disable_calib()
             q.enable_quant()

@@ -114,9 +114,9 @@ class CudaGraphs:
 
 
 def eligible(model: nn.Module, state, tensors: list) -> bool:
-    if not tensors or torch.is_grad_enabled() or model.training or state.calibrating:
+    if not tensors or torch.is_grad_enabled() or model.training:
         return False
-    if state.recorder is not None or state.stop_after_quantizers or not env_enabled():
+    if state.recorder is not None or not env_enabled():
         return False
     if not all(t.is_cuda for t in tensors) or torch.cuda.is_current_stream_capturing():
         return False
@@ -125,14 +125,16 @@ def eligible(model: nn.Module, state, tensors: list) -> bool:
     return True
 
 
-def _signature(gm, tensors: list) -> tuple:
-    return (id(gm),) + tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+def _signature(key, tensors: list) -> tuple:
+    return (key,) + tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 
-def run(model: nn.Module, graphs: CudaGraphs, gm, exe, tensors: list):
-    """``exe(*tensors)`` (``exe``: the execution graph of the traced graph ``gm``), from a CUDA
-    graph where one is captured and still valid."""
-    sig = _signature(gm, tensors)
+def run(model: nn.Module, graphs: CudaGraphs, key, exe, tensors: list, calibration: bool = False):
+    """``exe(*tensors)`` from a CUDA graph where one is captured and still valid. ``key``: what
+    ``exe`` is (e.g. the id of the traced graph it comes from, and which derived graph);
+    ``calibration``: a calibration pass's forward (captured once every quantizer it collects for
+    holds a running statistic, so that replays only update statistics in place)."""
+    sig = _signature(key, tensors)
     cap = graphs.graphs.get(sig)
     if cap is not None:
         if cap.exe is exe and cap.valid():
@@ -156,6 +158,14 @@ def run(model: nn.Module, graphs: CudaGraphs, gm, exe, tensors: list):
     if reason is not None:
         graphs.refused[sig] = reason
         return exe(*tensors)
+    if calibration:
+        reason = _calibration_blocker(exe)
+        if reason == "no statistic yet":  # a quantizer this input has not reached so far: later
+            graphs.seen[sig] = 1
+            return exe(*tensors)
+        if reason is not None:
+            graphs.refused[sig] = reason
+            return exe(*tensors)
     try:
         cap = _capture(model, exe, tensors)
     except Exception as e:  # noqa: BLE001 - any capture failure means: run this signature eagerly
@@ -173,6 +183,23 @@ def _hooked_quantizer(exe) -> str | None:
     for m in exe.modules():
         if isinstance(m, TensorQuantizer) and (m._forward_hooks or m._forward_pre_hooks):
             return f"quantizer '{m._name}' has hooks (a graph replay would not call them)"
+    return None
+
+
+def _calibration_blocker(exe) -> str | None:
+    """Why a calibration forward cannot be captured: a collecting quantizer whose statistic is
+    not a max (histograms collect on the host), or has no running tensor yet (the capture would
+    allocate it in the graph's pool)."""
+    from qpass.calib.max import MaxCalibrator
+
+    for m in exe.modules():
+        if not isinstance(m, TensorQuantizer) or m._disabled or not m._if_calib or m.is_dynamic:
+            continue
+        cal = m._calibrator
+        if type(cal) is not MaxCalibrator:
+            return f"quantizer '{m._name}' collects with {type(cal).__name__} (host-side statistics)"
+        if cal._amax is None:
+            return "no statistic yet"
     return None
 
 

@@ -56,6 +56,7 @@ class QpassState:
         # its last quantizer and raises QuantizersDone (see run_graph)
         self.stop_after_quantizers = False
         self.cuda_graphs = CudaGraphs(enabled=True)  # inference forwards on CUDA replay captured graphs
+        self.calib_graphs = None  # a calibration pass's CUDA graphs (set while it runs)
 
     @property
     def groups(self) -> list[list[str]]:
@@ -156,13 +157,20 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     if state.stop_after_quantizers:
         head = quantizers_head(traced)
         if head is not None:
-            head(*tensors)
+            _run(model, state, (id(traced.gm), "head"), head, tensors)
             raise QuantizersDone
-    exe = execution_graph(traced.gm)
-    graphs = state.__dict__.get("cuda_graphs")  # states pickled before CUDA graphs have none
-    if graphs is not None and graphs.enabled and tensors and tensors[0].is_cuda and cuda_graphs.eligible(model, state, tensors):
-        return cuda_graphs.run(model, graphs, traced.gm, exe, tensors)
-    return exe(*tensors)
+    return _run(model, state, (id(traced.gm), "exe"), execution_graph(traced.gm), tensors)
+
+
+def _run(model: nn.Module, state: QpassState, key, fn, tensors: list):
+    """``fn(*tensors)``, replayed from a CUDA graph where :mod:`qpass.graph.cuda_graphs` allows:
+    inference forwards use the model's graphs, calibration forwards the calibration pass's own
+    (dropped when the pass ends)."""
+    # states pickled before CUDA graphs have no "cuda_graphs"
+    graphs = state.__dict__.get("calib_graphs" if state.calibrating else "cuda_graphs")
+    if graphs is not None and graphs.enabled and cuda_graphs.eligible(model, state, tensors):
+        return cuda_graphs.run(model, graphs, key, fn, tensors, calibration=state.calibrating)
+    return fn(*tensors)
 
 
 class QuantizersDone(Exception):

@@ -176,3 +176,41 @@ def test_eligibility_and_switches():
     qpass.set_cuda_graphs(model, True)
     copied = copy.deepcopy(model)
     assert state_of(copied).cuda_graphs.enabled and not state_of(copied).cuda_graphs.graphs
+
+
+@pytest.mark.parametrize("config", ["INT8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
+def test_calibration_forwards_capture_once_statistics_exist_and_give_the_same_amax(fake_capture, monkeypatch, config):
+    """With every forward eligible (as on CUDA), max calibration's first batch runs eagerly
+    (creating the running statistics), the second is captured, later ones replay; the amax
+    values equal a calibration without graphs, and the pass's graphs are dropped after it."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(5)]
+
+    def loop(m):
+        for b in batches:
+            m(input_ids=b)
+
+    ref = qpass.quantize(copy.deepcopy(base), config, loop)
+    monkeypatch.setattr(cuda_graphs, "eligible", lambda model, state, tensors: bool(tensors))
+    model = qpass.quantize(copy.deepcopy(base), config, loop)
+    assert len(fake_capture) == 1 and sum(c.graph.replays for c in fake_capture) == 4
+    assert state_of(model).calib_graphs is None
+    for (n, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
+        assert torch.equal(a, b), n
+
+
+def test_histogram_calibration_is_not_captured(fake_capture, monkeypatch):
+    from qpass.calib.histogram import calibrate_histogram
+
+    torch.manual_seed(0)
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
+    loop = lambda m: [m(input_ids=b) for b in batches]  # noqa: E731
+    cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+    cfg["quant_cfg"].append({"quantizer_name": "*input_quantizer",
+                             "cfg": {"num_bits": 8, "axis": None, "calibrator": "histogram"}})
+    cfg["algorithm"] = None
+    model = qpass.quantize(tiny_llama().eval(), cfg, loop)
+    monkeypatch.setattr(cuda_graphs, "eligible", lambda model, state, tensors: bool(tensors))
+    calibrate_histogram(model, loop, method="percentile")
+    assert not fake_capture
