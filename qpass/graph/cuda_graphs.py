@@ -25,7 +25,8 @@ Policy, per quantized model (:class:`CudaGraphs`, kept on its qpass state):
   captured again.
 * Inputs are copied into the graph's static inputs; outputs are cloned out of its pool, so a
   result stays valid after the next call. At most ``MAX_GRAPHS`` graphs are kept per model (least
-  recently used dropped; each holds one forward's activations).
+  recently used dropped; each holds one forward's activations). After ``MAX_EVICTIONS`` drops
+  (inputs cycling through more signatures than that), new signatures are no longer captured.
 
 Off: ``QPASS_CUDA_GRAPHS=0`` in the environment, or :func:`qpass.set_cuda_graphs(model, False)`.
 """
@@ -45,10 +46,13 @@ from qpass.nn.tensor_quantizer import TensorQuantizer, quantizer_epoch
 
 log = logging.getLogger("qpass.cuda_graphs")
 
-__all__ = ["CudaGraphs", "MAX_GRAPHS", "MAX_RECAPTURES", "run"]
+__all__ = ["CudaGraphs", "MAX_EVICTIONS", "MAX_GRAPHS", "MAX_RECAPTURES", "run"]
 
 MAX_GRAPHS = 8
 MAX_RECAPTURES = 3
+#: graphs dropped to make room, after which no new signature is captured: inputs that cycle
+#: through more shapes than MAX_GRAPHS would otherwise pay a capture again and again
+MAX_EVICTIONS = 2 * MAX_GRAPHS
 _MAX_SEEN = 256  # signatures counted but not (yet) captured
 
 
@@ -95,12 +99,14 @@ class CudaGraphs:
         self.recaptures: dict = {}
         self.refused: dict = {}  # signature -> reason it is not captured
         self.replays = 0
+        self.evictions = 0
 
     def clear(self) -> None:
         self.graphs.clear()
         self.seen.clear()
         self.recaptures.clear()
         self.refused.clear()
+        self.evictions = 0
 
     # a copy or a pickle of the model starts with no graphs (they hold addresses of this one's tensors)
     def __deepcopy__(self, memo):
@@ -148,6 +154,8 @@ def run(model: nn.Module, graphs: CudaGraphs, key, exe, tensors: list, calibrati
         return exe(*tensors)
     if sig in graphs.refused:
         return exe(*tensors)
+    if graphs.evictions >= MAX_EVICTIONS:  # inputs cycle through more signatures than it keeps
+        return exe(*tensors)
     calls = graphs.seen.pop(sig, 0)
     if calls == 0:  # first call of this signature: eager (traces, verifies kernels, fills caches)
         graphs.seen[sig] = 1
@@ -176,6 +184,7 @@ def run(model: nn.Module, graphs: CudaGraphs, key, exe, tensors: list, calibrati
     graphs.graphs[sig] = cap
     while len(graphs.graphs) > MAX_GRAPHS:
         graphs.graphs.popitem(last=False)
+        graphs.evictions += 1
     return _replay(graphs, cap, tensors)
 
 

@@ -154,15 +154,27 @@ def test_capture_failure_runs_eagerly(monkeypatch):
     assert reason.startswith("capture failed: RuntimeError: operation not permitted")
 
 
-def test_lru_keeps_at_most_max_graphs(fake_capture, monkeypatch):
+def test_lru_keeps_at_most_max_graphs_and_stops_capturing_when_inputs_cycle(fake_capture, monkeypatch):
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(cuda_graphs, "MAX_EVICTIONS", 3)
     model, _ = _quantized()
     graphs = state_of(model).cuda_graphs
     for seq in (8, 9, 10):
         ids = torch.randint(0, 128, (1, seq))
         _call(model, ids)
         _call(model, ids)
-    assert len(graphs.graphs) == 2
+    assert len(graphs.graphs) == 2 and graphs.evictions == 1
+    for seq in (11, 12, 13, 14):
+        ids = torch.randint(0, 128, (1, seq))
+        _call(model, ids)
+        _call(model, ids)
+    assert graphs.evictions == 3 and len(fake_capture) == 5  # seq 13 and 14: no longer captured
+    replays = graphs.replays
+    ids = torch.randint(0, 128, (1, 12))
+    out = _call(model, ids).logits  # a kept graph still replays
+    assert graphs.replays == replays + 1
+    with torch.no_grad():
+        assert torch.equal(out, model(input_ids=ids).logits)
 
 
 def test_eligibility_and_switches():
