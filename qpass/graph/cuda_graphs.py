@@ -9,9 +9,11 @@ replayed forward costs about the device time.
 Policy, per quantized model (:class:`CudaGraphs`, kept on its qpass state):
 
 * Only inference forwards are eligible: CUDA inputs, ``model.eval()``, autograd off
-  (``torch.no_grad()`` or ``torch.inference_mode()``), no calibration or layer-by-layer pass in
-  progress, no hooks on a quantizer the graph runs, no autocast and no torch function or
-  dispatch mode. Anything else runs the execution graph as before.
+  (``torch.no_grad()`` or ``torch.inference_mode()``), no layer-by-layer pass in progress, no
+  autocast and no torch function or dispatch mode. Anything else runs the execution graph as
+  before. A forward whose graph runs a quantizer with hooks (an algorithm's activation capture)
+  stays eager while the hooks are there. Max-calibration forwards have graphs of their own,
+  dropped when the pass ends.
 * The first forward of an input signature (graph, shapes, strides, dtypes, devices) runs
   eagerly: it may trace, verify Triton kernels, fill the weight caches. The second is captured
   (after one warm-up run on a side stream) and replayed; later ones replay.
@@ -162,9 +164,8 @@ def run(model: nn.Module, graphs: CudaGraphs, key, exe, tensors: list, calibrati
         while len(graphs.seen) > _MAX_SEEN:
             graphs.seen.popitem(last=False)
         return exe(*tensors)
-    reason = _hooked_quantizer(exe)
-    if reason is not None:
-        graphs.refused[sig] = reason
+    if _hooked_quantizer(exe) is not None:  # hooks come and go (an algorithm's capture pass): try later
+        graphs.seen[sig] = 1
         return exe(*tensors)
     if calibration:
         reason = _calibration_blocker(exe)
@@ -179,7 +180,6 @@ def run(model: nn.Module, graphs: CudaGraphs, key, exe, tensors: list, calibrati
     except Exception as e:  # noqa: BLE001 - any capture failure means: run this signature eagerly
         graphs.refused[sig] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         log.info("qpass: no CUDA graph for %s: %s", type(model).__name__, graphs.refused[sig])
-        torch.cuda.synchronize()
         return exe(*tensors)
     graphs.graphs[sig] = cap
     while len(graphs.graphs) > MAX_GRAPHS:
