@@ -4,8 +4,10 @@ MiniLM (all-MiniLM-L6-v2). Every quantized model is calibrated on the same ``--c
 chunks (``zoo.sentence_chunks`` of the calibration split, max 128 tokens):
 
 * ``fp32``: the FP32 model exported with ``torch.onnx.export(dynamo=True)``;
-* ``qpass``: ``INT8_DEFAULT_CFG``, ``qpass.export_onnx(target="onnxruntime")`` (uint8
-  activations with zero point 128, int8 per-channel weights);
+* ``qpass``: each of ``--qpass-configs`` (default ``INT8_DEFAULT_CFG`` and
+  ``INT8_SMOOTHQUANT_CFG``, both W8A8: per-tensor int8 activations, per-channel int8 weights),
+  ``qpass.export_onnx(target="onnxruntime")`` (uint8 activations with zero point 128; SmoothQuant's
+  scales folded into the LayerNorms where the graph allows, else a Mul before the Q/DQ);
 * ``ort static``: ``onnxruntime.quantization.quantize_static`` on the FP32 ONNX, QDQ format,
   uint8 activations / int8 weights, ``per_channel=True``, MinMax calibration, restricted to the
   MatMuls of the linear layers (those with a weight initializer), whose outputs stay float;
@@ -18,7 +20,7 @@ models take turns run by run),
 Accuracy: mean cosine of mean-pooled embeddings to those of the FP32 PyTorch model on held-out
 text; for qpass also the fake-quant PyTorch model's cosine (the export should keep it).
 
-    python tools/bench_onnx.py [--calib 128] [--held 64] [--runs 20] [--ort-all] [--s8] [--keep DIR]
+    python tools/bench_onnx.py [--calib 128] [--held 64] [--runs 20] [--qpass-configs A,B] [--ort-all] [--s8] [--keep DIR]
     python tools/bench_onnx.py --parity [--models minilm,smollm2] [--configs INT8_DEFAULT_CFG,...]
 
 ``--parity`` prints, per model and config, ONNX Runtime (or, where ORT has no kernel, ONNX's
@@ -144,6 +146,7 @@ def timing_batch(tok, text: str, batch: int, seq: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
+QPASS_LABELS = {"INT8_DEFAULT_CFG": "int8", "INT8_SMOOTHQUANT_CFG": "int8 smoothquant"}
 PARITY_CONFIGS = ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT4_AWQ_CFG",
                   "NVFP4_DEFAULT_CFG"]
 
@@ -221,6 +224,8 @@ def main(argv=None) -> None:
     ap.add_argument("--calib", type=int, default=128, help="calibration text chunks")
     ap.add_argument("--held", type=int, default=64, help="held-out text chunks for the cosine")
     ap.add_argument("--runs", type=int, default=20, help="timed runs per shape (median)")
+    ap.add_argument("--qpass-configs", default="INT8_DEFAULT_CFG,INT8_SMOOTHQUANT_CFG",
+                    help="qpass presets exported with target='onnxruntime' (comma list)")
     ap.add_argument("--ort-all", action="store_true", help="also quantize_static with its defaults")
     ap.add_argument("--s8", action="store_true", help="also qpass's target='tensorrt' file (int8 activations)")
     ap.add_argument("--keep", default=None, help="write the ONNX files here (default: a temp dir)")
@@ -249,16 +254,18 @@ def main(argv=None) -> None:
     fp32 = export_fp32(model, calib[0], os.path.join(d, "minilm_fp32.onnx"))
     rows.append(("fp32", fp32, None, time.perf_counter() - t))
 
-    t = time.perf_counter()
-    qmodel = copy.deepcopy(model)
-    qpass.quantize(qmodel, qpass.INT8_DEFAULT_CFG, lambda m: [m(**b) for b in calib])
-    fq_cos = zoo.mean_cosine(zoo.embed(qmodel, held), ref)
-    path = qpass.export_onnx(qmodel, os.path.join(d, "minilm_qpass_int8_ort.onnx"), target="onnxruntime")
-    rows.append(("qpass int8 (onnxruntime)", path, fq_cos, time.perf_counter() - t))
-    if args.s8:
+    for cfg_name in args.qpass_configs.split(","):
+        short = QPASS_LABELS.get(cfg_name, cfg_name)
         t = time.perf_counter()
-        path = qpass.export_onnx(qmodel, os.path.join(d, "minilm_qpass_int8_trt.onnx"), target="tensorrt")
-        rows.append(("qpass int8 (tensorrt form: s8 acts)", path, fq_cos, time.perf_counter() - t))
+        qmodel = copy.deepcopy(model)
+        qpass.quantize(qmodel, copy.deepcopy(getattr(qpass, cfg_name)), lambda m: [m(**b) for b in calib])
+        fq_cos = zoo.mean_cosine(zoo.embed(qmodel, held), ref)
+        path = qpass.export_onnx(qmodel, os.path.join(d, f"minilm_qpass_{cfg_name}_ort.onnx"), target="onnxruntime")
+        rows.append((f"qpass {short} (onnxruntime)", path, fq_cos, time.perf_counter() - t))
+        if args.s8:
+            t = time.perf_counter()
+            path = qpass.export_onnx(qmodel, os.path.join(d, f"minilm_qpass_{cfg_name}_trt.onnx"), target="tensorrt")
+            rows.append((f"qpass {short} (tensorrt form: s8)", path, fq_cos, time.perf_counter() - t))
 
     t = time.perf_counter()
     path = ort_static(fp32, os.path.join(d, "minilm_ort_static_linear.onnx"), calib, linear_only=True)
