@@ -5,6 +5,9 @@ Path: the traced graph of the model is lowered (:mod:`qpass.passes.lower`) to pu
 through ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)`` with the
 translations of :mod:`qpass.export.onnx_ops`. The exported ONNX IR is then finished here:
 
+* a linear layer's ``DequantizeLinear(W) -> Transpose -> MatMul`` stores ``W.T`` instead
+  (int8/FP8 weights, per channel on axis 1, as ONNX Runtime's quantize_static and TensorRT have
+  it);
 * packed 4-bit integer weights become INT4/UINT4 initializers (torch has no int4 dtype;
   the translations mark the DequantizeLinear nodes that read them);
 * initializers nobody reads (the exact-arithmetic ``ref``/``amax`` inputs of the lowering
@@ -268,6 +271,7 @@ def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: 
         raise ExportError(f"torch.onnx.export failed on the lowered graph: {type(e).__name__}: "
                           f"{msg[0] if msg else ''}") from e
     model = program.model
+    _fold_weight_transposes(model)
     _finish_int4(model)
     _drop_unused_initializers(model)
     _strip_nondeterminism(model)
@@ -317,6 +321,52 @@ def _torch_onnx_export(lowered, args: tuple, table: dict, kwargs: dict):
     return _core.export(lowered, args, None, registry=registry, dynamic_shapes=kwargs["dynamic_shapes"],
                         input_names=kwargs.get("input_names"), output_names=kwargs.get("output_names"), report=False, verify=False,
                         verbose=False, optimize=kwargs["optimize"], opset_version=opset)
+
+
+def _fold_weight_transposes(model) -> None:
+    """``DequantizeLinear(W [N, K], axis 0) -> Transpose -> MatMul`` (a linear layer as torch.onnx
+    writes it) becomes ``DequantizeLinear(W.T [K, N], axis 1) -> MatMul``: the weight stored as
+    the MatMul reads it, per output channel on axis 1, which is the form ONNX Runtime's
+    quantize_static writes and the one TensorRT wants, with no Transpose left to run or to fold.
+
+    Only 2-D int8/FP8 weights with a per-tensor or per-channel scale whose initializer, dequantized
+    value and Transpose have no other reader; block-scaled weights (INT4, NVFP4) keep their form.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    from qpass.export.onnx_ops import INT4_META
+
+    graph = model.graph
+    for tr in list(graph):
+        if tr.op_type != "Transpose" or tr.domain not in ("", "ai.onnx"):
+            continue
+        perm = tr.attributes.get("perm")
+        dq = tr.inputs[0].producer() if tr.inputs[0] is not None else None
+        if perm is None or list(perm.value) != [1, 0] or dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        codes, scale = dq.inputs[0], dq.inputs[1]
+        zero = dq.inputs[2] if len(dq.inputs) > 2 else None
+        if (codes is None or codes.const_value is None or len(codes.uses()) != 1 or len(dq.outputs[0].uses()) != 1
+                or INT4_META in dq.metadata_props or "block_size" in dq.attributes
+                or scale is None or scale.const_value is None or len(codes.const_value.shape) != 2):
+            continue
+        per_channel = len(scale.const_value.shape) == 1 and scale.const_value.shape[0] > 1
+        axis = dq.attributes.get("axis")
+        if per_channel and (axis is not None and axis.value not in (0, -2)):
+            continue
+        arr = np.ascontiguousarray(np.asarray(codes.const_value.numpy()).T)
+        codes.const_value = ir.Tensor(arr, name=codes.name)
+        codes.shape = ir.Shape(arr.shape)
+        if per_channel:
+            dq.attributes["axis"] = ir.AttrInt64("axis", 1)
+        out = dq.outputs[0]
+        out.shape = tr.outputs[0].shape
+        ir.convenience.replace_all_uses_with(tr.outputs[0], out)
+        for i, o in enumerate(graph.outputs):
+            if o is tr.outputs[0]:
+                graph.outputs[i] = out
+        graph.remove(tr, safe=True)
 
 
 def _finish_int4(model) -> None:

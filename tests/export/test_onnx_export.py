@@ -137,26 +137,35 @@ def test_fp8(tmp_path):
     assert len(q) == 2 and all(r["mismatches"] == 0 and r["format"] == "e4m3" for r in q), q
 
 
-@pytest.mark.parametrize("version,basic", [("1.30.0", True), ("1.32.0", False)])
-def test_fp8_session_options_avoid_ort_130_misfusion(tmp_path, version, basic):
-    """ONNX Runtime 1.30 fuses FP8 Q/DQ + MatMul into MatMulIntegerToFloat and then refuses the
-    model; qpass's sessions keep to basic graph optimizations there, and only for FP8 graphs."""
-    import types
-
+def test_fp8_sessions_use_basic_optimizations_only_for_fp8_graphs(tmp_path):
+    """ONNX Runtime's extended optimizations mis-fuse FP8 Q/DQ (1.30 refuses the fused model;
+    1.32 computes wrong values for an FP8 Q/DQ Gemm): qpass's sessions keep to basic graph
+    optimizations for FP8 graphs, and only for them."""
     import onnxruntime as ort
 
     from qpass.export.compare import session_options
 
-    fake = types.SimpleNamespace(__version__=version, SessionOptions=ort.SessionOptions,
-                                 GraphOptimizationLevel=ort.GraphOptimizationLevel)
     default = ort.SessionOptions().graph_optimization_level
     model, _ = _quantized(Attention, (2, 8, 32), "FP8_DEFAULT_CFG")
     fp8 = onnx.load(qpass.export_onnx(model, str(tmp_path / "fp8.onnx")))
-    want = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else default
-    assert session_options(fake, fp8).graph_optimization_level == want
+    assert session_options(ort, fp8).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     model, _ = _quantized(Attention, (2, 8, 32), "INT8_DEFAULT_CFG")
     int8 = onnx.load(qpass.export_onnx(model, str(tmp_path / "int8.onnx")))
-    assert session_options(fake, int8).graph_optimization_level == default
+    assert session_options(ort, int8).graph_optimization_level == default
+
+
+@pytest.mark.parametrize("cfg", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_two_dimensional_linear_layers_gemm_parity(tmp_path, cfg):
+    """A 2-D input makes torch.onnx write each linear layer as one Gemm; ORT (through qpass's
+    session options) must still match the fake-quant model. With ONNX Runtime 1.32's extended
+    optimizations the FP8 Gemm gave cosine 0.76."""
+    torch.manual_seed(0)
+    model = MLP(64, 128).eval()
+    x = torch.randn(8, 64)
+    qpass.quantize(model, getattr(qpass, cfg), lambda m: m(x))
+    path = qpass.export_onnx(model, str(tmp_path / "mlp.onnx"), example_inputs=x)
+    assert Graph(path).count("Gemm") == 2
+    assert _min_cosine(compare(model, path, x)) >= 0.9999
 
 
 def test_int4_blockwise(tmp_path):
@@ -291,3 +300,26 @@ def test_compare_is_reachable_as_qpass_export_compare(attn_int8):
     model, x, path = attn_int8
     rep = qpass.export.compare(model, path, x)
     assert [sorted(r) for r in rep] == [["cosine", "max_abs_err", "name", "shape"]]
+
+
+@pytest.mark.parametrize("cfg", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_matmul_weights_are_stored_transposed_per_channel_on_axis_1(tmp_path, cfg, target):
+    """3-D activations make each linear layer a MatMul: its weight is stored as W.T [in, out]
+    behind one DequantizeLinear (per channel on axis 1 for INT8) with no Transpose after it."""
+    model, x = _quantized(Attention, (2, 8, 32), cfg)
+    path = qpass.export_onnx(model, str(tmp_path / "attn.onnx"), target=target)
+    g = Graph(path)
+    weights = {n: q for n, q in model.named_modules() if n.endswith("weight_quantizer")}
+    assert len(g.weight_dqs()) == len(weights) == 4
+    for dq in g.weight_dqs():
+        codes = g.init[dq.input[0]]
+        assert [u.op_type for u in g.users(dq)] == ["MatMul"]
+        assert tuple(codes.dims) == (32, 32)
+        if cfg == "INT8_DEFAULT_CFG":
+            assert g.attr(dq, "axis", 1) == 1 and g.value(dq.input[1]).shape == (32,)
+    # one of them dequantizes to q_proj's fake-quant weight, transposed
+    wq = model.q_proj.weight_quantizer(model.q_proj.weight).detach().T.numpy()
+    assert any(np.allclose(g.value(d.input[0]).astype(np.float32) * g.value(d.input[1]), wq, rtol=0, atol=1e-6)
+               for d in g.weight_dqs())
+    assert _min_cosine(compare(model, path, x)) >= 0.9999

@@ -74,11 +74,19 @@ def test_minilm_int8_qdq_placement(minilm_int8):
     assert g.opset >= 13
     # 6 layers x (q/k/v shared, attention output, intermediate, output) + pooler = 25 activation Q/DQ
     assert g.count("QuantizeLinear") == 25
-    # 6 x 6 Linear weights + pooler = 37 weight DQs, int8 per channel on axis 0, zero point 0
+    # 6 x 6 Linear weights + pooler = 37 weight DQs, int8 per output channel, zero point 0. The
+    # encoder's MatMuls read W.T [in, out] per channel on axis 1, straight from the DequantizeLinear
+    # (no Transpose, as quantize_static and TensorRT have it); the pooler's Gemm reads W on axis 0.
     assert len(g.weight_dqs()) == 37 and len(g.activation_dqs()) == 25
     for dq in g.weight_dqs():
-        assert g.attr(dq, "axis", 1) == 0 and not g.value(dq.input[2]).any()
-        assert g.value(dq.input[1]).ndim == 1
+        codes, (user,) = g.init[dq.input[0]], g.users(dq)
+        assert not g.value(dq.input[2]).any() and g.value(dq.input[1]).ndim == 1
+        if user.op_type == "MatMul":
+            assert g.attr(dq, "axis", 1) == 1 and g.value(dq.input[1]).shape == (codes.dims[1],)
+        else:
+            assert user.op_type == "Gemm" and g.attr(dq, "axis", 1) == 0
+    assert sum(g.users(dq)[0].op_type == "MatMul" for dq in g.weight_dqs()) == 36
+    assert not any(g.producer.get(t.input[0]) in g.weight_dqs() for t in g.of("Transpose"))
     for q in g.of("QuantizeLinear"):
         assert q.input[0] not in g.init and [u.op_type for u in g.users(q)] == ["DequantizeLinear"]
         assert g.value(q.input[2]) == 0 and g.value(q.input[2]).dtype == np.int8
