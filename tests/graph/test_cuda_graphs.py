@@ -226,3 +226,35 @@ def test_histogram_calibration_is_not_captured(fake_capture, monkeypatch):
     monkeypatch.setattr(cuda_graphs, "eligible", lambda model, state, tensors: bool(tensors))
     calibrate_histogram(model, loop, method="percentile")
     assert not fake_capture
+
+
+@pytest.mark.parametrize("config", ["INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG", "NVFP4_DEFAULT_CFG:mse",
+                                    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG:gptq"])
+def test_algorithms_give_the_same_model_when_forwards_replay_graphs(fake_capture, monkeypatch, config):
+    """Every forward eligible (as on CUDA): the algorithms' passes (activation captures with hooks,
+    calibration, scoring) and the quantized model's forwards give exactly what they give eagerly."""
+    name, _, algorithm = config.partition(":")
+    cfg = copy.deepcopy(getattr(qpass, name))
+    if algorithm:
+        cfg["algorithm"] = algorithm
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(5)]
+
+    def loop(m):
+        for b in batches:
+            m(input_ids=b)
+
+    ref = qpass.quantize(copy.deepcopy(base), copy.deepcopy(cfg), loop)
+    monkeypatch.setattr(cuda_graphs, "eligible", lambda model, state, tensors: bool(tensors))
+    model = qpass.quantize(copy.deepcopy(base), copy.deepcopy(cfg), loop)
+    with torch.no_grad():
+        outs = [model(input_ids=batches[0]).logits for _ in range(3)]
+    assert fake_capture and state_of(model).cuda_graphs.replays >= 1
+    for (n, a), (_, b) in zip(list(ref.named_parameters()) + list(ref.named_buffers()),
+                              list(model.named_parameters()) + list(model.named_buffers())):
+        assert torch.equal(a, b), n
+    monkeypatch.undo()
+    with torch.no_grad():
+        want = ref(input_ids=batches[0]).logits
+    assert all(torch.equal(o, want) for o in outs)
