@@ -28,7 +28,9 @@ Path
    * CUDA FP8 (E4M3 per-tensor activations, per-tensor or per-channel E4M3 weights) on
      ``torch._scaled_mm``; CUDA INT8 W8A8 on ``torch._int_mm`` (M > 16, K and N multiples of 8,
      checked at run time with a dequantize fallback); weight-only INT4 blocks: unpacked and
-     dequantized inside the graph, which inductor fuses into the matmul's prologue.
+     dequantized inside the graph, which inductor fuses into the matmul's prologue. Linears that
+     read one quantized activation (q/k/v, gate/up) become one GEMM over their concatenated
+     weights, with one activation quantization.
 5. **Inductor** (``compile_fx``) compiles the result.
 
 Everything without a fast kernel keeps dynamo's fake-quant arithmetic, which inductor fuses

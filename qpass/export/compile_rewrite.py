@@ -190,7 +190,7 @@ def rewrite_cuda(gm: fx.GraphModule) -> dict[str, int]:
     from qpass.passes.lower import spec_of_token
 
     g = gm.graph
-    counts = {"fp8_linear": 0, "int8_linear": 0, "int4_dequant": 0}
+    counts = {"fp8_linear": 0, "int8_linear": 0, "int4_dequant": 0, "fused_groups": 0}
     for node in list(g.nodes):
         if node.op != "call_function" or node.target not in _LINEAR:
             continue
@@ -229,6 +229,7 @@ def rewrite_cuda(gm: fx.GraphModule) -> dict[str, int]:
         new.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(new)
         g.erase_node(node)
+    counts["fused_groups"] = _fuse_shared_input(gm)
     # int4 block weights: unpack + dequantize as plain aten ops inductor can fuse
     for node in list(g.nodes):
         if node.op == "call_function" and node.target is OPS["dequantize_blockwise"] and node.args[3] in ("int4", "int4n", "uint4"):
@@ -245,6 +246,85 @@ def rewrite_cuda(gm: fx.GraphModule) -> dict[str, int]:
     g.lint()
     gm.recompile()
     return counts
+
+
+def _fuse_shared_input(gm: fx.GraphModule) -> int:
+    """One kernel call for the FP8/INT8 linears that read the same activation with the same scale
+    (q/k/v, gate/up: their shared-input group has one input amax): their weights are concatenated
+    along N, each member's weight scale is spread over its output channels (row-wise scaling), and
+    the output is sliced back. One activation quantization and one wider GEMM instead of three or
+    two narrow ones, as the CPU backend does for oneDNN (:mod:`qpass.export.compile_fuse`). FP8
+    groups are fused for bfloat16 outputs only (what row-wise ``_scaled_mm`` writes on CUDA). Every
+    output column is computed from the same codes and scales as before; ``_scaled_mm`` then
+    applies the scales row-wise instead of tensor-wise. Returns the number of groups fused."""
+    g = gm.graph
+    groups: dict[tuple, list[fx.Node]] = {}
+    for node in g.nodes:
+        if node.op != "call_function" or node.target not in (fp8_linear, int8_linear):
+            continue
+        if node.target is fp8_linear:
+            src, xs, w, _ws, _b, out_dtype = node.args
+            if out_dtype != torch.bfloat16:  # CUDA's row-wise _scaled_mm writes bfloat16 only
+                continue
+            key = (fp8_linear, src, float(_const(gm, xs)), out_dtype, _const(gm, w).shape[1])
+        else:
+            src, x_scale, qmin, w_t, _ws, _b, out_dtype = node.args
+            key = (int8_linear, src, x_scale, qmin, out_dtype, _const(gm, w_t).shape[0])
+        groups.setdefault(key, []).append(node)
+    fused = 0
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        fp8 = key[0] is fp8_linear
+        first = members[0]
+        codes, scales, biases, sizes = [], [], [], []
+        for m in members:
+            if fp8:
+                w, ws = _const(gm, m.args[2]), _const(gm, m.args[3]).float()
+                n = w.shape[0]
+                codes.append(w.view(torch.uint8))  # concatenated as bytes: float8 cat is not everywhere
+            else:
+                w, ws = _const(gm, m.args[3]), _const(gm, m.args[4]).float()
+                n = w.shape[1]
+                codes.append(w)
+            scales.append(ws.reshape(-1).expand(n) if ws.numel() == 1 else ws.reshape(-1))
+            b = m.args[4] if fp8 else m.args[5]
+            biases.append(None if b is None else b)
+            sizes.append(n)
+        if any(b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr") for b in biases):
+            continue
+        base = f"_qpass_fused.{first.name}"
+        scale = torch.cat(scales)
+        bias_n = None
+        if any(b is not None for b in biases):
+            dtype = next(_const(gm, b).dtype for b in biases if b is not None)
+            parts = [_const(gm, b).to(dtype) if b is not None else torch.zeros(n, dtype=dtype, device=scale.device)
+                     for b, n in zip(biases, sizes)]
+            bias_n = _new_const(gm, f"{base}_bias", torch.cat(parts))
+        if fp8:
+            w_n = _new_const(gm, f"{base}_codes", torch.cat(codes).view(torch.float8_e4m3fn))
+            s_n = _new_const(gm, f"{base}_scale_row", scale.reshape(1, -1))
+            args = (first.args[0], first.args[1], w_n, s_n, bias_n, first.args[5])
+        else:
+            w_n = _new_const(gm, f"{base}_codes_t", torch.cat(codes, dim=1))
+            s_n = _new_const(gm, f"{base}_scale_n", scale)
+            args = (first.args[0], first.args[1], first.args[2], w_n, s_n, bias_n, first.args[6])
+        with g.inserting_before(first):
+            out = g.call_function(first.target, args)
+            val = first.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                out.meta["val"] = val.new_empty((*val.shape[:-1], sum(sizes)))
+            start = 0
+            for m, n in zip(members, sizes):
+                piece = g.call_function(aten.slice.Tensor, (out, -1, start, start + n))
+                if isinstance(out.meta.get("val"), torch.Tensor):
+                    piece.meta["val"] = aten.slice.Tensor(out.meta["val"], -1, start, start + n)
+                start += n
+                m.replace_all_uses_with(piece)
+        for m in members:
+            g.erase_node(m)
+        fused += 1
+    return fused
 
 
 def _int4_block_dequant(packed: torch.Tensor, scale: torch.Tensor, fmt: str, block: int, shape: list, dtype):

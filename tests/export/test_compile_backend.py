@@ -378,7 +378,7 @@ def test_cuda_int4_weight_only_is_unpacked_in_graph(monkeypatch):
         ref = model(x)
     out, counts = _compile_as_cuda(model, x, monkeypatch)
     # fc2 (K=128): blocks of 128 tile K; fc1 (K=64) has one partial block: fused fake quant
-    assert counts == {"fp8_linear": 0, "int8_linear": 0, "int4_dequant": 1}
+    assert counts == {"fp8_linear": 0, "int8_linear": 0, "int4_dequant": 1, "fused_groups": 0}
     assert _cos(out, ref) >= 0.9999
     rep = cb.report(model)
     assert [(d.quantizer, d.kernel) for d in rep.lowered] == [("fc2.weight_quantizer", "int4_dequant_fused")]
@@ -447,3 +447,28 @@ def test_compiled_fake_quant_reads_cached_weights_and_recompiles_on_quantizer_ch
         assert torch.equal(out2, model(x)) and not torch.equal(out2, ref)
     assert len(graphs) == 2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cfg,kernel", [("FP8_DEFAULT_CFG", "_scaled_mm"), ("INT8_DEFAULT_CFG", "_int_mm")])
+def test_cuda_rewrite_fuses_shared_input_projections(monkeypatch, cfg, kernel):
+    """q/k/v read one activation with one scale: the CUDA rewrite gives them one quantization and
+    one GEMM over their concatenated weights (row-wise weight scales), then o_proj its own."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if kernel == "_scaled_mm" else torch.float32  # row-wise FP8 writes bf16
+    x = torch.randn(2, 16, 32, dtype=dtype)
+    model = _quantized(Attention().eval().to(dtype), x, getattr(qpass, cfg))
+    spy = _Spy(getattr(torch, kernel))
+    monkeypatch.setattr(torch, kernel, spy)
+    with torch.no_grad():
+        ref = model(x)
+    out, counts = _compile_as_cuda(model, x, monkeypatch)
+    assert counts["fused_groups"] == 1 and _cos(out, ref) >= 0.999
+    (a, b), kw = spy.calls[0]
+    assert tuple(a.shape) == (32, 32) and tuple(b.shape) == (32, 96)  # q, k and v: N = 3 x 32
+    (a2, b2), _ = spy.calls[1]
+    assert tuple(b2.shape) == (32, 32) and len(spy.calls) == 2
+    if kernel == "_scaled_mm":
+        assert tuple(kw["scale_b"].shape) == (1, 96) and tuple(kw["scale_a"].shape) == (32, 1)
+        want = torch.cat([getattr(model, p).weight_quantizer.amax.float().reshape(1).expand(32)
+                          for p in ("q_proj", "k_proj", "v_proj")]) / 448
+        assert torch.allclose(kw["scale_b"].reshape(-1), want)
