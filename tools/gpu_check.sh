@@ -6,9 +6,10 @@
 #
 #   bash tools/gpu_check.sh [steps...]     # steps: pytest bench compile layerwise (default: all)
 #
-# On an H200 (2026-11-28): bench about 50 s, pytest -m cuda about 95 s with 8 workers, layerwise
-# about 100 s; bench_compile on the 30-layer model compiles three variants at 50-70 s each, so its
-# limit is 240 s (a run cut short still prints each variant measured so far).
+# On an H200 (2026-11-28): bench about 65 s without ModelOpt, pytest -m cuda about 105 s with 8
+# workers, layerwise about 100 s; bench_compile on the 30-layer model compiles three variants at
+# 30-70 s each (about 195 s in all), so its limit is 240 s (a run cut short still prints each
+# variant measured so far). bench + pytest + compile fit one 10-minute device call.
 #
 # Runs from a source checkout with the machine's own python3 (torch, transformers, onnx,
 # onnxruntime, networkx); the model packages are not needed (random SmolLM2-shaped weights).
@@ -38,6 +39,21 @@ step() {  # step NAME LIMIT_S CMD...
 'transformers', transformers.__version__, 'onnx', onnx.__version__, 'ort', onnxruntime.__version__)"
 } 2>&1 | tee "$OUT/env.log"
 
+# ModelOpt side by side: where ./.whl holds the nvidia-modelopt 0.47 wheel and the dependencies the
+# GPU image lacks (pydantic, pydantic-core, annotated-types, typing-inspection, omegaconf, pulp;
+# about 21 MB, fetched with `pip download --no-deps --python-version 3.12 ...`, see
+# ../.library/device/README.md, and carried with the device call's carry=[".whl"]), they are
+# installed to /tmp/site and bench.py --gpu runs ModelOpt's rows too (its CUDA extensions build
+# first, about a minute, untimed).
+modelopt_flag=(--no-modelopt)
+if ls .whl/nvidia_modelopt-*.whl >/dev/null 2>&1; then
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH="/tmp/site:$PYTHONPATH"
+        modelopt_flag=()
+        echo "modelopt wheels installed to /tmp/site"
+    fi
+fi
+
 xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-8}")
 for s in $steps; do
@@ -45,7 +61,7 @@ for s in $steps; do
     pytest) step pytest "${PYTEST_LIMIT:-180}" $PY -m pytest -m cuda -q -p no:cacheprovider "${xdist[@]}" -rfE \
         tests/test_cuda.py tests/test_cuda_algorithms.py tests/calib/test_layerwise.py tests/calib/test_histogram.py \
         tests/export/test_compile_backend.py tests/export/test_tensorrt.py ;;
-    bench) step bench "${BENCH_LIMIT:-150}" $PY tools/bench.py --gpu --no-modelopt --profile --json "$OUT/bench_gpu.json" ;;
+    bench) step bench "${BENCH_LIMIT:-240}" $PY tools/bench.py --gpu "${modelopt_flag[@]}" --profile --json "$OUT/bench_gpu.json" ;;
     compile) step compile "${COMPILE_LIMIT:-240}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" --runs 20 ;;
     layerwise) step layerwise "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \
         --config INT8_SMOOTHQUANT_CFG ;;
