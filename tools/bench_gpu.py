@@ -90,6 +90,26 @@ def profile_forward(model, x, top: int = 12) -> str:
     return "\n".join(out)
 
 
+def _quantize_without_cuda_graphs(base, cfg, loop, extra) -> float:
+    """Seconds of quantize+calibrate of a fresh copy with CUDA-graph replay off (QPASS_CUDA_GRAPHS=0)."""
+    import os
+
+    import qpass
+
+    model = copy.deepcopy(base)
+    old = os.environ.get("QPASS_CUDA_GRAPHS")
+    os.environ["QPASS_CUDA_GRAPHS"] = "0"
+    try:
+        with bc.quiet():
+            return _sync_time(lambda: qpass.quantize(model, copy.deepcopy(cfg), loop, **(extra or {})))
+    finally:
+        if old is None:
+            del os.environ["QPASS_CUDA_GRAPHS"]
+        else:
+            os.environ["QPASS_CUDA_GRAPHS"] = old
+        del model
+
+
 @torch.no_grad()
 def split_forward(model, x, args) -> str:
     """Forward time with only the input quantizers, then only the weight quantizers enabled, and
@@ -160,6 +180,7 @@ def _measure(lib: str, base, cfg, loop, x, args, extra: dict | None = None) -> d
                 res["cuda_graph_replays"], res["cuda_graph_refused"] = graphs.replays, list(graphs.refused.values())
                 qpass.set_cuda_graphs(model, False)
                 res["forward_ms_no_cuda_graphs"] = forward_ms(model, x, args.warmup, args.iters)
+                res["quant_s_no_cuda_graphs"] = _quantize_without_cuda_graphs(base, cfg, loop, extra)
             if getattr(args, "profile", False):
                 res["profile"] = profile_forward(model, x)
                 if lib == "qpass":
@@ -282,10 +303,11 @@ def _progress(row: dict, eager_ms: float, plain_s: float) -> None:
     if row["error"]:
         print(f"  {row['name']:<40} {'n/a' if row['lib'] == 'modelopt' else 'error'} ({row['error']})", flush=True)
     else:
-        nog = row.get("forward_ms_no_cuda_graphs")
+        nog, qnog = row.get("forward_ms_no_cuda_graphs"), row.get("quant_s_no_cuda_graphs")
         extra = f" [no CUDA graphs {nog:.2f} ms ({nog / eager_ms:.2f}x)]" if nog else ""
+        qextra = f" [no CUDA graphs {qnog:.3f} s ({qnog / plain_s:.2f}x)]" if qnog else ""
         print(f"  {row['name']:<40} forward {row['forward_ms']:.2f} ms ({row['forward_ms'] / eager_ms:.2f}x){extra}  "
-              f"quantize+calibrate {row['quant_s']:.3f} s ({row['quant_s'] / plain_s:.2f}x)", flush=True)
+              f"quantize+calibrate {row['quant_s']:.3f} s ({row['quant_s'] / plain_s:.2f}x){qextra}", flush=True)
         if row.get("cuda_graph_refused"):
             print(f"    CUDA graphs refused: {row['cuda_graph_refused']}", flush=True)
 
