@@ -414,7 +414,9 @@ class TensorQuantizer(nn.Module):
         cache = self._weight_cache
         if cache is not None and cache[0]() is w and cache[1] == key:
             return cache[2]
-        out = self._fake_quant(w)
+        # contiguous: a padded block layout (576 columns in blocks of 128) comes back as a strided
+        # view, which every GEMM reading the cached weight would otherwise step through
+        out = self._fake_quant(w).contiguous()
         self._weight_cache = (weakref.ref(w), key, out)
         return out
 
