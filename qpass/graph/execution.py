@@ -10,6 +10,9 @@ derives, per traced graph, a copy that
 * leaves out disabled quantizers that hold no ``pre_quant_scale`` and no hooks (their forward
   is the identity), export's ``_assert_tensor_metadata`` checks and full-range slices (``x[:]``,
   an alias of ``x``);
+* runs one quantizer where several quantize the same input alike (same attributes, equal amax
+  values, no pre_quant_scale or hooks: q/k/v and gate/up input quantizers after their shared
+  amax) and reuses its output for the others;
 * reaches each parameter, buffer and quantizer through its parent container, bound to one
   attribute of the copy, instead of walking the dotted path on every call. The containers are
   the traced graph's own, so what qpass rebinds in them (folded or packed weights, a model moved
@@ -40,19 +43,49 @@ _CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, _Entry]" = weakref.WeakKeyDic
 
 
 class _Entry:
-    __slots__ = ("code", "epoch", "exe", "decisions")
+    __slots__ = ("code", "epoch", "exe", "decisions", "readers", "merges")
 
-    def __init__(self, code, epoch, exe, decisions) -> None:
+    def __init__(self, code, epoch, exe, decisions, readers) -> None:
         self.code, self.epoch, self.exe, self.decisions = code, epoch, exe, decisions
+        self.readers = readers  # [(quantizers reading one input, in graph order), their partition]
+        self.merges = _merge_states(readers)
 
     def still_valid(self) -> bool:
-        """Every quantizer node would be skipped or kept as before, and each skipped one still
-        holds the same module (auto_quantize swaps candidate quantizers into the graphs)."""
+        """Every quantizer node would be skipped or kept as before, each skipped one still holds
+        the same module (auto_quantize swaps candidate quantizers into the graphs), and the
+        quantizers of each input would be merged as before."""
         for modules, leaf, module, skipped in self.decisions:
             current = modules.get(leaf)
             if _skippable(current) != skipped or (skipped and current is not module):
                 return False
+            if not skipped and self.readers and current is not module:
+                return False
+        if any(_partition(group) != part for group, part in self.readers):
+            return False
+        self.merges = _merge_states(self.readers)
         return True
+
+    def amax_unchanged(self) -> bool:
+        """The merged quantizers' amax tensors are the same objects, unchanged in place (the
+        quantizer epoch does not see an in-place write; everything else about them it does)."""
+        for q, state in self.merges:
+            amax = q._buffers.get("_amax")
+            if state is None or amax is not state[1] or amax._version != state[2]:
+                return False
+        return True
+
+
+def _partition(group: list) -> list[int]:
+    """For each quantizer of one input, the index of the first one that quantizes alike."""
+    part = []
+    for i, q in enumerate(group):
+        part.append(next((j for j in range(i) if part[j] == j and _same_quantization(group[j], q)), i))
+    return part
+
+
+def _merge_states(readers: list) -> list:
+    return [(q, _merge_state(q)) for group, part in readers if part != list(range(len(group)))
+            for q, j in zip(group, part) if part.count(j) > 1]
 
 
 def execution_graph(gm: fx.GraphModule) -> fx.GraphModule:
@@ -60,19 +93,41 @@ def execution_graph(gm: fx.GraphModule) -> fx.GraphModule:
     epoch = quantizer_epoch()
     entry = _CACHE.get(gm)
     if entry is not None and entry.code is gm.code:
-        if entry.epoch == epoch:
+        if entry.epoch == epoch and (not entry.merges or entry.amax_unchanged()):
             return entry.exe
         if entry.still_valid():
             entry.epoch = epoch
             return entry.exe
-    exe, decisions = _build(gm)
-    _CACHE[gm] = _Entry(gm.code, epoch, exe, decisions)
+    exe, decisions, readers = _build(gm)
+    _CACHE[gm] = _Entry(gm.code, epoch, exe, decisions, readers)
     return exe
 
 
 def _skippable(q) -> bool:
     return (type(q) is TensorQuantizer and q._disabled and q._buffers.get("_pre_quant_scale") is None
             and not (q._forward_hooks or q._forward_pre_hooks or q._backward_hooks or q._backward_pre_hooks))
+
+
+def _merge_state(q):
+    """What decides that two quantizers of one input give the same output: None when ``q`` is
+    not a candidate (calibrating, hooked, dynamic, a pre_quant_scale, no amax), else its
+    attributes and its amax tensor, by identity (the state holds it) and version (an amax set anew
+    or changed in place is a new state; values are compared once, when the graph is built)."""
+    if (type(q) is not TensorQuantizer or q._disabled or q._if_calib or not q._if_quant
+            or q._forward_hooks or q._forward_pre_hooks or q._buffers.get("_pre_quant_scale") is not None):
+        return None
+    amax = q._buffers.get("_amax")
+    if amax is None or amax.is_inference() or q._attrs.get("type") == "dynamic":
+        return None
+    return repr(sorted(q._attrs.items())), amax, amax._version
+
+
+def _same_quantization(a, b) -> bool:
+    sa, sb = _merge_state(a), _merge_state(b)
+    if sa is None or sb is None or sa[0] != sb[0]:
+        return False
+    x, y = a._buffers["_amax"], b._buffers["_amax"]
+    return x.shape == y.shape and x.device == y.device and bool(torch.equal(x, y))
 
 
 def _full_slice(node: fx.Node) -> bool:
@@ -83,9 +138,10 @@ def _full_slice(node: fx.Node) -> bool:
     return start in (0, None) and end in (None, _INT64_MAX) and step in (None, 1)
 
 
-def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list]:
+def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
     graph = fx.Graph()
     decisions = []  # (parent's _modules, leaf, module, skipped) per quantizer node
+    kept: dict[fx.Node, list] = {}  # input node -> [(quantizer, its output node in the copy, index it uses)]
     env: dict[fx.Node, fx.Node] = {}
     containers: dict[str, str] = {}  # parent path in gm -> attribute of the copy
     for node in gm.graph.nodes:
@@ -102,6 +158,15 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list]:
                 if skip:
                     env[node] = env[node.args[0]]
                     continue
+                # q/k/v (gate/up) input quantizers share one amax after calibration: where two
+                # quantize one input alike, the copy runs the first and reuses its output
+                group = kept.setdefault(node.args[0], [])
+                twin = next((j for j, (q, _, rep) in enumerate(group) if rep == j and _same_quantization(q, module)),
+                            None)
+                if twin is not None:
+                    env[node] = group[twin][1]
+                    group.append((module, None, twin))
+                    continue
         if _full_slice(node):
             env[node] = env[node.args[0]]
             continue
@@ -111,6 +176,9 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list]:
             if parent:
                 key = containers.setdefault(parent, f"_qpass_c{len(containers)}")
                 new.target = f"{key}.{leaf}"
+            if node.op == "call_module" and len(node.args) == 1 and isinstance(module_of(gm, node), TensorQuantizer):
+                group = kept.setdefault(node.args[0], [])
+                group.append((module_of(gm, node), new, len(group)))
         env[node] = new
     graph._codegen = gm.graph._codegen  # the same pytree input/output handling
 
@@ -133,7 +201,14 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list]:
         exe._modules[key] = container
         object.__setattr__(exe, key, container)
     exe.meta.update(gm.meta)
-    return exe, decisions
+    readers = [([q for q, _, _ in group], [rep for _, _, rep in group]) for group in kept.values() if len(group) > 1]
+    return exe, decisions, readers
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node):
+    parent_path, _, leaf = node.target.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    return parent._modules.get(leaf)
 
 
 def _copy_top_level(gm: fx.GraphModule, root: nn.Module, name: str) -> None:
