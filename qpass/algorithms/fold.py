@@ -17,6 +17,8 @@ and no parameter is shared with another module (tied weights).
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass
 
 import torch
@@ -174,10 +176,20 @@ def _users_ok(node: fx.Node, allowed: set) -> bool:
     return all(u in allowed or (u.target in _HARMLESS and not u.users) for u in node.users)
 
 
+_COUNTS: dict = {}  # id(model) -> (registration counter, weakref to the model, its counts): the last model only
+
+
 def _param_count(model: nn.Module) -> dict[int, int]:
     """id(parameter) -> how many (module, name) slots hold it, as
     ``named_parameters(remove_duplicate=False)`` counts them (an explicit stack instead of
-    nested generators: called once per smoothed unit, on models with hundreds of modules)."""
+    nested generators: called once or twice per smoothed unit, on models with hundreds of
+    modules). Cached until a parameter or module is registered anywhere (the global registration
+    counter of :mod:`qpass.graph.cuda_graphs`): untying a weight registers a new parameter."""
+    from qpass.graph.cuda_graphs import _Registrations
+
+    hit = _COUNTS.get(id(model))
+    if hit is not None and hit[0] == _Registrations.value and hit[1]() is model:
+        return hit[2]
     counts: dict[int, int] = {}
     stack = [model]
     while stack:
@@ -186,6 +198,8 @@ def _param_count(model: nn.Module) -> dict[int, int]:
             if p is not None:
                 counts[id(p)] = counts.get(id(p), 0) + 1
         stack.extend(c for c in m._modules.values() if c is not None)
+    _COUNTS.clear()
+    _COUNTS[id(model)] = (_Registrations.value, weakref.ref(model), counts)
     return counts
 
 
