@@ -190,11 +190,9 @@ def test_eligibility_and_switches():
     assert state_of(copied).cuda_graphs.enabled and not state_of(copied).cuda_graphs.graphs
 
 
-@pytest.mark.parametrize("config", ["INT8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
-def test_calibration_forwards_capture_once_statistics_exist_and_give_the_same_amax(fake_capture, monkeypatch, config):
-    """With every forward eligible (as on CUDA), max calibration's first batch runs eagerly
-    (creating the running statistics), the second is captured, later ones replay; the amax
-    values equal a calibration without graphs, and the pass's graphs are dropped after it."""
+def _quantized_eagerly_and_with_graphs(config, monkeypatch):
+    """The same tiny Llama quantized twice on 5 batches: eagerly, then with every forward
+    eligible for a (stand-in) CUDA graph. Returns (eager model, graphs model, batches)."""
     torch.manual_seed(0)
     base = tiny_llama().eval()
     batches = [torch.randint(0, 128, (2, 16)) for _ in range(5)]
@@ -203,9 +201,17 @@ def test_calibration_forwards_capture_once_statistics_exist_and_give_the_same_am
         for b in batches:
             m(input_ids=b)
 
-    ref = qpass.quantize(copy.deepcopy(base), config, loop)
+    ref = qpass.quantize(copy.deepcopy(base), copy.deepcopy(config), loop)
     monkeypatch.setattr(cuda_graphs, "eligible", lambda model, state, tensors: bool(tensors))
-    model = qpass.quantize(copy.deepcopy(base), config, loop)
+    return ref, qpass.quantize(copy.deepcopy(base), copy.deepcopy(config), loop), batches
+
+
+@pytest.mark.parametrize("config", ["INT8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"])
+def test_calibration_forwards_capture_once_statistics_exist_and_give_the_same_amax(fake_capture, monkeypatch, config):
+    """With every forward eligible (as on CUDA), max calibration's first batch runs eagerly
+    (creating the running statistics), the second is captured, later ones replay; the amax
+    values equal a calibration without graphs, and the pass's graphs are dropped after it."""
+    ref, model, _ = _quantized_eagerly_and_with_graphs(config, monkeypatch)
     assert len(fake_capture) == 1 and sum(c.graph.replays for c in fake_capture) == 4
     assert state_of(model).calib_graphs is None
     for (n, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
@@ -237,17 +243,7 @@ def test_algorithms_give_the_same_model_when_forwards_replay_graphs(fake_capture
     cfg = copy.deepcopy(getattr(qpass, name))
     if algorithm:
         cfg["algorithm"] = algorithm
-    torch.manual_seed(0)
-    base = tiny_llama().eval()
-    batches = [torch.randint(0, 128, (2, 16)) for _ in range(5)]
-
-    def loop(m):
-        for b in batches:
-            m(input_ids=b)
-
-    ref = qpass.quantize(copy.deepcopy(base), copy.deepcopy(cfg), loop)
-    monkeypatch.setattr(cuda_graphs, "eligible", lambda model, state, tensors: bool(tensors))
-    model = qpass.quantize(copy.deepcopy(base), copy.deepcopy(cfg), loop)
+    ref, model, batches = _quantized_eagerly_and_with_graphs(cfg, monkeypatch)
     with torch.no_grad():
         outs = [model(input_ids=batches[0]).logits for _ in range(3)]
     assert fake_capture and state_of(model).cuda_graphs.replays >= 1
