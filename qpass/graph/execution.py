@@ -145,6 +145,7 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
     env: dict[fx.Node, fx.Node] = {}
     containers: dict[str, str] = {}  # parent path in gm -> attribute of the copy
     for node in gm.graph.nodes:
+        quantizer = None  # a quantizer this node runs, kept in the copy
         if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default \
                 and not node.users:
             continue
@@ -167,6 +168,7 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
                     env[node] = group[twin][1]
                     group.append((module, None, twin))
                     continue
+                quantizer = module
         if _full_slice(node):
             env[node] = env[node.args[0]]
             continue
@@ -176,9 +178,8 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
             if parent:
                 key = containers.setdefault(parent, f"_qpass_c{len(containers)}")
                 new.target = f"{key}.{leaf}"
-            if node.op == "call_module" and len(node.args) == 1 and isinstance(module_of(gm, node), TensorQuantizer):
-                group = kept.setdefault(node.args[0], [])
-                group.append((module_of(gm, node), new, len(group)))
+        if quantizer is not None:
+            group.append((quantizer, new, len(group)))
         env[node] = new
     graph._codegen = gm.graph._codegen  # the same pytree input/output handling
 
@@ -203,12 +204,6 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
     exe.meta.update(gm.meta)
     readers = [([q for q, _, _ in group], [rep for _, _, rep in group]) for group in kept.values() if len(group) > 1]
     return exe, decisions, readers
-
-
-def module_of(gm: fx.GraphModule, node: fx.Node):
-    parent_path, _, leaf = node.target.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
-    return parent._modules.get(leaf)
 
 
 def _copy_top_level(gm: fx.GraphModule, root: nn.Module, name: str) -> None:
