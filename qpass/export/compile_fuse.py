@@ -21,7 +21,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_
 
 from qpass.passes.lower import _fetch
 
-__all__ = ["fuse_shared_input_linears"]
+__all__ = ["fuse_shared_input_linears", "replace_with_slices"]
 
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten
@@ -70,6 +70,18 @@ def _layer_name(linear: fx.Node) -> str:
     return target.rsplit(".weight_quantizer", 1)[0] if ".weight_quantizer" in target else linear.name
 
 
+def replace_with_slices(g: fx.Graph, out: fx.Node, members: list[fx.Node], sizes: list[int]) -> None:
+    """Each of ``members`` replaced by its slice of ``out``'s last axis (the fused node's output
+    columns, in member order); call it where nodes are being inserted before the members."""
+    start = 0
+    for member, n in zip(members, sizes):
+        piece = g.call_function(aten.slice.Tensor, (out, -1, start, start + n))
+        if isinstance(out.meta.get("val"), torch.Tensor):
+            piece.meta["val"] = aten.slice.Tensor(out.meta["val"], -1, start, start + n)
+        start += n
+        member.replace_all_uses_with(piece)
+
+
 def fuse_shared_input_linears(gm: fx.GraphModule) -> list[list[str]]:
     """Fuse, in place, int8 linears that read the same dequantized activation. Returns the
     groups fused, each as its layers' module paths."""
@@ -105,12 +117,7 @@ def fuse_shared_input_linears(gm: fx.GraphModule) -> list[list[str]]:
             out = g.call_function(aten.linear.default, (x, w, bias_n) if has_bias else (x, w))
             val = first.meta["val"]
             out.meta["val"] = val.new_empty((*val.shape[:-1], codes.shape[0]))
-            start = 0
-            for lin, n in zip(linears, sizes):
-                piece = g.call_function(aten.slice.Tensor, (out, -1, start, start + n))
-                piece.meta["val"] = aten.slice.Tensor(out.meta["val"], -1, start, start + n)
-                start += n
-                lin.replace_all_uses_with(piece)
+            replace_with_slices(g, out, linears, sizes)
         fused.append([_layer_name(lin) for lin in linears])
         for lin in linears:
             wdq = lin.args[1]

@@ -19,6 +19,7 @@ from torch import fx
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 
+from qpass.export.compile_fuse import replace_with_slices
 from qpass.passes.lower import OPS, _fetch, _install
 
 qd = torch.ops.quantized_decomposed
@@ -288,8 +289,7 @@ def _fuse_shared_input(gm: fx.GraphModule) -> int:
                 n = w.shape[1]
                 codes.append(w)
             scales.append(ws.reshape(-1).expand(n) if ws.numel() == 1 else ws.reshape(-1))
-            b = m.args[4] if fp8 else m.args[5]
-            biases.append(None if b is None else b)
+            biases.append(m.args[4] if fp8 else m.args[5])
             sizes.append(n)
         if any(b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr") for b in biases):
             continue
@@ -314,13 +314,7 @@ def _fuse_shared_input(gm: fx.GraphModule) -> int:
             val = first.meta.get("val")
             if isinstance(val, torch.Tensor):
                 out.meta["val"] = val.new_empty((*val.shape[:-1], sum(sizes)))
-            start = 0
-            for m, n in zip(members, sizes):
-                piece = g.call_function(aten.slice.Tensor, (out, -1, start, start + n))
-                if isinstance(out.meta.get("val"), torch.Tensor):
-                    piece.meta["val"] = aten.slice.Tensor(out.meta["val"], -1, start, start + n)
-                start += n
-                m.replace_all_uses_with(piece)
+            replace_with_slices(g, out, members, sizes)
         for m in members:
             g.erase_node(m)
         fused += 1
