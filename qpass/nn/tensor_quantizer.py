@@ -400,15 +400,13 @@ class TensorQuantizer(nn.Module):
             return self._fake_quant(w)
         if torch.compiler.is_compiling():
             # Dynamo cannot check w._version (data-dependent: a graph break per weight). With a
-            # cache from an eager forward under this quantizer state (dynamo guards on the
-            # _state_version it reads here), the compiled code reads the cached fake-quant weight
-            # as an input instead of re-quantizing every weight on every call; weights changed in
-            # place after compiling need torch._dynamo.reset(), as amax changes already do.
-            # Without a cache, the quantizer's arithmetic is compiled.
+            # cache from an eager forward (every quantizer change drops it, see _bump, and dynamo
+            # guards on its presence), the compiled code reads the cached fake-quant weight as an
+            # input instead of re-quantizing every weight on every call; weights changed in place
+            # after compiling need torch._dynamo.reset(), as amax changes already do. Without a
+            # cache, the quantizer's arithmetic is compiled.
             cache = self._weight_cache
-            if cache is not None and cache[1][1] == self._state_version:
-                return cache[2]
-            return self._fake_quant(w)
+            return self._fake_quant(w) if cache is None else cache[2]
         amax = self._buffers.get("_amax")
         key = (w._version, self._state_version, None if amax is None else amax._version)
         cache = self._weight_cache
