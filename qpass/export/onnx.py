@@ -346,14 +346,13 @@ def _fold_weight_transposes(model) -> None:
         if perm is None or list(perm.value) != [1, 0] or dq is None or dq.op_type != "DequantizeLinear":
             continue
         codes, scale = dq.inputs[0], dq.inputs[1]
-        zero = dq.inputs[2] if len(dq.inputs) > 2 else None
         if (codes is None or codes.const_value is None or len(codes.uses()) != 1 or len(dq.outputs[0].uses()) != 1
                 or INT4_META in dq.metadata_props or "block_size" in dq.attributes
                 or scale is None or scale.const_value is None or len(codes.const_value.shape) != 2):
             continue
         per_channel = len(scale.const_value.shape) == 1 and scale.const_value.shape[0] > 1
-        axis = dq.attributes.get("axis")
-        if per_channel and (axis is not None and axis.value not in (0, -2)):
+        axis = dq.attributes.get("axis")  # absent means 1 (ONNX's default): not the output channels
+        if per_channel and (axis is None or axis.value not in (0, -2)):
             continue
         arr = np.ascontiguousarray(np.asarray(codes.const_value.numpy()).T)
         codes.const_value = ir.Tensor(arr, name=codes.name)
