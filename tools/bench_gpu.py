@@ -93,21 +93,13 @@ def profile_forward(model, x, top: int = 12) -> str:
 def _quantize_without_cuda_graphs(base, cfg, loop, extra) -> float:
     """Seconds of quantize+calibrate of a fresh copy with CUDA-graph replay off (QPASS_CUDA_GRAPHS=0)."""
     import os
+    from unittest import mock
 
     import qpass
 
     model = copy.deepcopy(base)
-    old = os.environ.get("QPASS_CUDA_GRAPHS")
-    os.environ["QPASS_CUDA_GRAPHS"] = "0"
-    try:
-        with bc.quiet():
-            return _sync_time(lambda: qpass.quantize(model, copy.deepcopy(cfg), loop, **(extra or {})))
-    finally:
-        if old is None:
-            del os.environ["QPASS_CUDA_GRAPHS"]
-        else:
-            os.environ["QPASS_CUDA_GRAPHS"] = old
-        del model
+    with mock.patch.dict(os.environ, {"QPASS_CUDA_GRAPHS": "0"}), bc.quiet():
+        return _sync_time(lambda: qpass.quantize(model, copy.deepcopy(cfg), loop, **(extra or {})))
 
 
 @torch.no_grad()
@@ -117,7 +109,8 @@ def split_forward(model, x, args) -> str:
     import qpass
 
     lines = []
-    torch.cuda.synchronize() if DEVICE == "cuda" else None
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     model(input_ids=x, use_cache=False)
     host = time.perf_counter() - t0
