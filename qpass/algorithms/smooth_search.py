@@ -9,7 +9,10 @@ uncorrelated, so
 
 (``dx``: the activation error of x/s quantized with the clipped per-tensor amax, ``dW``:
 the weight error of W*s, ``_c``: input channel c's column). That costs O(tokens x channels)
-per candidate instead of a matmul. The ``SHORTLIST`` best candidates are then scored
+per candidate instead of a matmul. The weight error ``|dW_c|^2`` is summed over
+``ESTIMATE_ROWS`` evenly spaced output rows per member, scaled to all rows, when every stage of
+the weight quantizer works row by row (per-row amax, blocks within a row); the rest of the
+estimate is per channel (``|(W s)_c|^2 = s_c^2 |W_c|^2``). The ``SHORTLIST`` best candidates are then scored
 exactly, by the matmul on a bounded token subsample, and the best wins. Clip 1.0 with
 any alpha is always part of the exact round, so the search can only pick a clip when it
 measurably beats the unclipped amax on the unit's output.
@@ -29,6 +32,8 @@ CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 SHORTLIST = 3
 #: tokens used by the exact scoring
 EXACT_TOKENS = 512
+#: output rows per member whose weight error the estimate measures (weights quantized by row)
+ESTIMATE_ROWS = 64
 
 
 @dataclass
@@ -131,6 +136,22 @@ def _unseen_error(unseen: torch.Tensor, s: torch.Tensor, threshold: float, col: 
     return float(((unseen / s - threshold).clamp(min=0).double().pow(2) * col).sum()) / total
 
 
+def _estimate_rows(q, w: torch.Tensor, rows: int):
+    """Row indices of ``w`` whose weight error stands in for all rows (None: all rows), and the
+    factor that scales their sum to the whole: only for quantizers whose every stage quantizes
+    row by row (a per-row amax, blocks within a row, or no amax), so a row's error depends on
+    that row alone."""
+    from qpass.algorithms.smoothing import _LOCAL, _NONE, _stage_kinds
+
+    n = w.shape[0]
+    if n <= rows:
+        return None, 1.0
+    plan = _stage_kinds(q, w[:2], torch.ones(w.shape[1]))
+    if plan is None or any(kind not in (_LOCAL, _NONE) for _, kind, _ in plan):
+        return None, 1.0
+    return torch.linspace(0, n - 1, rows).round().long(), n / rows
+
+
 @torch.no_grad()
 def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLIP_RATIOS,
                       shortlist: int = SHORTLIST, exact_tokens: int = EXACT_TOKENS) -> SearchResult:
@@ -148,15 +169,21 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
     mods = [model.get_submodule(p) for p in unit]
     w = group_weight(model, unit)
     x2 = x.pow(2).sum(0)  # [C]
-    est, cache = {}, {}
+    col2 = w.pow(2).sum(0).double()  # [C]: |W_c|^2, so |(W s)_c|^2 = s_c^2 |W_c|^2
+    picks = [_estimate_rows(m.weight_quantizer, m.weight, ESTIMATE_ROWS) for m in mods]
+    sampled = [m.weight.detach().float() if idx is None else m.weight.detach()[idx].float()
+               for m, (idx, _) in zip(mods, picks)]
+    est, scales = {}, {}
     for alpha in alphas:
         s = scale_fn(alpha)
-        ws = w * s
-        wq = torch.cat([fake_quant_weight(m.weight_quantizer, m.weight.detach().float() * s).float() for m in mods])
-        w_err = float((x2 / s.pow(2) * (wq - ws).pow(2).sum(0)).sum()) / max(x.shape[0], 1)
-        col = ws.pow(2).sum(0).double()
+        d2 = torch.zeros_like(s)
+        for m, wr, (_, factor) in zip(mods, sampled, picks):
+            ws = wr * s
+            d2 += (fake_quant_weight(m.weight_quantizer, ws).float() - ws).pow(2).sum(0) * factor
+        w_err = float((x2 / s.pow(2) * d2).sum()) / max(x.shape[0], 1)
+        col = s.double().pow(2) * col2
         base = (stats.amax / s).max()
-        cache[alpha] = (s, wq, base, col)
+        scales[alpha] = (s, base, col)
         if profile is not None:
             errs = (profile.int_errors(s, [float(base) * r for r in clips], fmt.max_bound) * col[:, None]).sum(0)
         for i, r in enumerate(clips):
@@ -173,15 +200,13 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
         chosen.append((ranked[0][0], 1.0))
     xe = xa
     ref = xe @ w.t()
-    exact = {}
+    exact, wqs = {}, {}
     for alpha, r in chosen:
-        s, wq, base, col = cache[alpha]
+        s, base, col = scales[alpha]
+        if alpha not in wqs:
+            wqs[alpha] = [fake_quant_weight(m.weight_quantizer, m.weight.detach().float() * s).float() for m in mods]
         xs = xe / s
-        outs, row = [], 0
-        for m in mods:
-            n = m.weight.shape[0]
-            outs.append(input_fake_quant(m.input_quantizer, xs, base * r) @ wq[row:row + n].t())
-            row += n
+        outs = [input_fake_quant(m.input_quantizer, xs, base * r) @ wq.t() for m, wq in zip(mods, wqs[alpha])]
         per_token = float((torch.cat(outs, -1) - ref).pow(2).sum(-1).mean())
         exact[(alpha, r)] = (per_token + _unseen_error(unseen, s, float(base) * r, col, total)) / ref.shape[1]
     best = min(exact, key=exact.get)

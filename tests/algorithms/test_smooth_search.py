@@ -117,3 +117,26 @@ def test_outlier_channel_without_rare_tokens_keeps_full_range():
     plain = copy.deepcopy(base)
     qpass.quantize(plain, {"quant_cfg": INT8_CFG, "algorithm": "max"}, lambda mm: mm(x))
     assert (m(x) - ref).pow(2).mean() < 0.5 * (plain(x) - ref).pow(2).mean()
+
+
+def test_estimate_rows_sample_only_row_local_weight_quantizers():
+    from qpass.algorithms.smooth_search import _estimate_rows
+    from qpass.algorithms.smoothing import fake_quant_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 40)
+    s = torch.rand(40) + 0.5
+    per_row = TensorQuantizer({"num_bits": 8, "axis": 0})
+    idx, factor = _estimate_rows(per_row, w, 60)
+    assert idx.numel() == 60 and factor == 5.0
+    # a per-row quantizer's error on the sampled rows is the whole-weight error of those rows,
+    # and the scaled sum estimates the whole within sampling error
+    full = (fake_quant_weight(per_row, w * s) - w * s).pow(2)
+    part = (fake_quant_weight(per_row, w[idx] * s) - w[idx] * s).pow(2)
+    torch.testing.assert_close(part, full[idx])
+    torch.testing.assert_close(float(part.sum() * factor), float(full.sum()), rtol=0.1, atol=0)
+    blocks = TensorQuantizer({"num_bits": 4, "block_sizes": {-1: 8}})
+    assert _estimate_rows(blocks, w, 60)[0] is not None
+    # one per-tensor amax spans all rows: every row is measured
+    assert _estimate_rows(TensorQuantizer({"num_bits": 8, "axis": None}), w, 60) == (None, 1.0)
+    assert _estimate_rows(per_row, w[:50], 60) == (None, 1.0)
