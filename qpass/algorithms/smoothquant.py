@@ -44,6 +44,8 @@ AUTO_GRID_STEP = 0.1
 #: them all). An eighth of AWQ's: SmolLM2 perplexity 15.706 with 512, 15.709 with 2048, for
 #: 1.86x instead of 2.06x ModelOpt's quantize time (``tools/bench_algorithms.py``)
 AUTO_SEARCH_TOKENS = 512
+#: tokens captured with ``gptq=True``: its Gram matrices want more than the search does
+GPTQ_TOKENS = SEARCH_TOKENS // 2
 
 
 def smoothquant_scale(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -85,7 +87,7 @@ def smoothquant(model, state, forward_loop, alpha="auto", gptq=False, **options)
 
 def _smooth(model, state, forward_loop, alpha, changes, gptq):
     modules = smoothable_modules(model, need_input=True)
-    tokens = AUTO_SEARCH_TOKENS if alpha == "auto" or gptq else 0
+    tokens = GPTQ_TOKENS if gptq else AUTO_SEARCH_TOKENS if alpha == "auto" else 0
     stats = capture_pass(model, state, forward_loop, modules, tokens, sums=False)
     plan = []
     for unit in smoothing_units(state, modules, stats):
