@@ -112,11 +112,11 @@ def compare_quantizers(model, onnx_path, inputs) -> list[dict]:
     args, kwargs = _split_inputs(inputs)
     lowered, _, _, _ = lowered_for_export(model, inputs)
     flat_in = _flat_tensors((args, dict(sorted(kwargs.items()))))
-    by_scale = {}  # scale initializer name -> (quantize node, amax, fmt)
+    quantize_ops = []  # (quantize node, amax, fmt, scale)
     for node in lowered.graph.nodes:
         if node.target is OPS["quantize_per_tensor"]:
-            amax = _fetch(lowered, node.args[2].target)
-            by_scale[node.args[1].target] = (node, amax, node.args[3])
+            quantize_ops.append((node, _fetch(lowered, node.args[2].target), node.args[3],
+                                 _fetch(lowered, node.args[1].target).detach().float().reshape(-1)))
     torch_in = {}
 
     class _Capture(torch.fx.Interpreter):
@@ -129,6 +129,9 @@ def compare_quantizers(model, onnx_path, inputs) -> list[dict]:
         _Capture(lowered).run(*flat_in)
     proto = onnx.load(os.fspath(onnx_path))
     qnodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    constants.update((c.output[0], onnx.numpy_helper.to_array(c.attribute[0].t))
+                     for c in proto.graph.node if c.op_type == "Constant" and c.attribute[0].name == "value")
     outputs = {o.name for o in proto.graph.output}
     for n in qnodes:
         for name in (n.input[0], n.output[0]):
@@ -144,12 +147,18 @@ def compare_quantizers(model, onnx_path, inputs) -> list[dict]:
                    sess.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, flat_in)})))
     report = []
     for n in qnodes:
-        entry = by_scale.get(n.input[1])
-        if entry is None:
-            raise ExportError(f"ONNX node '{n.name}': scale '{n.input[1]}' matches no quantize op of the lowered graph")
-        qnode, amax, fmt = entry
         x = torch.from_numpy(np.asarray(got[n.input[0]]).astype(np.float32))
-        ort_codes = np.asarray(got[n.output[0]])
+        # the quantize op whose PyTorch input this node received, among those with its scale: the
+        # exporter merges equal constants (SmoothQuant with alpha 1 gives many inputs amax 1.0)
+        # under one name, and may flatten leading dims
+        scale = torch.tensor(np.asarray(constants[n.input[1]], dtype=np.float32)).reshape(-1)
+        entries = [e for e in quantize_ops if torch_in[e[0]].numel() == x.numel() and e[3].shape == scale.shape
+                   and torch.equal(e[3], scale)]
+        if not entries:
+            raise ExportError(f"ONNX node '{n.name}': scale '{n.input[1]}' matches no quantize op of the lowered graph")
+        qnode, amax, fmt, _ = min(entries, key=lambda e: float((torch_in[e[0]].reshape(x.shape) - x).abs().max()))
+        x = x.reshape(torch_in[qnode].shape)
+        ort_codes = np.asarray(got[n.output[0]]).reshape(x.shape)
         ours = spec_of_token(fmt).quantize(x, amax)[0]
         if ours.dtype.is_floating_point:  # float8 codes: compare the bytes
             a, b = ours.view(torch.uint8).numpy(), ort_codes.view(np.uint8)

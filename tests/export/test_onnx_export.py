@@ -121,6 +121,27 @@ def test_onnxruntime_target_uint8_activations(tmp_path):
     assert all(r["mismatches"] == 0 and r["total"] == x.numel() for r in q), q
 
 
+
+def test_compare_quantizers_with_equal_scales_merged_by_the_exporter(tmp_path):
+    """Quantizers with equal amax (SmoothQuant with alpha 1 gives many inputs amax 1.0) get one
+    scale initializer from the exporter; each ONNX QuantizeLinear is still matched to its own
+    quantize op, by its input."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 5, 8)
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(x))
+    for i in (0, 2):
+        model[i].input_quantizer.amax = torch.tensor(1.0)
+    path = qpass.export_onnx(model, str(tmp_path / "merged.onnx"))
+    g = Graph(path)
+    scales = {q.input[1] for q in g.of("QuantizeLinear")}
+    assert g.count("QuantizeLinear") == 2 and len(scales) == 1  # the exporter merged them
+    q = compare_quantizers(model, path, x)
+    assert [r["quantizer"] for r in q] == ["0.input_quantizer", "2.input_quantizer"]
+    assert [r["total"] for r in q] == [x.numel(), 2 * 5 * 16] and all(r["mismatches"] == 0 for r in q), q
+
 # ------------------------------------------------------------------------------------ other formats
 def test_fp8(tmp_path):
     model, x = _quantized(Attention, (2, 8, 32), "FP8_DEFAULT_CFG")
