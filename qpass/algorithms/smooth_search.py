@@ -12,10 +12,10 @@ the weight error of W*s, ``_c``: input channel c's column). That costs O(tokens 
 per candidate instead of a matmul. The weight error ``|dW_c|^2`` is summed over
 ``ESTIMATE_ROWS`` evenly spaced output rows per member, scaled to all rows, when every stage of
 the weight quantizer works row by row (per-row amax, blocks within a row); the rest of the
-estimate is per channel (``|(W s)_c|^2 = s_c^2 |W_c|^2``). The ``SHORTLIST`` best candidates are then scored
-exactly, by the matmul on a bounded token subsample, and the best wins. Clip 1.0 with
-any alpha is always part of the exact round, so the search can only pick a clip when it
-measurably beats the unclipped amax on the unit's output.
+estimate is per channel (``|(W s)_c|^2 = s_c^2 |W_c|^2``). The ``SHORTLIST`` best candidates
+are then scored exactly, by the matmul on a bounded token subsample, and the best wins. Clip
+1.0 with any alpha is always part of the exact round, so the search can only pick a clip when
+it measurably beats the unclipped amax on the unit's output.
 """
 
 from __future__ import annotations
@@ -146,10 +146,10 @@ def _estimate_rows(q, w: torch.Tensor, rows: int):
     n = w.shape[0]
     if n <= rows:
         return None, 1.0
-    plan = _stage_kinds(q, w[:2], torch.ones(w.shape[1]))
+    plan = _stage_kinds(q, w[:2], torch.ones(w.shape[1], device=w.device))
     if plan is None or any(kind not in (_LOCAL, _NONE) for _, kind, _ in plan):
         return None, 1.0
-    return torch.linspace(0, n - 1, rows).round().long(), n / rows
+    return torch.linspace(0, n - 1, rows, device=w.device).round().long(), n / rows
 
 
 @torch.no_grad()
