@@ -146,7 +146,8 @@ def timing_batch(tok, text: str, batch: int, seq: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
-QPASS_LABELS = {"INT8_DEFAULT_CFG": "int8", "INT8_SMOOTHQUANT_CFG": "int8 smoothquant"}
+QPASS_LABELS = {"INT8_DEFAULT_CFG": "int8", "INT8_SMOOTHQUANT_CFG": "int8 smoothquant",
+                "INT8_ASYMMETRIC_CFG": "int8 asymmetric"}
 PARITY_CONFIGS = ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT4_AWQ_CFG",
                   "NVFP4_DEFAULT_CFG"]
 

@@ -74,6 +74,10 @@ def smoothable_modules(model: nn.Module, need_input: bool) -> dict[str, nn.Linea
             continue
         if need_input and not iq.is_enabled:
             continue
+        if iq.is_enabled and iq._attrs.get("bias"):
+            raise QuantConfigError(
+                f"quantizer '{path}.input_quantizer' has an affine bias; smoothing scales for affine "
+                "input quantizers are not implemented yet in qpass (disable its bias, or use algorithm 'max')")
         out[path] = module
     return out
 

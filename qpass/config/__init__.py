@@ -22,10 +22,12 @@ from .rules import (
 )
 
 globals().update({name: getattr(_presets, name) for name in choices})
+INT8_ASYMMETRIC_CFG = _presets.INT8_ASYMMETRIC_CFG  # qpass's own preset (not in choices)
 
 __all__ = [
     "ALGORITHMS",
     "ALGORITHM_OPTIONS",
+    "INT8_ASYMMETRIC_CFG",
     "QPASS_OPTIONS",
     "QuantizerAttributes",
     "Rule",

@@ -165,6 +165,14 @@ def _model_preset(weight, inputs, *extra, algorithm="max") -> dict:
 INT8_DEFAULT_CFG = _model_preset(INT8_PER_CHANNEL, INT8_PER_TENSOR)
 INT8_SMOOTHQUANT_CFG = _model_preset(INT8_PER_CHANNEL, INT8_PER_TENSOR, algorithm="smoothquant")
 INT8_WEIGHT_ONLY_CFG = _model_preset(INT8_PER_CHANNEL, None)
+#: qpass's own (not one of ModelOpt's names, so not in :data:`choices`): INT8_DEFAULT_CFG with
+#: asymmetric activations. Each input quantizer subtracts the midpoint of its calibrated range,
+#: rounded to whole steps (``bias`` with qpass's ``zero_point``): a uint8 activation with a zero
+#: point, the form of ONNX Runtime's quantize_static and of PT2E, which
+#: ``export_onnx(..., target="onnxruntime")`` writes as plain QuantizeLinear/DequantizeLinear.
+INT8_ASYMMETRIC_CFG = _model_preset(
+    INT8_PER_CHANNEL, {**INT8_PER_TENSOR, "bias": {-1: None, -2: None, -3: None, -4: None, "type": "static",
+                                                   "method": "max_min", "zero_point": True}})
 INT4_BLOCKWISE_WEIGHT_ONLY_CFG = _model_preset(INT4_BLOCK128, None)
 INT4_AWQ_CFG = _model_preset(INT4_BLOCK128, None, algorithm={"method": "awq_lite", "alpha_step": 0.1})
 W4A8_AWQ_BETA_CFG = _model_preset([INT4_BLOCK128, FP8_PER_TENSOR], FP8_PER_TENSOR, algorithm="awq_lite")
@@ -283,19 +291,23 @@ NVFP4_KV_ROTATE_CFG = _preset(
 
 # --------------------------------------------------------------------------------------------
 
-#: Names of all presets (ModelOpt 0.47's ``mtq.config.choices``).
+#: qpass's own presets, accepted by name like ModelOpt's
+QPASS_PRESETS = ("INT8_ASYMMETRIC_CFG",)
+
+#: Names of all of ModelOpt 0.47's presets (its ``mtq.config.choices``).
 choices: set[str] = {
     name for name, value in dict(globals()).items()
-    if name.isupper() and isinstance(value, dict) and "quant_cfg" in value
+    if name.isupper() and isinstance(value, dict) and "quant_cfg" in value and name not in QPASS_PRESETS
 }
 
 
 def get_preset(name: str) -> dict:
-    """A deep copy of the preset called ``name``."""
-    if not isinstance(name, str) or name not in choices:
-        close = difflib.get_close_matches(str(name), sorted(choices), n=3)
+    """A deep copy of the preset called ``name`` (one of :data:`choices` or :data:`QPASS_PRESETS`)."""
+    known = sorted(choices) + list(QPASS_PRESETS)
+    if not isinstance(name, str) or name not in known:
+        close = difflib.get_close_matches(str(name), known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise QuantConfigError(
-            f"unknown preset {name!r}{hint}; choices: {', '.join(sorted(choices))}"
+            f"unknown preset {name!r}{hint}; choices: {', '.join(known)}"
         )
     return copy.deepcopy(globals()[name])

@@ -180,10 +180,14 @@ def _check_bias(v, key):
             if val not in BIAS_METHODS:
                 _fail(key, "bias", f"['method'] must be one of {list(BIAS_METHODS)}, got {val!r}")
             out[k] = val
+        elif k == "zero_point":  # qpass's own: a static integer bias rounded to whole steps
+            if not isinstance(val, bool):
+                _fail(key, "bias", f"['zero_point'] must be True or False, got {val!r}")
+            out[k] = val
         else:
             ik = _int_key(k)
             if ik is None:
-                _fail(key, "bias", f"has key {k!r}; keys must be int axes, 'type' or 'method'")
+                _fail(key, "bias", f"has key {k!r}; keys must be int axes, 'type', 'method' or 'zero_point'")
             out[ik] = tuple(val) if isinstance(val, list) else val
     if not any(not isinstance(k, str) for k in out):
         _fail(key, "bias", f"must name at least one int axis for the bias, got {v!r}")

@@ -272,6 +272,8 @@ def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: 
                           f"{msg[0] if msg else ''}") from e
     model = program.model
     _fold_weight_transposes(model)
+    if target == "onnxruntime":
+        _fold_affine_zero_points(model)
     _finish_int4(model)
     _drop_unused_initializers(model)
     _strip_nondeterminism(model)
@@ -366,6 +368,62 @@ def _fold_weight_transposes(model) -> None:
             if o is tr.outputs[0]:
                 graph.outputs[i] = out
         graph.remove(tr, safe=True)
+
+
+def _fold_affine_zero_points(model) -> None:
+    """``Sub(x, b) -> QuantizeLinear(s, zp) -> DequantizeLinear(s, zp) -> Add(., b)`` (an affine
+    quantizer, :func:`qpass.passes.lower._lower_affine`) becomes ``QuantizeLinear(x, s, zp - k) ->
+    DequantizeLinear(s, zp - k)`` where the scalar bias ``b`` is a whole number ``k`` of steps
+    (a ``zero_point`` bias) and ``zp - k`` fits the code type: ONNX Runtime's asymmetric uint8
+    activations, the form ``quantize_static`` writes, which its QDQ fusions take into the integer
+    kernels. The codes are the same (up to rounding ties: ``round(x/s) - k`` against
+    ``round((x - b)/s)``). Other affine quantizers keep their Sub and Add (``target="tensorrt"``
+    keeps them all: TensorRT takes zero point 0 only)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    for sub in list(graph):
+        if sub.op_type != "Sub" or sub.domain not in ("", "ai.onnx") or sub.inputs[1] is None:
+            continue
+        bias = sub.inputs[1].const_value
+        uses = list(sub.outputs[0].uses())
+        if bias is None or bias.size != 1 or len(uses) != 1 or uses[0][0].op_type != "QuantizeLinear":
+            continue
+        q = uses[0][0]
+        dqs = [u for u, _ in q.outputs[0].uses()]
+        if len(q.inputs) < 3 or q.inputs[1].const_value is None or q.inputs[2] is None or q.inputs[2].const_value is None:
+            continue
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or dqs[0].inputs[1] is not q.inputs[1]:
+            continue
+        dq = dqs[0]
+        adds = [u for u, _ in dq.outputs[0].uses()]
+        if not adds or any(a.op_type != "Add" or a.inputs[1] is not sub.inputs[1] for a in adds):
+            continue
+        b = float(np.asarray(bias.numpy()).reshape(-1)[0])
+        step = float(np.asarray(q.inputs[1].const_value.numpy()).reshape(-1)[0])
+        zp = np.asarray(q.inputs[2].const_value.numpy())
+        k = b / step
+        if zp.size != 1 or step <= 0 or abs(k - round(k)) > 1e-3:
+            continue
+        info = np.iinfo(zp.dtype) if zp.dtype.kind in "iu" else None
+        new = int(zp.reshape(-1)[0]) - int(round(k))
+        if info is None or not info.min <= new <= info.max:
+            continue
+        zp_value = ir.Value(name=f"{q.name}_zero_point", shape=ir.Shape(list(zp.shape)),
+                            type=ir.TensorType(q.inputs[2].dtype),
+                            const_value=ir.Tensor(np.full(zp.shape, new, dtype=zp.dtype), name=f"{q.name}_zero_point"))
+        graph.register_initializer(zp_value)
+        q.replace_input_with(0, sub.inputs[0])
+        q.replace_input_with(2, zp_value)
+        dq.replace_input_with(2, zp_value)
+        for add in adds:
+            ir.convenience.replace_all_uses_with(add.outputs[0], dq.outputs[0])
+            for i, o in enumerate(graph.outputs):
+                if o is add.outputs[0]:
+                    graph.outputs[i] = dq.outputs[0]
+            graph.remove(add, safe=True)
+        graph.remove(sub, safe=True)
 
 
 def _finish_int4(model) -> None:

@@ -110,11 +110,12 @@ def _skippable(q) -> bool:
 
 def _merge_state(q):
     """What decides that two quantizers of one input give the same output: None when ``q`` is
-    not a candidate (calibrating, hooked, dynamic, a pre_quant_scale, no amax), else its
+    not a candidate (calibrating, hooked, dynamic, a pre_quant_scale, an affine bias, no amax), else its
     attributes and its amax tensor, by identity (the state holds it) and version (an amax set anew
     or changed in place is a new state; values are compared once, when the graph is built)."""
     if (type(q) is not TensorQuantizer or q._disabled or q._if_calib or not q._if_quant
-            or q._forward_hooks or q._forward_pre_hooks or q._buffers.get("_pre_quant_scale") is not None):
+            or q._forward_hooks or q._forward_pre_hooks or q._buffers.get("_pre_quant_scale") is not None
+            or q._attrs.get("bias")):
         return None
     amax = q._buffers.get("_amax")
     if amax is None or amax.is_inference() or q._attrs.get("type") == "dynamic":

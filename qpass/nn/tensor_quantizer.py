@@ -1,8 +1,9 @@
 """TensorQuantizer: the one module that fake-quantizes a tensor in the graph.
 
 It holds ModelOpt's quantizer attributes (num_bits, axis, block_sizes, ...),
-the calibrated ``_amax`` buffer and an optional ``_pre_quant_scale``. All
-numerics are delegated to :mod:`qpass.formats`; this module only keeps state.
+the calibrated ``_amax`` buffer, an optional ``_pre_quant_scale`` and, for affine
+quantization (the ``bias`` attribute, :mod:`qpass.calib.bias`), the calibrated ``_bias_value``.
+All numerics are delegated to :mod:`qpass.formats`; this module only keeps state.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qpass.calib.bias import BiasCalibrator, bias_of
 from qpass.calib.histogram import HistogramCalibrator, histogram_calibrator_for
 from qpass.calib.max import MaxCalibrator
 from qpass.errors import CalibrationError, QuantConfigError
@@ -22,7 +24,6 @@ from qpass.formats import triton_kernels
 # config (so every preset loads) and refused when the quantizer is first used.
 _UNSUPPORTED_WHEN_SET = {
     "rotate": (False, None, {}),
-    "bias": (None, {}),
     "backend": (None,),
     "learn_amax": (False,),
 }
@@ -67,7 +68,8 @@ class TensorQuantizer(nn.Module):
         # plain attributes straight into __dict__ (nn.Module.__setattr__ checks each one for
         # parameters, buffers and modules: a model's quantizers are created by the hundred)
         self.__dict__.update(_name=name, _disabled=False, _if_quant=True, _if_calib=False, _state_version=0,
-                             _weight_cache=None, _fast=None, _attrs={}, _spec=None, _calibrator=MaxCalibrator())
+                             _weight_cache=None, _fast=None, _attrs={}, _spec=None, _calibrator=MaxCalibrator(),
+                             _bias_calibrator=None)
         self.set_from_attribute_config(attributes or {})
 
     # ------------------------------------------------------------------ attributes
@@ -85,6 +87,10 @@ class TensorQuantizer(nn.Module):
             self._calibrator = MaxCalibrator()
         else:  # "histogram" (or ModelOpt's HistogramCalibrator class); others: set by an algorithm
             self._calibrator = histogram_calibrator_for(attrs, self._name or "<quantizer>")
+        bias = attrs.get("bias")
+        self._bias_calibrator = BiasCalibrator(bias) if bias and bias.get("type", "static") == "static" else None
+        if self._bias_calibrator is None:
+            self._buffers.pop("_bias_value", None)
         self._bump()
 
     def _bump(self) -> None:
@@ -141,6 +147,10 @@ class TensorQuantizer(nn.Module):
                 raise QuantConfigError(
                     f"quantizer '{self._name}': attribute {key}={value!r} is not implemented yet in qpass"
                 )
+        if self._attrs.get("bias") and not self._attrs.get("fake_quant", True):
+            raise QuantConfigError(
+                f"quantizer '{self._name}': bias (affine quantization) with fake_quant=False is not "
+                "implemented yet in qpass")
 
     # ------------------------------------------------------------------ state switches
     @property
@@ -211,6 +221,52 @@ class TensorQuantizer(nn.Module):
         self.amax = None
         if self._calibrator is not None:
             self._calibrator.reset()
+        if self._bias_calibrator is not None:
+            self._bias_calibrator.reset()
+
+    # ------------------------------------------------------------------ affine bias
+    @property
+    def bias_value(self) -> torch.Tensor | None:
+        """The calibrated static bias (ModelOpt's ``_bias_value``), None before calibration."""
+        return self._buffers.get("_bias_value")
+
+    @bias_value.setter
+    def bias_value(self, value) -> None:
+        if value is None:
+            self._buffers.pop("_bias_value", None)
+        else:
+            self._buffers["_bias_value"] = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+        self._bump()
+
+    def zero_point_step(self, amax: torch.Tensor | None) -> torch.Tensor | None:
+        """The quantization step a ``zero_point`` bias is rounded to (an integer format under one
+        per-tensor amax), else None: the bias is used as calibrated."""
+        from qpass.formats.integer import IntFormat
+
+        bias = self._attrs.get("bias")
+        spec = self.spec
+        if (not bias or not bias.get("zero_point") or amax is None or amax.numel() != 1
+                or not isinstance(spec.fmt, IntFormat) or spec.is_dynamic or spec.block_sizes or spec.axis is not None):
+            return None
+        a = amax.detach().float().reshape(1)
+        return spec.quantize(a.new_zeros(1), a)[1].reshape(())
+
+    def effective_bias(self, x: torch.Tensor, amax: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias subtracted before quantizing ``x`` (float32), or None without affine
+        quantization: the calibrated one (rounded to whole steps with ``zero_point``), one computed
+        from ``x`` when uncalibrated or dynamic."""
+        bias = self._attrs.get("bias")
+        if not bias:
+            return None
+        b = self._buffers.get("_bias_value") if bias.get("type", "static") == "static" else None
+        if b is None:
+            return bias_of(x, bias)
+        b = b.to(x.device)
+        step = self.zero_point_step(amax)
+        if step is not None:
+            step = step.to(x.device)
+            b = torch.round(b / step) * step
+        return b
 
     @property
     def calibrator(self):
@@ -229,6 +285,9 @@ class TensorQuantizer(nn.Module):
             return
         histogram = isinstance(self._calibrator, HistogramCalibrator)
         self.__dict__["_calib_input"] = (tuple(x.shape), x.dtype)
+        if self._bias_calibrator is not None:  # the amax of x minus the running bias, as ModelOpt
+            self._bias_calibrator.collect(x)
+            x = x.detach().float() - self._bias_calibrator.compute_bias()
         if not histogram and spec.axis is None and not spec.block_sizes:
             # per tensor: max |x| in one reduction, exact in x's own dtype (no float32 copy of x);
             # NaN and Inf carry through it
@@ -266,6 +325,8 @@ class TensorQuantizer(nn.Module):
             return False
         if isinstance(self._calibrator, MaxCalibrator) and not bool(torch.isfinite(amax).all()):
             self._raise_not_finite()  # a batch held NaN or Inf (the checks deferred in collect)
+        if self._bias_calibrator is not None and self._bias_calibrator.compute_bias() is not None:
+            self.bias_value = self._bias_calibrator.compute_bias()
         self.amax = amax
         return True
 
@@ -300,7 +361,7 @@ class TensorQuantizer(nn.Module):
         blocks under a calibrated global amax, or None where the general path applies (other
         formats, autograd, torch.compile, float16, a 0-dim x)."""
         amax = self._buffers.get("_amax")
-        if (amax is None or x.dtype not in self._FAST_DTYPES or x.dim() == 0 or amax.numel() != 1
+        if (amax is None or x.dtype not in self._FAST_DTYPES or self._attrs.get("bias") or x.dim() == 0 or amax.numel() != 1
                 or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()):
             return None
         fast = self._fast
@@ -381,6 +442,15 @@ class TensorQuantizer(nn.Module):
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         amax = None if self._attrs.get("type") == "dynamic" else self._buffers.get("_amax")
+        bias = self.effective_bias(x, amax)
+        if bias is not None:  # affine: quantize x - b, add b back (in x's dtype)
+            b = bias.to(x.dtype)
+            xb = x - b
+            if amax is None and spec.needs_amax:
+                amax = spec.amax_of(xb)
+            elif amax is not None and amax.device != x.device:
+                amax = amax.to(x.device)
+            return spec.fake_quant(xb, amax) + b
         if amax is None and spec.needs_amax:
             # Uncalibrated: quantize with the input's own range, as ModelOpt does.
             amax = spec.amax_of(x)
@@ -440,6 +510,9 @@ class TensorQuantizer(nn.Module):
                 parts.append(f"amax=[{amax.min().item():.4g}, {amax.max().item():.4g}]({amax.numel()})")
         if self.pre_quant_scale is not None:
             parts.append("pre_quant_scale")
+        if self._attrs.get("bias"):
+            b = self.bias_value
+            parts.append("bias" if b is None or b.numel() != 1 else f"bias={b.item():.4g}")
         if self._if_calib:
             parts.append("calib")
         if self._if_quant:
@@ -448,9 +521,12 @@ class TensorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # _amax/_pre_quant_scale exist only once set: create them when a checkpoint has them.
-        for key in ("_amax", "_pre_quant_scale"):
-            if prefix + key in state_dict and key not in self._buffers:
-                self._buffers[key] = torch.empty_like(state_dict[prefix + key], dtype=torch.float32)
+        for key in ("_amax", "_pre_quant_scale", "_bias_value"):
+            saved = state_dict.get(prefix + key)
+            # a bias keeps the calibration input's rank ([1, 1, 1] per tensor for 3-D inputs)
+            if saved is not None and (key not in self._buffers or (key == "_bias_value"
+                                                                   and self._buffers[key].shape != saved.shape)):
+                self._buffers[key] = torch.empty_like(saved, dtype=torch.float32)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         self._bump()
 

@@ -15,6 +15,10 @@ traced graph of a quantized model:
   except for its ``pre_quant_scale``, which its forward applies anyway (a ``mul``);
 * quantizers reading the same tensor with the same numerics (a shared-input group:
   q/k/v, gate/up) are merged into one quantize/dequantize pair feeding all readers;
+* an **affine** quantizer (ModelOpt's ``bias`` attribute, static) becomes ``sub(x, b)``, its
+  quantize/dequantize ops (or ``qpass::fake_quant``), then ``add(., b)``: the arithmetic of its
+  forward. ONNX export folds the pair into an integer zero point where ``b`` is a whole
+  number of steps (``zero_point``), for ONNX Runtime; a dynamic bias has no lowered form;
 * anything else (per-channel or block activations, MX formats, dynamic NVFP4 activations,
   quantizer sequences) becomes ``qpass::fake_quant`` - exact in PyTorch, and refused by the
   exporters with an :class:`~qpass.errors.ExportError` naming the node and the format.
@@ -339,11 +343,55 @@ def _meta(node: fx.Node, q, kind: str) -> dict:
 
 
 def _lower_one(b: _Builder, node: fx.Node, q, old_src: fx.Node, src) -> fx.Node:
+    if q._attrs.get("bias"):
+        return _lower_affine(b, node, q, _resolve_src(b, src))
     # a parameter: fold it (src is already a get_attr node when another op read the same
     # parameter first, e.g. an embedding tied to lm_head)
     if old_src.op == "get_attr" and (isinstance(src, _LazyAttr) or (isinstance(src, fx.Node) and src.op == "get_attr")):
         return _lower_weight(b, node, q, old_src.target)
     return _lower_activation(b, node, q, _resolve_src(b, src))
+
+
+def _lower_affine(b: _Builder, node: fx.Node, q, src: fx.Node) -> fx.Node:
+    """``sub(x, b)`` -> the quantizer's own lowering without the bias -> ``add(., b)``."""
+    cfg = q._attrs["bias"]
+    amax = q.amax
+    if cfg.get("type", "static") == "dynamic" or q.bias_value is None or (amax is None and q.spec.needs_amax):
+        raise ExportError(
+            f"quantizer '{node.meta[QUANTIZER_META]}' (node '{node.name}', {q.describe()}) has "
+            + ("a dynamic affine bias, which has no lowered form" if cfg.get("type", "static") == "dynamic"
+               else "no calibrated bias and amax: calibrate the model before lowering or exporting it"))
+    val = node.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    bias = q.effective_bias(q.bias_value, amax).to(dtype)
+    key = ("affine", src, q.describe(), None if amax is None else amax.detach().cpu().numpy().tobytes(),
+           bias.cpu().numpy().tobytes(), None if q.pre_quant_scale is None else q.pre_quant_scale.cpu().numpy().tobytes())
+    if key in b.cse:
+        return b.cse[key]
+    x = src
+    if q.pre_quant_scale is not None:
+        x = b.graph.call_function(torch.ops.aten.mul.Tensor, (x, b.constant(node.target, "pre_quant_scale", q.pre_quant_scale)))
+    bias_n = b.constant(node.target, "bias", bias)
+    x = b.graph.call_function(torch.ops.aten.sub.Tensor, (x, bias_n))
+    unbiased = _Unbiased(q)
+    if amax is not None and not q.spec.is_dynamic and not q.spec.block_sizes and q.spec.axis is None:
+        out = _lower_activation(b, node, unbiased, x)
+    else:
+        out = _fallback_call(b, node, unbiased, x)
+    out = b.graph.call_function(torch.ops.aten.add.Tensor, (out, bias_n))
+    b.cse[key] = out
+    return out
+
+
+class _Unbiased:
+    """A quantizer seen without its bias and pre_quant_scale (the affine lowering applies them)."""
+
+    def __init__(self, q) -> None:
+        self._q = q
+        self.spec, self.amax, self.pre_quant_scale = q.spec, q.amax, None
+
+    def describe(self) -> str:
+        return self._q.describe()
 
 
 def _resolve_src(b: _Builder, src):
