@@ -19,7 +19,11 @@ def quantizer_rows(model: nn.Module) -> list[dict]:
             "format": q.describe() if q.is_enabled else "-",
             "amax": None,
             "pre_quant_scale": q.pre_quant_scale is not None,
+            "bias": None,  # an affine quantizer's calibrated bias (ModelOpt's ``bias`` attribute)
         }
+        bias = q.bias_value if q._attrs.get("bias") else None
+        if bias is not None:
+            row["bias"] = bias.item() if bias.numel() == 1 else [bias.min().item(), bias.max().item(), bias.numel()]
         if amax is not None:
             row["amax"] = amax.item() if amax.numel() == 1 else [amax.min().item(), amax.max().item(), amax.numel()]
         rows.append(row)
@@ -45,6 +49,8 @@ def format_summary(model: nn.Module) -> str:
     for r in rows:
         state = "on" if r["enabled"] else "off"
         extra = "  (pre_quant_scale)" if r["pre_quant_scale"] else ""
+        if r["bias"] is not None:
+            extra += f"  (bias {_amax_text(r['bias'])})"
         lines.append(f"{r['name']:<{width}}  {state:<8}  {r['format']:<{fmt_width}}  {_amax_text(r['amax'])}{extra}")
     enabled = sum(r["enabled"] for r in rows)
     calibrated = sum(r["amax"] is not None for r in rows if r["enabled"])

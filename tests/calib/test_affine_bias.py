@@ -58,12 +58,14 @@ def test_bias_calibrator_methods():
     assert per_channel.shape == (1, 1, 16)
 
 
+@pytest.mark.parametrize("axes", ["tensor", "channel"])
 @pytest.mark.parametrize("method", ["max_min", "mean"])
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_affine_quantization_matches_modelopt(method, fmt):
+def test_affine_quantization_matches_modelopt(method, fmt, axes):
     mtq = pytest.importorskip("modelopt.torch.quantization")
     num_bits = 8 if fmt == "int8" else (4, 3)
-    bias = {**PER_TENSOR, "type": "static", "method": method}
+    reduced = PER_TENSOR if axes == "tensor" else {0: None, 1: None}  # per channel: one bias per feature
+    bias = {**reduced, "type": "static", "method": method}
     torch.manual_seed(0)
     base = MLP().eval()
     xs = _data()
