@@ -92,6 +92,8 @@ def _build_quantizer(spec: QuantizerSpec) -> nn.Module:
             tq.amax = tensors["_amax"]
         if tensors.get("_pre_quant_scale") is not None:
             tq.pre_quant_scale = tensors["_pre_quant_scale"]
+        if tensors.get("_bias_value") is not None:
+            tq.bias_value = tensors["_bias_value"]
         if m.get("packed_weight"):  # real_quantize: the owner's weight is packed in this quantizer
             packed = {k: tensors[f"_{k}"] for k in PACKED_KEYS if tensors.get(f"_{k}") is not None}
             install_packed(tq, packed, m["packed_weight"]["shape"], getattr(torch, m["packed_weight"]["dtype"]))

@@ -369,3 +369,26 @@ def test_restore_modelopt_matches_modelopt(tmp_path, cfg_name):
     with torch.no_grad():
         for b in batches[1:]:
             assert _cosine(model(**b).last_hidden_state, reference(**b).last_hidden_state) > 0.9999
+
+
+@pytest.mark.modelopt
+def test_restore_modelopt_affine_bias(tmp_path):
+    """A ModelOpt checkpoint of affine input quantizers (``bias``, max_min): qpass imports the
+    calibrated ``_bias_value`` and computes ModelOpt's outputs."""
+    mtq, mto = _modelopt()
+    cfg = {"quant_cfg": {"*": {"enable": False}, "*weight_quantizer": {"num_bits": 8, "axis": 0},
+                         "*input_quantizer": {"num_bits": 8, "axis": None,
+                                              "bias": {-1: None, -2: None, "type": "static", "method": "max_min"}}},
+           "algorithm": "max"}
+    x = torch.randn(4, 32) + 2.0
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(model, copy.deepcopy(cfg), lambda m: m(x))
+        path = tmp_path / "affine.pth"
+        mto.save(model, path)
+    ours = qpass.restore_modelopt(_mlp(), path)
+    torch.testing.assert_close(ours.fc1.input_quantizer.bias_value.reshape(-1), model.fc1.input_quantizer._bias_value.reshape(-1))
+    y = torch.randn(3, 32) + 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(y), model(y), rtol=0, atol=1e-5)

@@ -196,3 +196,16 @@ def test_dynamic_bias_has_no_lowered_form(tmp_path):
     with pytest.raises(ExportError, match="fc1.input_quantizer.*dynamic affine bias"):
         qpass.export_onnx(model, str(path))
     assert not path.exists()
+
+
+def test_checkpoint_round_trip_keeps_the_bias(tmp_path):
+    torch.manual_seed(0)
+    base = MLP().eval()
+    xs = _data()
+    model = qpass.quantize(copy.deepcopy(base), "INT8_ASYMMETRIC_CFG", lambda m: [m(x) for x in xs])
+    path = str(tmp_path / "ckpt.qpass")
+    qpass.save(model, path)
+    again = qpass.restore(copy.deepcopy(base), path)
+    torch.testing.assert_close(again.fc2.input_quantizer.bias_value, model.fc2.input_quantizer.bias_value)
+    with torch.no_grad():
+        assert torch.equal(again(xs[1]), model(xs[1]))
