@@ -11,10 +11,13 @@ running average of the per-batch means (a mean of means, as ModelOpt keeps it). 
 ``"static"`` (the default) calibrates ``b`` with the amax, which is then collected on ``x - b``
 with the running bias of the moment; ``"dynamic"`` computes ``b`` from every input.
 
-qpass's own key ``"zero_point": True`` rounds a static bias of an integer format to a whole number
-of quantization steps (of the per-tensor amax), so the quantizer is exactly an integer zero-point
-quantizer: ONNX QuantizeLinear's ``zero_point``, ONNX Runtime's ``quantize_static`` and PT2E's
-uint8 activations. The extremes then lose at most half a step to clipping.
+qpass's own key ``"zero_point": True`` (a static per-tensor bias of an integer format under a
+per-tensor amax) makes the quantizer exactly an integer zero-point quantizer: ONNX
+QuantizeLinear's ``zero_point``, ONNX Runtime's ``quantize_static`` and PT2E's uint8 activations.
+The calibrated range is widened to include 0, as those tools do (``max_min``: the midpoint and
+half-width of ``[min(lo, 0), max(hi, 0)]``; ``mean``: the amax grows to at least ``|b|``), so the
+zero point is a code of the format; and the bias is used rounded to a whole number of steps, so
+the extremes lose at most half a step to clipping.
 """
 
 from __future__ import annotations
@@ -69,3 +72,13 @@ class BiasCalibrator:
 
     def compute_bias(self) -> torch.Tensor | None:
         return None if self._bias is None else self._bias.clone()
+
+    def zero_point_range(self, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bias, amax) of a per-tensor ``zero_point`` quantizer: the range widened to hold 0."""
+        amax = amax.float()
+        if self.method == "max_min":
+            lo, hi = self._min.clamp(max=0.0), self._max.clamp(min=0.0)
+            half = ((hi - lo) / 2).reshape(amax.shape).to(amax.device)
+            return (hi + lo) / 2, torch.maximum(amax, half)
+        b = self.compute_bias()
+        return b, torch.maximum(amax, b.abs().reshape(amax.shape).to(amax.device))

@@ -220,7 +220,7 @@ def _regions(gm: fx.GraphModule, example_inputs) -> list[_Region]:
         r.nodes.append(node)
     for r in by_key.values():
         inside = set(r.nodes)
-        own = [t for t in (r.q._buffers.get("_amax"), r.q._buffers.get("_pre_quant_scale")) if t is not None]
+        own = [t for t in (r.q._buffers.get(k) for k in ("_amax", "_pre_quant_scale", "_bias_value")) if t is not None]
         srcs = []
         for n in r.nodes:
             for a in n.all_input_nodes:

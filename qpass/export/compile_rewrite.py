@@ -71,6 +71,7 @@ def rewrite_cpu_int8(gm: fx.GraphModule) -> int:
     """
     g = gm.graph
     count = 0
+    zero_points = _fold_affine_biases(gm)  # quantize node -> uint8 zero point of its affine bias
     for node in list(g.nodes):
         if node.op != "call_function":
             continue
@@ -79,7 +80,9 @@ def rewrite_cpu_int8(gm: fx.GraphModule) -> int:
             s = float(_const(gm, scale_n))
             with g.inserting_before(node):
                 new = g.call_function(qd.quantize_per_tensor.default,
-                                      (x, s, 128, _qmin(fmt) + 128, 255, torch.uint8))
+                                      (x, s, zero_points.get(node, 128), _qmin(fmt) + 128, 255, torch.uint8))
+            if node in zero_points:
+                zero_points[new] = zero_points.pop(node)
             _replace(node, new, torch.uint8)
             count += 1
         elif node.target is OPS["dequantize_per_tensor"] and node.args[3] in _INT8:
@@ -90,7 +93,7 @@ def rewrite_cpu_int8(gm: fx.GraphModule) -> int:
                     new = g.call_function(qd.dequantize_per_tensor.default, (codes, s, 0, _qmin(fmt), 127, torch.int8))
                 else:
                     new = g.call_function(qd.dequantize_per_tensor.default,
-                                          (codes, s, 128, _qmin(fmt) + 128, 255, torch.uint8))
+                                          (codes, s, zero_points.get(codes, 128), _qmin(fmt) + 128, 255, torch.uint8))
                 if dtype != torch.float32:
                     new = g.call_function(aten._to_copy.default, (new,), {"dtype": dtype})
             _replace(node, new, dtype)
@@ -111,6 +114,42 @@ def rewrite_cpu_int8(gm: fx.GraphModule) -> int:
     g.lint()
     gm.recompile()
     return count
+
+
+def _fold_affine_biases(gm: fx.GraphModule) -> dict:
+    """``sub(x, b) -> quantize -> dequantize -> add(., b)`` (an affine int8 activation,
+    :func:`qpass.passes.lower._lower_affine`) with ``b`` a whole number ``k`` of steps becomes
+    ``quantize(x) -> dequantize`` with uint8 zero point ``128 - k`` (PT2E's asymmetric uint8
+    activation, which oneDNN's int8 kernels take). Returns {quantize node: zero point}."""
+    g = gm.graph
+    out = {}
+    for q in list(g.nodes):
+        if q.op != "call_function" or q.target is not OPS["quantize_per_tensor"] or q.args[3] not in _INT8:
+            continue
+        sub = q.args[0]
+        if (not isinstance(sub, fx.Node) or sub.target is not aten.sub.Tensor or len(sub.users) != 1
+                or not isinstance(sub.args[1], fx.Node) or sub.args[1].op != "get_attr"):
+            continue
+        bias_n = sub.args[1]
+        bias = _const(gm, bias_n)
+        dqs = list(q.users)
+        if bias.numel() != 1 or len(dqs) != 1 or dqs[0].target is not OPS["dequantize_per_tensor"]:
+            continue
+        adds = list(dqs[0].users)
+        if not adds or any(a.target is not aten.add.Tensor or a.args[1] is not bias_n or a.args[0] is not dqs[0]
+                           for a in adds):
+            continue
+        step = float(_const(gm, q.args[1]))
+        k = float(bias) / step if step > 0 else float("nan")
+        if not abs(k - round(k)) <= 1e-3 or not 0 <= 128 - round(k) <= 255:
+            continue
+        q.replace_input_with(sub, sub.args[0])
+        for a in adds:
+            a.replace_all_uses_with(dqs[0])
+            g.erase_node(a)
+        g.erase_node(sub)
+        out[q] = 128 - round(k)
+    return out
 
 
 def _fix_scale_dtype(gm, scale_n: fx.Node) -> None:

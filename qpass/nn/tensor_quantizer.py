@@ -238,18 +238,22 @@ class TensorQuantizer(nn.Module):
             self._buffers["_bias_value"] = torch.as_tensor(value, dtype=torch.float32).detach().clone()
         self._bump()
 
-    def zero_point_step(self, amax: torch.Tensor | None) -> torch.Tensor | None:
-        """The quantization step a ``zero_point`` bias is rounded to (an integer format under one
-        per-tensor amax), else None: the bias is used as calibrated."""
+    def _zero_point_format(self) -> bool:
+        """A ``zero_point`` bias on a static per-tensor integer format."""
         from qpass.formats.integer import IntFormat
 
         bias = self._attrs.get("bias")
         spec = self.spec
-        if (not bias or not bias.get("zero_point") or amax is None or amax.numel() != 1
-                or not isinstance(spec.fmt, IntFormat) or spec.is_dynamic or spec.block_sizes or spec.axis is not None):
+        return bool(bias and bias.get("zero_point") and isinstance(spec.fmt, IntFormat) and not spec.is_dynamic
+                    and not spec.block_sizes and spec.axis is None)
+
+    def zero_point_step(self, amax: torch.Tensor | None) -> torch.Tensor | None:
+        """The quantization step a ``zero_point`` bias is rounded to (an integer format under one
+        per-tensor amax), else None: the bias is used as calibrated."""
+        if amax is None or amax.numel() != 1 or not self._zero_point_format():
             return None
         a = amax.detach().float().reshape(1)
-        return spec.quantize(a.new_zeros(1), a)[1].reshape(())
+        return self.spec.quantize(a.new_zeros(1), a)[1].reshape(())
 
     def effective_bias(self, x: torch.Tensor, amax: torch.Tensor | None) -> torch.Tensor | None:
         """The bias subtracted before quantizing ``x`` (float32), or None without affine
@@ -326,7 +330,10 @@ class TensorQuantizer(nn.Module):
         if isinstance(self._calibrator, MaxCalibrator) and not bool(torch.isfinite(amax).all()):
             self._raise_not_finite()  # a batch held NaN or Inf (the checks deferred in collect)
         if self._bias_calibrator is not None and self._bias_calibrator.compute_bias() is not None:
-            self.bias_value = self._bias_calibrator.compute_bias()
+            bias = self._bias_calibrator.compute_bias()
+            if self._zero_point_format() and amax.numel() == 1 and bias.numel() == 1:
+                bias, amax = self._bias_calibrator.zero_point_range(amax)
+            self.bias_value = bias
         self.amax = amax
         return True
 

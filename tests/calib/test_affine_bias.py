@@ -209,3 +209,23 @@ def test_checkpoint_round_trip_keeps_the_bias(tmp_path):
     torch.testing.assert_close(again.fc2.input_quantizer.bias_value, model.fc2.input_quantizer.bias_value)
     with torch.no_grad():
         assert torch.equal(again(xs[1]), model(xs[1]))
+
+
+def test_zero_point_range_holds_zero():
+    """One-sided data: the zero_point range widens to include 0 (as ORT and PT2E do), so the zero
+    point is a uint8 code; without zero_point the range is ModelOpt's [min, max]."""
+    torch.manual_seed(0)
+    xs = [x.abs() + 3.0 for x in _data()]  # all in [3, ~12]
+    lo, hi = min(float(x.min()) for x in xs), max(float(x.max()) for x in xs)
+    for zero_point in (False, True):
+        model = qpass.quantize(MLP().eval(), _cfg({**PER_TENSOR, "method": "max_min", "zero_point": zero_point}),
+                               lambda m: [m(x) for x in xs])
+        q = model.fc1.input_quantizer
+        if zero_point:
+            torch.testing.assert_close(float(q.bias_value), hi / 2)
+            torch.testing.assert_close(float(q.amax), hi / 2)
+            k = float(q.effective_bias(xs[0], q.amax)) / (float(q.amax) / 127)
+            assert 0 <= 128 - round(k) <= 255
+        else:
+            torch.testing.assert_close(float(q.bias_value), (hi + lo) / 2)
+            torch.testing.assert_close(float(q.amax), (hi - lo) / 2)

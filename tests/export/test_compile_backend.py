@@ -100,6 +100,28 @@ def test_int8_compiled_matches_fake_quant_on_onednn(cls, shape):
         assert torch.equal(model(x2), ref)
 
 
+
+@pytest.mark.parametrize("cls,shape", [(MLP, (16, 32)), (Attention, (2, 8, 32))])
+def test_int8_asymmetric_activations_on_onednn(cls, shape):
+    """INT8_ASYMMETRIC_CFG: the affine bias (a whole number of steps) becomes the uint8 zero point
+    of oneDNN's int8 linear, as in PT2E; no Sub/Add is left around the quantized input."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape).abs() + 0.5  # one-sided: the zero point is far from 128
+    model = _quantized(cls().eval(), x, qpass.INT8_ASYMMETRIC_CFG)
+    assert any(q.bias_value is not None for q in _input_quantizers(model))
+    x2 = torch.randn(*shape).abs() + 0.5
+    with torch.no_grad():
+        ref = model(x2)
+        out, code = run_and_get_code(torch.compile(model, backend="qpass"), x2)
+    assert _cos(out, ref) >= 0.9999
+    assert _onednn_ops(code)["qlinear_pointwise"] == 2
+    rep = cb.report(model)
+    assert not rep.fell_back and {d.kernel for d in rep.lowered} == {"onednn_int8"}
+
+
+def _input_quantizers(model):
+    return [m for n, m in model.named_modules() if n.endswith("input_quantizer")]
+
 def test_int8_tiny_bert_on_onednn():
     model = tiny_bert(layers=1)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
