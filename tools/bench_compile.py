@@ -122,6 +122,15 @@ def _with_lm_head(cfg: dict) -> dict:
     return cfg
 
 
+_EXTRA_LABELS = {"INT8_ASYMMETRIC_CFG": "qpass INT8 asym", "INT8_SMOOTHQUANT_CFG": "qpass INT8 SQ"}
+
+
+def _extra_configs(qmodels: dict, model, args, loop) -> None:
+    """``--qpass-configs``: more qpass rows (other W8A8 presets on the same calibration data)."""
+    for name in filter(None, args.qpass_configs.split(",")):
+        qmodels[f"qpass_{name}"] = qpass.quantize(copy.deepcopy(model), copy.deepcopy(qpass.config.get_preset(name)), loop)
+
+
 def bench_minilm(args) -> dict:
     model, tok = zoo.load_minilm()
     split = zoo.text_split()
@@ -131,6 +140,8 @@ def bench_minilm(args) -> dict:
     fp32 = model
     q = copy.deepcopy(model)
     qpass.quantize(q, qpass.INT8_DEFAULT_CFG, lambda m: [m(**b) for b in calib])
+    qmodels = {"qpass": q}
+    _extra_configs(qmodels, model, args, lambda m: [m(**b) for b in calib])
     batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
     pt2e = pt2e_x86(copy.deepcopy(model), calib[0], calib,
                     dynamic_shapes=dict(input_ids={0: batch, 1: seq}, attention_mask={0: batch, 1: seq}))
@@ -142,14 +153,15 @@ def bench_minilm(args) -> dict:
     x = inputs(0)
     res = {"model": "MiniLM-L6", "shape": f"1x{args.seq}"}
     with torch.no_grad():
-        compiled, times = _compile_all(fp32, pt2e, {"qpass": q}, lambda c: c(**x))
+        compiled, times = _compile_all(fp32, pt2e, qmodels, lambda c: c(**x))
         res.update(times)
         res.update(_latency(compiled, lambda c: c(**x), args))
-        cos = {n: [] for n in ("pt2e", "qpass", "qpass_fake_quant_eager")}
+        runs = [("pt2e", compiled["pt2e"])] + [(n, compiled[n]) for n in qmodels] + [("qpass_fake_quant_eager", q)]
+        cos = {n: [] for n, _ in runs}
         for i in range(1, args.eval_windows + 1):
             xi = inputs(i)
             ref = zoo.mean_pool(fp32(**xi).last_hidden_state, xi["attention_mask"])
-            for n, fn in (("pt2e", compiled["pt2e"]), ("qpass", compiled["qpass"]), ("qpass_fake_quant_eager", q)):
+            for n, fn in runs:
                 cos[n].append(zoo.mean_cosine(zoo.mean_pool(fn(**xi).last_hidden_state, xi["attention_mask"]), ref))
     for n, v in cos.items():
         res[f"cosine_{n}"] = statistics.mean(v)
@@ -169,6 +181,7 @@ def bench_smollm2(args) -> dict:
     q = copy.deepcopy(model)
     qpass.quantize(q, qpass.INT8_DEFAULT_CFG, lambda m: [m(**kw) for kw in calib])
     qmodels = {"qpass": q}
+    _extra_configs(qmodels, model, args, lambda m: [m(**kw) for kw in calib])
     if args.lm_head:
         qmodels["qpass_lm_head"] = copy.deepcopy(model)
         qpass.quantize(qmodels["qpass_lm_head"], _with_lm_head(qpass.INT8_DEFAULT_CFG),
@@ -286,6 +299,7 @@ def bench_gpu(args) -> dict:
 
 def _table(rows: list[dict]) -> str:
     labels = {"fp32": "FP32 compiled", "pt2e": "PT2E x86", "qpass": "qpass INT8", "qpass_lm_head": "qpass +lm_head"}
+    labels.update({f"qpass_{k}": v for k, v in _EXTRA_LABELS.items()})
     lines = [f"{'model':<28} {'variant':<15} {'ms':>9} {'speedup':>8}  accuracy"]
     for r in rows:
         if "ms_fp32" not in r:
@@ -313,6 +327,9 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lm-head", action="store_true",
                    help="SmolLM2: also qpass with lm_head quantized (INT8_DEFAULT_CFG leaves it FP32; PT2E does not)")
+    p.add_argument("--qpass-configs", default="",
+                   help="more qpass rows, comma-separated presets (INT8_ASYMMETRIC_CFG: uint8 activations with "
+                        "zero points, as PT2E; INT8_SMOOTHQUANT_CFG)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--gpu-dry-run", action="store_true", help="the --gpu code path on the CPU, tiny (no timings)")
     args = p.parse_args()

@@ -14,9 +14,9 @@ with the running bias of the moment; ``"dynamic"`` computes ``b`` from every inp
 qpass's own key ``"zero_point": True`` (a static per-tensor bias of an integer format under a
 per-tensor amax) makes the quantizer exactly an integer zero-point quantizer: ONNX
 QuantizeLinear's ``zero_point``, ONNX Runtime's ``quantize_static`` and PT2E's uint8 activations.
-The calibrated range is widened to include 0, as those tools do (``max_min``: the midpoint and
-half-width of ``[min(lo, 0), max(hi, 0)]``; ``mean``: the amax grows to at least ``|b|``), so the
-zero point is a code of the format; and the bias is used rounded to a whole number of steps, so
+The calibrated range is widened to include 0, as those tools do (``max_min``: the bias is the
+midpoint of ``[min(lo, 0), max(hi, 0)]``; the amax grows to at least ``|b|``), so the zero point
+is a code of the format; and the bias is used rounded to a whole number of steps, so
 the extremes lose at most half a step to clipping.
 """
 
@@ -74,11 +74,12 @@ class BiasCalibrator:
         return None if self._bias is None else self._bias.clone()
 
     def zero_point_range(self, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bias, amax) of a per-tensor ``zero_point`` quantizer: the range widened to hold 0."""
+        """(bias, amax) of a per-tensor ``zero_point`` quantizer: the range widened to hold 0
+        (``max_min``: the midpoint of ``[min(lo, 0), max(hi, 0)]``), and the amax at least the
+        bias, so that 0 lies on the grid (a calibrated amax, e.g. a histogram's, is kept when
+        it already covers 0)."""
         amax = amax.float()
-        if self.method == "max_min":
-            lo, hi = self._min.clamp(max=0.0), self._max.clamp(min=0.0)
-            half = ((hi - lo) / 2).reshape(amax.shape).to(amax.device)
-            return (hi + lo) / 2, torch.maximum(amax, half)
         b = self.compute_bias()
+        if self.method == "max_min":
+            b = (self._min.clamp(max=0.0) + self._max.clamp(min=0.0)) / 2
         return b, torch.maximum(amax, b.abs().reshape(amax.shape).to(amax.device))
