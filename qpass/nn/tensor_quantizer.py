@@ -333,7 +333,7 @@ class TensorQuantizer(nn.Module):
             bias = self._bias_calibrator.compute_bias()
             if self._zero_point_format() and amax.numel() == 1 and bias.numel() == 1:
                 bias, amax = self._bias_calibrator.zero_point_range(amax)
-            self.bias_value = bias
+            self.bias_value = bias.to(amax.device)  # beside the amax (layerwise: the weights' home)
         self.amax = amax
         return True
 
