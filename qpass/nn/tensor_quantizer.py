@@ -211,10 +211,14 @@ class TensorQuantizer(nn.Module):
 
     @pre_quant_scale.setter
     def pre_quant_scale(self, value) -> None:
+        self._set_state_buffer("_pre_quant_scale", value)
+
+    def _set_state_buffer(self, name: str, value, dtype=None) -> None:
+        """Set (a copy of ``value``) or drop (None) one of the optional state buffers."""
         if value is None:
-            self._buffers.pop("_pre_quant_scale", None)
+            self._buffers.pop(name, None)
         else:
-            self._buffers["_pre_quant_scale"] = torch.as_tensor(value).detach().clone()
+            self._buffers[name] = torch.as_tensor(value, dtype=dtype).detach().clone()
         self._bump()
 
     def reset_amax(self) -> None:
@@ -232,11 +236,7 @@ class TensorQuantizer(nn.Module):
 
     @bias_value.setter
     def bias_value(self, value) -> None:
-        if value is None:
-            self._buffers.pop("_bias_value", None)
-        else:
-            self._buffers["_bias_value"] = torch.as_tensor(value, dtype=torch.float32).detach().clone()
-        self._bump()
+        self._set_state_buffer("_bias_value", value, torch.float32)
 
     def _zero_point_format(self) -> bool:
         """A ``zero_point`` bias on a static per-tensor integer format."""
