@@ -126,9 +126,24 @@ _EXTRA_LABELS = {"INT8_ASYMMETRIC_CFG": "qpass INT8 asym", "INT8_SMOOTHQUANT_CFG
 
 
 def _extra_configs(qmodels: dict, model, args, loop) -> None:
-    """``--qpass-configs``: more qpass rows (other W8A8 presets on the same calibration data)."""
-    for name in filter(None, args.qpass_configs.split(",")):
-        qmodels[f"qpass_{name}"] = qpass.quantize(copy.deepcopy(model), copy.deepcopy(qpass.config.get_preset(name)), loop)
+    """``--qpass-configs``: more qpass rows (other W8A8 presets on the same calibration data).
+    ``NAME+mse`` (or ``+percentile``): the input quantizers get ``calibrator: "histogram"`` and
+    that method (qpass.calib.histogram.calibrate_histogram), as PT2E's histogram observer."""
+    from qpass.calib.histogram import calibrate_histogram
+
+    for token in filter(None, args.qpass_configs.split(",")):
+        name, _, method = token.partition("+")
+        cfg = copy.deepcopy(qpass.config.get_preset(name))
+        if not method:
+            qmodels[f"qpass_{token}"] = qpass.quantize(copy.deepcopy(model), cfg, loop)
+            continue
+        for entry in cfg["quant_cfg"]:
+            if entry.get("quantizer_name") == "*input_quantizer":
+                entry["cfg"] = {**entry["cfg"], "calibrator": "histogram"}
+        cfg["algorithm"] = None
+        q = qpass.quantize(copy.deepcopy(model), cfg, None)
+        calibrate_histogram(q, loop, method)
+        qmodels[f"qpass_{token}"] = q
 
 
 def bench_minilm(args) -> dict:
@@ -300,6 +315,8 @@ def bench_gpu(args) -> dict:
 def _table(rows: list[dict]) -> str:
     labels = {"fp32": "FP32 compiled", "pt2e": "PT2E x86", "qpass": "qpass INT8", "qpass_lm_head": "qpass +lm_head"}
     labels.update({f"qpass_{k}": v for k, v in _EXTRA_LABELS.items()})
+    labels.update({k[3:]: ("qpass " + k[3:].removeprefix("qpass_").replace("_CFG", "").replace("INT8_", ""))[:15]
+                   for r in rows for k in r if k.startswith("ms_qpass_") and k[3:] not in labels})
     lines = [f"{'model':<28} {'variant':<15} {'ms':>9} {'speedup':>8}  accuracy"]
     for r in rows:
         if "ms_fp32" not in r:
