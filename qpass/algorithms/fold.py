@@ -188,7 +188,7 @@ def _param_count(model: nn.Module) -> dict[int, int]:
     from qpass.graph.cuda_graphs import _Registrations
 
     hit = _COUNTS.get(id(model))
-    if hit is not None and hit[0] == _Registrations.value and hit[1]() is model:
+    if hit is not None and hit[0] == _Registrations.any and hit[1]() is model:
         return hit[2]
     counts: dict[int, int] = {}
     stack = [model]
@@ -199,7 +199,7 @@ def _param_count(model: nn.Module) -> dict[int, int]:
                 counts[id(p)] = counts.get(id(p), 0) + 1
         stack.extend(c for c in m._modules.values() if c is not None)
     _COUNTS.clear()
-    _COUNTS[id(model)] = (_Registrations.value, weakref.ref(model), counts)
+    _COUNTS[id(model)] = (_Registrations.any, weakref.ref(model), counts)
     return counts
 
 

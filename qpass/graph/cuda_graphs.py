@@ -20,7 +20,9 @@ Policy, per quantized model (:class:`CudaGraphs`, kept on its qpass state):
 * A captured graph bakes in addresses and everything the host decided. Before each replay a
   fingerprint is compared: the quantizer epoch (enable/disable, attributes, amax, hooks, see
   :func:`qpass.nn.tensor_quantizer.quantizer_epoch`), the module-registration counter
-  (parameters, buffers, submodules set anew), and for every parameter and buffer of the model:
+  (parameters, buffers, submodules set anew on a module of a model that holds graphs; never
+  counted under torch.compile, where it would make dynamo guard on it), and for every parameter
+  and buffer of the model:
   that it is still the one registered, its storage address and its version counter (in-place
   writes). A mismatch drops the graph and runs eagerly; a signature invalidated
   ``MAX_RECAPTURES`` times, or whose capture fails (a host sync in the forward, say), is not
@@ -38,6 +40,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -59,12 +62,23 @@ _MAX_SEEN = 256  # signatures counted but not (yet) captured
 
 
 class _Registrations:
-    value = 0
+    value = 0  # registrations into watched modules
+    any = 0  # every registration (eager): the cache of qpass.algorithms.fold._param_count
     installed = False
+    #: the modules of models that hold captured graphs: only registrations into them count, so
+    #: the forwards of other models (HF's Llama slices its ModuleList on every call, which
+    #: registers each layer into a new list) invalidate nothing
+    watched: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def _on_registration(*_args):
-    _Registrations.value += 1  # returns None: the registration itself is unchanged
+def _on_registration(module, *_args):
+    # Not under torch.compile: dynamo would trace this and guard on the counter, and every
+    # registration (the ModuleList slice above, in any compiled model) would recompile it.
+    if not torch.compiler.is_compiling():
+        _Registrations.any += 1
+        if module in _Registrations.watched:
+            _Registrations.value += 1
+    # returns None: the registration itself is unchanged
 
 
 def _install_hooks() -> None:
@@ -177,6 +191,8 @@ def run(model: nn.Module, graphs: CudaGraphs, key, exe, tensors: list, calibrati
             return exe(*tensors)
     try:
         cap = _capture(model, exe, tensors)
+        _Registrations.watched.update(model.modules())
+        _Registrations.watched.update(exe.modules())
     except Exception as e:  # noqa: BLE001 - any capture failure means: run this signature eagerly
         graphs.refused[sig] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         log.info("qpass: no CUDA graph for %s: %s", type(model).__name__, graphs.refused[sig])

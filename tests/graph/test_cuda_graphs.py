@@ -112,6 +112,52 @@ def test_a_changed_model_drops_the_graph_and_runs_eagerly(fake_capture, change):
     assert len(graphs.graphs) == 1 and len(fake_capture) == 2
 
 
+
+def test_only_registrations_into_the_model_drop_its_graphs(fake_capture):
+    """A new submodule or buffer in the model drops its graphs; registrations elsewhere (another
+    model's forward: HF's Llama slices its ModuleList on every call) do not."""
+    model, ids = _quantized()
+    graphs = state_of(model).cuda_graphs
+    _call(model, ids)
+    _call(model, ids)
+    other = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    other[:2]  # registers two modules into a new ModuleList
+    other.register_buffer("extra", torch.zeros(1))
+    _call(model, ids)
+    assert len(graphs.graphs) == 1 and graphs.replays == 2
+    model.model.layers[0].mlp.register_buffer("extra", torch.zeros(1))
+    _call(model, ids)
+    assert not graphs.graphs
+
+
+def test_registration_hooks_do_not_make_dynamo_recompile():
+    """qpass's registration hooks are global: a compiled model whose forward registers modules
+    (a ModuleList slice) must not get a guard on qpass's counter and recompile on every call."""
+
+    class Sliced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+
+        def forward(self, x):
+            for layer in self.layers[:2]:
+                x = layer(x)
+            return x
+
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(Sliced(), backend=backend)
+    x = torch.randn(2, 4)
+    for _ in range(5):
+        fn(x)
+    assert len(compiles) == 1
+    torch._dynamo.reset()
+
 def test_signature_invalidated_too_often_is_refused(fake_capture):
     model, ids = _quantized()
     graphs = state_of(model).cuda_graphs
