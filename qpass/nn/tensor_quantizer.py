@@ -368,7 +368,7 @@ class TensorQuantizer(nn.Module):
         blocks under a calibrated global amax, or None where the general path applies (other
         formats, autograd, torch.compile, float16, a 0-dim x)."""
         amax = self._buffers.get("_amax")
-        if (amax is None or x.dtype not in self._FAST_DTYPES or self._attrs.get("bias") or x.dim() == 0 or amax.numel() != 1
+        if (amax is None or x.dtype not in self._FAST_DTYPES or x.dim() == 0 or amax.numel() != 1
                 or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()):
             return None
         fast = self._fast
@@ -422,8 +422,8 @@ class TensorQuantizer(nn.Module):
         from qpass.formats import dynamic, floating, integer, scaled
 
         spec = self.spec
-        if self._attrs.get("type") == "dynamic" or not self._attrs.get("fake_quant", True):
-            return None
+        if self._attrs.get("type") == "dynamic" or not self._attrs.get("fake_quant", True) or self._attrs.get("bias"):
+            return None  # an affine bias: the general path (_fake_quant) subtracts it
         a = amax.detach().to(device=device, dtype=torch.float32).reshape(1)
         elem = spec.fmt
         if spec.is_dynamic:
