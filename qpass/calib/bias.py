@@ -31,6 +31,20 @@ def reduce_dims(bias_cfg: dict, ndim: int) -> tuple[int, ...]:
     return tuple(i for i in range(ndim) if i in axes or i - ndim in axes)
 
 
+def shifted_zero_point(bias: float, step: float, zero_point: int, lo: int, hi: int) -> int | None:
+    """The zero point that absorbs a bias of a whole number ``k`` of steps: ``zero_point - k``, or
+    None when ``bias / step`` is not whole (to 1e-3) or the result leaves the codes ``[lo, hi]``.
+    ``Q(x - b) + zero_point == Q(x) + zero_point - k`` for ``b = k * step`` (the ONNX export and the
+    CPU compile backend fold ``zero_point`` biases this way)."""
+    if not step > 0:
+        return None
+    k = bias / step
+    if not abs(k - round(k)) <= 1e-3:
+        return None
+    new = zero_point - round(k)
+    return new if lo <= new <= hi else None
+
+
 def bias_of(x: torch.Tensor, bias_cfg: dict) -> torch.Tensor:
     """The bias of one tensor (``type: "dynamic"``), float32, kept dims of size 1."""
     dims = reduce_dims(bias_cfg, x.dim())

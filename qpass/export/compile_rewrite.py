@@ -19,6 +19,7 @@ from torch import fx
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers quantized_decomposed ops
 
+from qpass.calib.bias import shifted_zero_point
 from qpass.export.compile_fuse import replace_with_slices
 from qpass.passes.lower import OPS, _fetch, _install
 
@@ -139,16 +140,15 @@ def _fold_affine_biases(gm: fx.GraphModule) -> dict:
         if not adds or any(a.target is not aten.add.Tensor or a.args[1] is not bias_n or a.args[0] is not dqs[0]
                            for a in adds):
             continue
-        step = float(_const(gm, q.args[1]))
-        k = float(bias) / step if step > 0 else float("nan")
-        if not abs(k - round(k)) <= 1e-3 or not 0 <= 128 - round(k) <= 255:
+        zero_point = shifted_zero_point(float(bias), float(_const(gm, q.args[1])), 128, 0, 255)
+        if zero_point is None:
             continue
         q.replace_input_with(sub, sub.args[0])
         for a in adds:
             a.replace_all_uses_with(dqs[0])
             g.erase_node(a)
         g.erase_node(sub)
-        out[q] = 128 - round(k)
+        out[q] = zero_point
     return out
 
 

@@ -382,6 +382,8 @@ def _fold_affine_zero_points(model) -> None:
     import numpy as np
     import onnx_ir as ir
 
+    from qpass.calib.bias import shifted_zero_point
+
     graph = model.graph
     for sub in list(graph):
         if sub.op_type != "Sub" or sub.domain not in ("", "ai.onnx") or sub.inputs[1] is None:
@@ -403,12 +405,11 @@ def _fold_affine_zero_points(model) -> None:
         b = float(np.asarray(bias.numpy()).reshape(-1)[0])
         step = float(np.asarray(q.inputs[1].const_value.numpy()).reshape(-1)[0])
         zp = np.asarray(q.inputs[2].const_value.numpy())
-        k = b / step
-        if zp.size != 1 or step <= 0 or abs(k - round(k)) > 1e-3:
+        if zp.size != 1 or zp.dtype.kind not in "iu":
             continue
-        info = np.iinfo(zp.dtype) if zp.dtype.kind in "iu" else None
-        new = int(zp.reshape(-1)[0]) - int(round(k))
-        if info is None or not info.min <= new <= info.max:
+        info = np.iinfo(zp.dtype)
+        new = shifted_zero_point(b, step, int(zp.reshape(-1)[0]), int(info.min), int(info.max))
+        if new is None:
             continue
         zp_value = ir.Value(name=f"{q.name}_zero_point", shape=ir.Shape(list(zp.shape)),
                             type=ir.TensorType(q.inputs[2].dtype),
