@@ -140,3 +140,30 @@ def test_estimate_rows_sample_only_row_local_weight_quantizers():
     # one per-tensor amax spans all rows: every row is measured
     assert _estimate_rows(TensorQuantizer({"num_bits": 8, "axis": None}), w, 60) == (None, 1.0)
     assert _estimate_rows(per_row, w[:50], 60) == (None, 1.0)
+
+
+def test_exact_scoring_on_sampled_rows_estimates_the_full_output_error(monkeypatch):
+    """The exact round multiplies EXACT_ROWS output rows per member, weighted up to all rows: its
+    loss estimates the all-rows loss, and a clear winner stays the winner."""
+    import qpass.algorithms.smooth_search as ss
+    from qpass.algorithms.smoothquant import smoothquant_scale
+    from qpass.calib.capture import ActivationCapture
+
+    torch.manual_seed(0)
+    base = OneLinear(64, 600).eval()
+    x = torch.randn(2048, 64)
+    x[:, 7] *= 30.0
+    m = copy.deepcopy(base)
+    qpass.quantize(m, {"quant_cfg": INT8_CFG, "algorithm": "max"}, lambda mm: mm(x))
+    with ActivationCapture({"fc": m.fc}, max_tokens=512) as cap:
+        m(x)
+    st = cap.stats["fc"]
+    w_amax = m.fc.weight.detach().abs().amax(0)
+    scale = lambda al: smoothquant_scale(st.amax, w_amax, al)  # noqa: E731
+    alphas = [0.0, 0.5, 1.0]
+    sampled = ss.search_alpha_clip(m, ["fc"], st, scale, alphas, shortlist=9)
+    monkeypatch.setattr(ss, "EXACT_ROWS", 10**6)
+    full = ss.search_alpha_clip(m, ["fc"], st, scale, alphas, shortlist=9)
+    assert 600 > ss.ESTIMATE_ROWS and (sampled.alpha, sampled.clip) == (full.alpha, full.clip)
+    assert sampled.alpha > 0.0  # an outlier channel: smoothing wins clearly
+    torch.testing.assert_close(sampled.loss, full.loss, rtol=0.15, atol=0)
