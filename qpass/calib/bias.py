@@ -18,11 +18,27 @@ The calibrated range is widened to include 0, as those tools do (``max_min``: th
 midpoint of ``[min(lo, 0), max(hi, 0)]``; the amax grows to at least ``|b|``), so the zero point
 is a code of the format; and the bias is used rounded to a whole number of steps, so
 the extremes lose at most half a step to clipping.
+
+``method: "histogram"`` (qpass's own; static ``zero_point`` quantizers only) chooses the range
+``[lo, hi]`` from a signed histogram of ``x`` instead of its extremes, as PT2E's
+``HistogramObserver`` does for X86InductorQuantizer's uint8 activations (:func:`search_range`:
+the tails are trimmed sparsest first, and the range with the least estimated squared
+quantization error on that path wins). On MiniLM (mean cosine of embeddings to FP32, INT8
+W8A8, 100 held-out 256-token windows / 64 held-out sentence chunks) it gave 0.9943 / 0.9947
+against 0.9930 / 0.9939 with ``max_min``; PT2E's X86InductorQuantizer gave 0.9938 on the windows.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from qpass.errors import CalibrationError
+
+#: bins of a ``"histogram"`` bias's signed histogram; the first batch fixes their width, later
+#: batches add bins of that width on either side (merged in pairs past ``8 * RANGE_BINS``)
+RANGE_BINS = 2048
 
 
 def reduce_dims(bias_cfg: dict, ndim: int) -> tuple[int, ...]:
@@ -56,6 +72,98 @@ def bias_of(x: torch.Tensor, bias_cfg: dict) -> torch.Tensor:
     return xf.mean(dim=dims, keepdim=True) if dims else xf
 
 
+class SignedHistogram:
+    """Counts of ``x`` over bins of one width from ``origin`` on, grown to fit every batch."""
+
+    def __init__(self, bins: int = RANGE_BINS) -> None:
+        self.bins = bins
+        self.counts: torch.Tensor | None = None  # float64 on the CPU
+        self.origin = 0.0
+        self.width = 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1).float()
+        if x.numel() == 0:
+            return
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise CalibrationError("the input holds NaN or Inf")
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # the range always holds 0 (a zero point is a code)
+        if self.counts is None:
+            self.origin, self.width = lo, ((hi - lo) / self.bins) or 1.0
+            self.counts = torch.zeros(self.bins, dtype=torch.float64)
+        left = max(0, math.ceil((self.origin - lo) / self.width))
+        right = max(0, math.ceil((hi - self.end) / self.width))
+        if left or right:
+            self.counts = torch.cat([self.counts.new_zeros(left), self.counts, self.counts.new_zeros(right)])
+            self.origin -= left * self.width
+        while self.counts.numel() > 8 * self.bins:
+            c = self.counts
+            self.counts = torch.nn.functional.pad(c, (0, c.numel() % 2)).reshape(-1, 2).sum(1)
+            self.width *= 2
+        n = self.counts.numel()
+        x = x.clamp(self.origin, self.end)  # rounding at the edges: histc drops values outside
+        self.counts += torch.histc(x, n, self.origin, self.end).double().cpu()
+
+    @property
+    def end(self) -> float:
+        return self.origin + self.width * (0 if self.counts is None else self.counts.numel())
+
+
+def search_range(counts: torch.Tensor, origin: float, width: float, levels: int) -> tuple[float, float]:
+    """The range ``[lo, hi]`` (holding 0, on bin edges) that a ``levels``-code uniform quantizer
+    of the histogrammed values should cover.
+
+    The tails are trimmed one non-empty bin at a time (with the empty bins before the next one),
+    from the side that gives up fewer values per bin of range, and the range along that path
+    with the least estimated squared error
+
+        E = n_inside * step^2 / 12  +  sum over values outside of (distance to the range)^2
+
+    (``step = (hi - lo) / (levels - 1)``, values at bin centres) is the result. E is exact for
+    the clipped values and the usual uniform-rounding estimate inside, so it does not depend on
+    where the grid happens to fall between the bins."""
+    c = counts.double().cpu()
+    n = c.numel()
+    if n == 0 or float(c.sum()) <= 0:
+        return 0.0, 0.0
+    zero = min(max(int(math.floor(-origin / width)), 0), n - 1)  # the bin holding 0
+    keep = c.gt(0)
+    keep[zero] = True  # the range never passes 0
+    stops = keep.nonzero().flatten().tolist()  # the bins a boundary may rest on, ascending
+    counts_list = c.tolist()
+    # (i, j): the boundaries rest on stops[i] (first kept bin) and stops[j] (last kept bin)
+    i, j = 0, len(stops) - 1
+    zi = stops.index(zero)
+    path_l, path_r = [stops[i]], [stops[j]]
+    while i < zi or j > zi:
+        # values given up per bin of range saved, trimming the left or the right boundary bin
+        left = counts_list[stops[i]] / (stops[i + 1] - stops[i]) if i < zi else math.inf
+        right = counts_list[stops[j]] / (stops[j] - stops[j - 1]) if j > zi else math.inf
+        if left <= right:
+            i += 1
+        else:
+            j -= 1
+        path_l.append(stops[i])
+        path_r.append(stops[j])
+    pl, pr = torch.tensor(path_l), torch.tensor(path_r)
+    centers = origin + width * (torch.arange(n, dtype=torch.float64) + 0.5)
+    zero_t = torch.zeros(1, dtype=torch.float64)
+    s0 = torch.cat([zero_t, c.cumsum(0)])  # prefix sums of counts, counts*x, counts*x^2
+    s1 = torch.cat([zero_t, (c * centers).cumsum(0)])
+    s2 = torch.cat([zero_t, (c * centers * centers).cumsum(0)])
+    lo = (origin + width * pl.double()).clamp(max=0.0)
+    hi = (origin + width * (pr.double() + 1)).clamp(min=0.0)
+    inside = s0[pr + 1] - s0[pl]
+    step = (hi - lo) / max(levels - 1, 1)
+    # sum_{i<l} c_i (lo - x_i)^2 and sum_{i>r} c_i (x_i - hi)^2 from the prefix sums
+    left = lo * lo * s0[pl] - 2 * lo * s1[pl] + s2[pl]
+    right = (hi * hi * (s0[-1] - s0[pr + 1]) - 2 * hi * (s1[-1] - s1[pr + 1]) + (s2[-1] - s2[pr + 1]))
+    err = inside * step * step / 12 + left.clamp(min=0) + right.clamp(min=0)
+    k = int(err.argmin())
+    return float(lo[k]), float(hi[k])
+
+
 class BiasCalibrator:
     """The running bias of a static affine quantizer."""
 
@@ -69,11 +177,20 @@ class BiasCalibrator:
         self._max = None
         self._min = None
         self._count = 0
+        self._hist = SignedHistogram() if self.method == "histogram" else None
 
     def collect(self, x: torch.Tensor) -> None:
         dims = reduce_dims(self.cfg, x.dim())
         xf = x.detach().float()
-        if self.method == "max_min":
+        if self._hist is not None:
+            if len(dims) != x.dim():
+                raise CalibrationError(
+                    f"bias method 'histogram' needs a per-tensor bias (reduced over every axis), but "
+                    f"the bias axes {sorted(k for k in self.cfg if isinstance(k, int))} keep some of "
+                    f"the input's {x.dim()} dims"
+                )
+            self._hist.add(xf)
+        if self.method in ("max_min", "histogram"):  # histogram: max_min is the running bias
             hi = xf.amax(dim=dims, keepdim=True) if dims else xf
             lo = xf.amin(dim=dims, keepdim=True) if dims else xf
             self._max = hi if self._max is None else torch.maximum(self._max, hi)
@@ -87,13 +204,18 @@ class BiasCalibrator:
     def compute_bias(self) -> torch.Tensor | None:
         return None if self._bias is None else self._bias.clone()
 
-    def zero_point_range(self, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def zero_point_range(self, amax: torch.Tensor, levels: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """(bias, amax) of a per-tensor ``zero_point`` quantizer: the range widened to hold 0
-        (``max_min``: the midpoint of ``[min(lo, 0), max(hi, 0)]``), and the amax at least the
+        (``max_min``: the midpoint of ``[min(lo, 0), max(hi, 0)]``; ``histogram``: the middle of
+        :func:`search_range`'s range, whose half width is the amax), and the amax at least the
         bias, so that 0 lies on the grid (a calibrated amax, e.g. a histogram's, is kept when
         it already covers 0)."""
         amax = amax.float()
         b = self.compute_bias()
-        if self.method == "max_min":
+        if self._hist is not None and self._hist.counts is not None:
+            lo, hi = search_range(self._hist.counts, self._hist.origin, self._hist.width, levels)
+            b = torch.full_like(b, (lo + hi) / 2)
+            amax = torch.full_like(amax, (hi - lo) / 2)
+        elif self.method == "max_min":
             b = (self._min.clamp(max=0.0) + self._max.clamp(min=0.0)) / 2
         return b, torch.maximum(amax, b.abs().reshape(amax.shape).to(amax.device))

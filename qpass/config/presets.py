@@ -172,7 +172,7 @@ INT8_WEIGHT_ONLY_CFG = _model_preset(INT8_PER_CHANNEL, None)
 #: ``export_onnx(..., target="onnxruntime")`` writes as plain QuantizeLinear/DequantizeLinear.
 INT8_ASYMMETRIC_CFG = _model_preset(
     INT8_PER_CHANNEL, {**INT8_PER_TENSOR, "bias": {-1: None, -2: None, -3: None, -4: None, "type": "static",
-                                                   "method": "max_min", "zero_point": True}})
+                                                   "method": "histogram", "zero_point": True}})
 INT4_BLOCKWISE_WEIGHT_ONLY_CFG = _model_preset(INT4_BLOCK128, None)
 INT4_AWQ_CFG = _model_preset(INT4_BLOCK128, None, algorithm={"method": "awq_lite", "alpha_step": 0.1})
 W4A8_AWQ_BETA_CFG = _model_preset([INT4_BLOCK128, FP8_PER_TENSOR], FP8_PER_TENSOR, algorithm="awq_lite")

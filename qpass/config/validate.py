@@ -15,7 +15,7 @@ FP_FORMATS_DYNAMIC_BLOCK = ((5, 2), (1, 2), (3, 2), (2, 3))
 BLOCK_SIZES_STR_KEYS = ("type", "scale_bits", "scale_block_sizes", "four_over_six")
 QUANT_TYPES = ("static", "dynamic")
 BIAS_TYPES = ("static", "dynamic")
-BIAS_METHODS = ("mean", "max_min")
+BIAS_METHODS = ("mean", "max_min", "histogram")  # histogram: qpass's own (zero_point)
 TRT_DTYPES = ("Float", "Half", "BFloat16")
 CALIBRATORS = ("max", "histogram")
 ROTATE_KEYS = ("enable", "mode", "rotate_fp32", "block_size")
@@ -191,6 +191,9 @@ def _check_bias(v, key):
             out[ik] = tuple(val) if isinstance(val, list) else val
     if not any(not isinstance(k, str) for k in out):
         _fail(key, "bias", f"must name at least one int axis for the bias, got {v!r}")
+    if out.get("method") == "histogram" and (not out.get("zero_point") or out.get("type", "static") != "static"):
+        _fail(key, "bias", "['method'] 'histogram' (qpass's range search) needs 'zero_point': True and "
+              f"'type': 'static', got {v!r}")
     return out
 
 

@@ -88,6 +88,11 @@ class TensorQuantizer(nn.Module):
         else:  # "histogram" (or ModelOpt's HistogramCalibrator class); others: set by an algorithm
             self._calibrator = histogram_calibrator_for(attrs, self._name or "<quantizer>")
         bias = attrs.get("bias")
+        if bias and bias.get("method") == "histogram" and not self._zero_point_format():
+            raise QuantConfigError(
+                f"quantizer '{self._name or '<quantizer>'}': bias method 'histogram' searches one range for "
+                "a static per-tensor integer quantizer (integer num_bits, axis None, no block_sizes)"
+            )
         self._bias_calibrator = BiasCalibrator(bias) if bias and bias.get("type", "static") == "static" else None
         if self._bias_calibrator is None:
             self._buffers.pop("_bias_value", None)
@@ -290,7 +295,10 @@ class TensorQuantizer(nn.Module):
         histogram = isinstance(self._calibrator, HistogramCalibrator)
         self.__dict__["_calib_input"] = (tuple(x.shape), x.dtype)
         if self._bias_calibrator is not None:  # the amax of x minus the running bias, as ModelOpt
-            self._bias_calibrator.collect(x)
+            try:
+                self._bias_calibrator.collect(x)
+            except CalibrationError as e:
+                raise CalibrationError(f"quantizer '{self._name}': {e}") from None
             x = x.detach().float() - self._bias_calibrator.compute_bias()
         if not histogram and spec.axis is None and not spec.block_sizes:
             # per tensor: max |x| in one reduction, exact in x's own dtype (no float32 copy of x);
@@ -332,7 +340,7 @@ class TensorQuantizer(nn.Module):
         if self._bias_calibrator is not None and self._bias_calibrator.compute_bias() is not None:
             bias = self._bias_calibrator.compute_bias()
             if self._zero_point_format() and amax.numel() == 1 and bias.numel() == 1:
-                bias, amax = self._bias_calibrator.zero_point_range(amax)
+                bias, amax = self._bias_calibrator.zero_point_range(amax, 2 ** self.spec.fmt.num_bits)
             self.bias_value = bias.to(amax.device)  # beside the amax (layerwise: the weights' home)
         self.amax = amax
         return True

@@ -229,3 +229,119 @@ def test_zero_point_range_holds_zero():
         else:
             torch.testing.assert_close(float(q.bias_value), (hi + lo) / 2)
             torch.testing.assert_close(float(q.amax), (hi - lo) / 2)
+
+
+# ---------------------------------------------------------------- the "histogram" range search
+
+def test_search_range_trims_sparse_tails_only():
+    from qpass.calib.bias import SignedHistogram, search_range
+
+    g = torch.Generator().manual_seed(0)
+    # a squared-error criterion cuts a tail only where it holds few values for the range it
+    # costs every other value: here 6 outliers among a million
+    x = torch.randn(1_000_000, generator=g)
+    x[:6] = torch.tensor([40.0, 31.0, 22.0, -20.0, -27.0, -36.0])
+    h = SignedHistogram()
+    h.add(x)
+    lo, hi = search_range(h.counts, h.origin, h.width, 256)
+    assert float(x.min()) + 10 < lo < -3 and 3 < hi < float(x.max()) - 10  # the tail cut, the body kept
+    # uniform values: nothing is sparse, the range stays (nearly) whole
+    u = torch.rand(100_000, generator=g) * 2 - 1
+    h = SignedHistogram()
+    h.add(u)
+    lo, hi = search_range(h.counts, h.origin, h.width, 256)
+    assert lo < -0.98 and hi > 0.98
+    # one-sided values: the range still holds 0, which is a bin edge
+    h = SignedHistogram()
+    h.add(u.abs() + 0.5)
+    lo, hi = search_range(h.counts, h.origin, h.width, 256)
+    assert lo == 0.0 and 1.4 < hi <= 1.5 + 1e-6
+    assert search_range(torch.zeros(8), 0.0, 1.0, 256) == (0.0, 0.0)
+
+
+def test_search_range_is_near_the_best_squared_error():
+    """The estimate (rounding noise inside, exact clipping outside) leads to a range whose real
+    quantization error is the least among scaled versions of it and the full range."""
+    from qpass.calib.bias import SignedHistogram, search_range
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(50_000, generator=g), torch.randn(300, generator=g) * 8])  # a heavy tail
+    h = SignedHistogram()
+    h.add(x)
+    lo, hi = search_range(h.counts, h.origin, h.width, 256)
+
+    def mse(a, b):
+        step = (b - a) / 255
+        q = ((x.clamp(a, b) - a) / step).round() * step + a
+        return float((q - x).pow(2).mean())
+
+    found = mse(lo, hi)
+    others = [mse(float(x.min()), float(x.max()))] + [mse(lo * t, hi * t) for t in (0.3, 0.5, 0.7, 0.85, 1.2, 1.5)]
+    assert found <= 1.02 * min(others), (found, others)
+    assert hi < float(x.max()) and lo > float(x.min())
+
+
+def test_signed_histogram_grows_with_the_batches():
+    from qpass.calib.bias import SignedHistogram
+
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(5000, generator=g) * s for s in (1.0, 3.0, 0.5, 6.0)]
+    h = SignedHistogram(bins=512)
+    for b in batches:
+        h.add(b)
+    allx = torch.cat(batches)
+    assert float(h.counts.sum()) == allx.numel()
+    assert h.origin <= float(allx.min()) and h.end >= float(allx.max())
+    first = batches[0]
+    assert h.width == pytest.approx((float(first.max()) - float(first.min())) / 512)  # fixed by batch 1
+    # every count sits in the bin of its value (to float rounding at the edges)
+    ref = torch.histc(allx, h.counts.numel(), h.origin, h.end).double()
+    assert float((h.counts - ref).abs().sum()) <= 4
+    # a far larger batch merges bins in pairs instead of growing without bound
+    h.add(torch.tensor([1e4]))
+    assert h.counts.numel() <= 8 * 512 and float(h.counts.sum()) == allx.numel() + 1
+
+
+def test_histogram_zero_point_quantizer_calibrates_the_searched_range():
+    from qpass.calib.bias import SignedHistogram, search_range
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(64, 256, 16, generator=g) * 2 + 1.5 for _ in range(4)]  # a million values
+    xs[1][0, 0, 0] = 60.0  # one outlier the max_min range would stretch to
+    bias = {**PER_TENSOR, "method": "histogram", "zero_point": True}
+    m = qpass.quantize(MLP().eval(), _cfg(bias), lambda mm: [mm(x) for x in xs])
+    q = m.fc1.input_quantizer
+    h = SignedHistogram()
+    for x in xs:
+        h.add(x)
+    lo, hi = search_range(h.counts, h.origin, h.width, 256)
+    assert hi < 30.0
+    torch.testing.assert_close(q.amax.reshape(()), torch.tensor((hi - lo) / 2), rtol=1e-6, atol=0)
+    step = q.amax / 127
+    b = q.effective_bias(xs[0], q.amax)
+    torch.testing.assert_close(b / step, (b / step).round(), rtol=0, atol=1e-4)
+    assert abs(float(b.flatten()[0]) - (lo + hi) / 2) <= float(step) / 2 + 1e-6
+    mm = qpass.quantize(MLP().eval(), _cfg({**PER_TENSOR, "method": "max_min", "zero_point": True}),
+                        lambda mm_: [mm_(x) for x in xs])
+    assert float(mm.fc1.input_quantizer.amax) > 2 * float(q.amax)
+
+
+def test_histogram_bias_method_errors_name_the_key_or_quantizer():
+    base = MLP().eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    loop = lambda m: [m(x) for x in _data()]  # noqa: E731
+    with pytest.raises(QuantConfigError, match="bias.*'histogram'.*zero_point"):
+        qpass.quantize(base, _cfg({**PER_TENSOR, "method": "histogram"}), loop)
+    with pytest.raises(QuantConfigError, match="input_quantizer.*'histogram'.*per-tensor"):
+        qpass.quantize(base, _cfg({**PER_TENSOR, "method": "histogram", "zero_point": True}, axis=-1), loop)
+    with pytest.raises(qpass.errors.CalibrationError, match="fc1.input_quantizer.*per-tensor bias"):
+        qpass.quantize(base, _cfg({0: None, 1: None, "method": "histogram", "zero_point": True}), loop)
+    bad = [x.clone() for x in _data()]
+    bad[2][0, 0, 0] = float("nan")
+    with pytest.raises(qpass.errors.CalibrationError, match="fc1.input_quantizer.*NaN"):
+        qpass.quantize(base, _cfg({**PER_TENSOR, "method": "histogram", "zero_point": True}),
+                       lambda m: [m(x) for x in bad])
+    assert not any(isinstance(mod, qpass.nn.tensor_quantizer.TensorQuantizer) for mod in base.modules())
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k])
