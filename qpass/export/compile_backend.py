@@ -368,10 +368,14 @@ def qpass_backend(gm: fx.GraphModule, example_inputs, **kwargs):
 def _no_inplace_qlinear_sum():
     """Inductor (2.13) fuses ``x + qlinear(...)`` into a oneDNN "sum" post-op that writes into
     x's buffer, even when x is a graph input (the caller's tensor) or a view of one; we saw it
-    overwrite the model input of a residual block. Report every buffer as not in-place-able so
-    inductor uses the out-of-place "add" post-op (still fused into the qlinear)."""
+    overwrite the model input of a residual block. While compiling, such an x is reported as not
+    in-place-able, so inductor uses the out-of-place "add" post-op (still fused into the qlinear);
+    any other x keeps inductor's own decision (a residual stream computed inside the graph is
+    summed in place, as in PT2E's graphs)."""
     try:
+        from torch._inductor import ir
         from torch._inductor.fx_passes import mkldnn_fusion
+        from torch._inductor.virtualized import V
     except ImportError:  # pragma: no cover
         yield
         return
@@ -379,7 +383,19 @@ def _no_inplace_qlinear_sum():
         yield
         return
     old = mkldnn_fusion._qlinear_binary_can_be_inplace
-    mkldnn_fusion._qlinear_binary_can_be_inplace = lambda other: False
+
+    def can_be_inplace(other):
+        data = other.data
+        if isinstance(data, ir.BaseView):
+            data = data.unwrap_view()
+        if isinstance(data, ir.StorageBox):
+            data = data.data
+        name = data.get_name() if hasattr(data, "get_name") else None
+        if isinstance(data, (ir.InputBuffer, ir.ConstantBuffer)) or name in V.graph.graph_inputs:
+            return False
+        return old(other)
+
+    mkldnn_fusion._qlinear_binary_can_be_inplace = can_be_inplace
     try:
         yield
     finally:

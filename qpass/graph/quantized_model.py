@@ -124,10 +124,29 @@ def _leaf_key(x):
         return ("O", type(x).__name__, repr(x))
 
 
+def _structure(x):
+    """The container structure of plain tuples, lists and dicts (leaves as None), and the number
+    of leaves in it: what ``str(treespec)`` says for them, in plain Python dynamo can trace."""
+    if type(x) in (tuple, list):
+        parts = [_structure(v) for v in x]
+        return (type(x).__name__, tuple([p[0] for p in parts])), sum([p[1] for p in parts])
+    if type(x) is dict:
+        parts = [_structure(x[k]) for k in x]
+        return ("dict", tuple(x), tuple([p[0] for p in parts])), sum([p[1] for p in parts])
+    return None, 1
+
+
 def _input_key(training: bool, args, kwargs):
-    flat, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
+    # written for dynamo too (no sort over (key, value) pairs, no generator, no str(treespec) for
+    # plain containers), so a compiled model's forward traces as one frame without graph breaks:
+    # each break costs guards and a resumed frame on every call
+    inputs = (args, {k: kwargs[k] for k in sorted(kwargs)})
+    flat, spec = pytree.tree_flatten(inputs)
+    structure, leaves = _structure(inputs)
+    if leaves != len(flat):  # other pytree containers (namedtuples, registered classes)
+        structure = str(spec)
     tensors = [x for x in flat if isinstance(x, torch.Tensor)]
-    return (training, str(spec), tuple(_leaf_key(x) for x in flat)), tensors
+    return (training, structure, tuple([_leaf_key(x) for x in flat])), tensors
 
 
 def graph_for(model: nn.Module, args: tuple, kwargs: dict) -> tuple[TracedGraph, list]:

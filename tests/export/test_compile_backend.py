@@ -322,6 +322,24 @@ def test_repeated_calls_do_not_recompile():
     assert not cb.report(model).fell_back
 
 
+def test_compiled_forward_with_kwargs_is_one_graph():
+    """The quantized forward (graph lookup by input structure, then the graph) traces without
+    graph breaks for keyword inputs: every break would add a resumed frame and its guards to
+    each call (about 0.8 ms per MiniLM call before, 3% at 1x256)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_bert()
+    ids = torch.randint(0, 128, (2, 16))
+    mask = torch.ones_like(ids)
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(input_ids=ids, attention_mask=mask))
+    counters.clear()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = torch.compile(model, backend="qpass")(attention_mask=mask, input_ids=ids).last_hidden_state
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert _cos(out, ref) >= 0.999
+
+
 # ------------------------------------------------------------- CUDA rewrite, checked on CPU
 class _Spy:
     """Records the operands of a kernel call and runs torch's CPU implementation."""
