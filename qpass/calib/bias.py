@@ -109,6 +109,15 @@ class SignedHistogram:
     def end(self) -> float:
         return self.origin + self.width * (0 if self.counts is None else self.counts.numel())
 
+    def rebin(self, origin: float, width: float, bins: int) -> None:
+        """Move the counts onto ``bins`` bins of ``width`` from ``origin`` (each bin's count to the
+        new bin holding its centre): a grid every data-parallel rank shares before counts are summed."""
+        if self.counts is not None:
+            centres = self.origin + self.width * (torch.arange(self.counts.numel(), dtype=torch.float64) + 0.5)
+            idx = ((centres - origin) / width).floor().long().clamp(0, bins - 1)
+            self.counts = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, self.counts)
+        self.origin, self.width = origin, width
+
 
 def search_range(counts: torch.Tensor, origin: float, width: float, levels: int) -> tuple[float, float]:
     """The range ``[lo, hi]`` (holding 0, on bin edges) that a ``levels``-code uniform quantizer
@@ -219,3 +228,55 @@ class BiasCalibrator:
         elif self.method == "max_min":
             b = (self._min.clamp(max=0.0) + self._max.clamp(min=0.0)) / 2
         return b, torch.maximum(amax, b.abs().reshape(amax.shape).to(amax.device))
+
+
+# ---------------------------------------------------------------------- distributed reduction
+def _register_reducer() -> None:
+    from qpass.calib.distributed import register_reducer
+
+    @register_reducer(BiasCalibrator)
+    def _reduce_bias(items, comm) -> None:
+        """Extremes MAX/MIN, means as (sum, count) SUM, histograms re-binned onto a shared grid
+        (lowest origin, highest end, widest bin) then SUM: every rank ends with the statistics of
+        the union of the data."""
+        cals = [it.obj for it in items]
+        comm.check_same("\n".join(f"{it.name}\t{c.method}" for it, c in zip(items, cals)), "the affine bias methods")
+        MAX, SUM = comm.dist.ReduceOp.MAX, comm.dist.ReduceOp.SUM
+
+        def optional(tensors, op, sel):
+            return comm.all_reduce_optional(tensors, op, devices=[items[i].device for i in sel],
+                                            names=[items[i].name for i in sel])
+
+        counts = comm.all_reduce([torch.tensor([c._count for c in cals], dtype=torch.int64)], SUM)[0].tolist()
+        ext = [i for i, c in enumerate(cals) if c.method in ("max_min", "histogram")]
+        his = optional([cals[i]._max for i in ext], MAX, ext)
+        neg_los = optional([None if cals[i]._min is None else -cals[i]._min for i in ext], MAX, ext)
+        for i, hi, neg_lo in zip(ext, his, neg_los):
+            c = cals[i]
+            c._max, c._min = hi, None if neg_lo is None else -neg_lo
+            c._bias = None if hi is None else (hi + c._min) / 2
+        means = [i for i, c in enumerate(cals) if c.method == "mean"]
+        sums = optional([None if cals[i]._bias is None else cals[i]._bias * cals[i]._count for i in means], SUM, means)
+        for i, total in zip(means, sums):
+            cals[i]._bias = None if total is None else total / max(counts[i], 1)
+        hist = [i for i, c in enumerate(cals) if c._hist is not None]
+
+        def grid(fn):
+            return optional([None if cals[i]._hist.counts is None else torch.tensor([fn(cals[i]._hist)], dtype=torch.float64)
+                             for i in hist], MAX, hist)
+
+        neg_origins, ends, widths = grid(lambda h: -h.origin), grid(lambda h: h.end), grid(lambda h: h.width)
+        for i, no, end, w in zip(hist, neg_origins, ends, widths):
+            if no is not None:
+                origin, width = -float(no), float(w)
+                cals[i]._hist.rebin(origin, width, max(1, math.ceil((float(end) - origin) / width - 1e-9)))
+        summed = optional([cals[i]._hist.counts for i in hist], SUM, hist)
+        for i, no, w, total in zip(hist, neg_origins, widths, summed):
+            if total is not None:
+                h = cals[i]._hist
+                h.origin, h.width, h.counts = -float(no), float(w), total.double().cpu()
+        for c, k in zip(cals, counts):
+            c._count = int(k)
+
+
+_register_reducer()

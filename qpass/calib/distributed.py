@@ -40,7 +40,10 @@ Reductions by kind: max calibration keeps a running abs-max (MAX) and a batch
 count (SUM). Histogram calibrators should first agree on a common range
 (``all_reduce_optional`` of the range with MAX), re-bin their local counts onto
 it, then SUM the counts. Per-channel abs-max statistics (AWQ, SmoothQuant)
-reduce with MAX, sums and token counts with SUM, means as (sum, count) pairs.
+reduce with MAX, sums and token counts with SUM, means as (sum, count) pairs. Static affine
+biases (``qpass.calib.bias``, one item per quantizer named ``<quantizer>._bias``): extremes with
+MAX/MIN, means as (sum, count), the ``histogram`` method's signed histograms re-binned onto one
+grid and summed.
 
 Which group: the whole world unless ``set_data_parallel_group(group)`` names the
 data-parallel group (e.g. with tensor or pipeline parallelism, the ranks that
@@ -329,6 +332,8 @@ def _quantizer_calibrators(model: nn.Module) -> Iterable[StatItem]:
     for name, q in model.named_modules():
         if isinstance(q, TensorQuantizer) and q.calibrator is not None:
             yield StatItem(name, q.calibrator, None)
+        if isinstance(q, TensorQuantizer) and q._bias_calibrator is not None:  # static affine bias
+            yield StatItem(f"{name}._bias", q._bias_calibrator, None)
 
 
 # ---------------------------------------------------------------------- reducers

@@ -76,6 +76,22 @@ def amax_dict(model):
             for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
+def bias_configs():
+    per_tensor = {-1: None, -2: None, -3: None}
+    inputs = lambda bias: {"quant_cfg": {"*": {"enable": False},  # noqa: E731
+                                         "*weight_quantizer": {"num_bits": 8, "axis": 0},
+                                         "*input_quantizer": {"num_bits": 8, "axis": None, "bias": bias}},
+                           "algorithm": "max"}
+    return {"bias_histogram": qpass.INT8_ASYMMETRIC_CFG,
+            "bias_max_min": inputs({**per_tensor, "method": "max_min", "zero_point": True}),
+            "bias_mean": inputs({**per_tensor, "method": "mean"})}
+
+
+def bias_dict(model):
+    return {n: (m.bias_value.clone(), m.amax.clone()) for n, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and m.bias_value is not None}
+
+
 def _worker(rank, store_path, out_dir):
     import torch.distributed as dist
 
@@ -103,6 +119,10 @@ def _worker(rank, store_path, out_dir):
         except CalibrationError as e:
             result["mismatch"] = str(e)
         result["plugin"] = _plugin_kind(rank)
+        for key, cfg in bias_configs().items():  # affine biases: reduced like the amax
+            model = make_model(3)
+            qpass.quantize(model, cfg, loop)
+            result[key] = bias_dict(model)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -241,3 +261,29 @@ def test_plugged_in_kind_reduces_like_the_union(ranks):
             assert torch.equal(counts, torch.histc(v, HistStats.bins, 0, float(v.max())).to(torch.int64))
         assert got["c"] == (None, None)
         assert "bool_stat" in got["unsupported"] and "cannot be reduced" in got["unsupported"]
+
+
+@pytest.mark.parametrize("key", ["bias_histogram", "bias_max_min", "bias_mean"])
+def test_affine_biases_are_reduced_across_ranks(ranks, one_thread, key):
+    """Both ranks get one bias and amax per quantizer, those of the union of their data: the
+    extremes exactly, the mean of batch means to float rounding, the histogram range search on
+    the summed (re-binned) histograms close to the single-process one."""
+    got0, got1 = ranks[0][key], ranks[1][key]
+    assert got0.keys() == got1.keys() and len(got0) > 0
+    for name in got0:
+        assert torch.equal(got0[name][0], got1[name][0]) and torch.equal(got0[name][1], got1[name][1]), name
+    data = make_data()
+    ref = make_model(3)
+    qpass.quantize(ref, bias_configs()[key], lambda m: [m(b) for b in data])
+    want = bias_dict(ref)
+    assert want.keys() == got0.keys()
+    for name, (bias, amax) in want.items():
+        got_bias, got_amax = got0[name]
+        if key == "bias_max_min":  # the range's midpoint: exact (the amax depends on batch order)
+            torch.testing.assert_close(got_bias, bias, rtol=0, atol=0)
+        elif key == "bias_mean":
+            torch.testing.assert_close(got_bias, bias, rtol=1e-5, atol=1e-6)
+        else:  # two ranks' histograms re-binned onto one grid: the same range to a few bins
+            step = float(amax) / 127
+            assert abs(float(got_bias.flatten()[0]) - float(bias.flatten()[0])) <= 3 * step, name
+            torch.testing.assert_close(got_amax, amax, rtol=0.03, atol=0)
