@@ -51,24 +51,30 @@ class OneLinear(nn.Module):
         return self.fc(x)
 
 
+def _captured_unit(base, x, max_tokens):
+    """A max-calibrated copy of ``base``, its fc input's capture, and its SmoothQuant scale(alpha)."""
+    from qpass.algorithms.smoothquant import smoothquant_scale
+    from qpass.calib.capture import ActivationCapture
+
+    m = copy.deepcopy(base)
+    qpass.quantize(m, {"quant_cfg": INT8_CFG, "algorithm": "max"}, lambda mm: mm(x))
+    with ActivationCapture({"fc": m.fc}, max_tokens=max_tokens) as cap:
+        m(x)
+    st = cap.stats["fc"]
+    w_amax = m.fc.weight.detach().abs().amax(0)
+    return m, st, lambda al: smoothquant_scale(st.amax, w_amax, al)
+
+
 def test_rare_outlier_tokens_are_clipped():
     """Two tokens 20x larger in every channel: no smoothing scale can flatten them, a clip can."""
     from qpass.algorithms.smooth_search import input_fake_quant, search_alpha_clip
-    from qpass.algorithms.smoothquant import smoothquant_scale
-    from qpass.calib.capture import ActivationCapture
 
     torch.manual_seed(0)
     base = OneLinear().eval()
     x = torch.randn(4096, 64)
     x[[123, 2000]] *= 20.0
     ref = base(x)
-    m = copy.deepcopy(base)
-    qpass.quantize(m, {"quant_cfg": INT8_CFG, "algorithm": "max"}, lambda mm: mm(x))
-    with ActivationCapture({"fc": m.fc}, max_tokens=4096) as cap:
-        m(x)
-    st = cap.stats["fc"]
-    w_amax = m.fc.weight.detach().abs().amax(0)
-    scale = lambda al: smoothquant_scale(st.amax, w_amax, al)  # noqa: E731
+    m, st, scale = _captured_unit(base, x, 4096)
     found = search_alpha_clip(m, ["fc"], st, scale, [0.5])
     assert found.alpha == 0.5 and found.clip < 1.0
 
@@ -146,20 +152,12 @@ def test_exact_scoring_on_sampled_rows_estimates_the_full_output_error(monkeypat
     """The exact round multiplies EXACT_ROWS output rows per member, weighted up to all rows: its
     loss estimates the all-rows loss, and a clear winner stays the winner."""
     import qpass.algorithms.smooth_search as ss
-    from qpass.algorithms.smoothquant import smoothquant_scale
-    from qpass.calib.capture import ActivationCapture
 
     torch.manual_seed(0)
     base = OneLinear(64, 600).eval()
     x = torch.randn(2048, 64)
     x[:, 7] *= 30.0
-    m = copy.deepcopy(base)
-    qpass.quantize(m, {"quant_cfg": INT8_CFG, "algorithm": "max"}, lambda mm: mm(x))
-    with ActivationCapture({"fc": m.fc}, max_tokens=512) as cap:
-        m(x)
-    st = cap.stats["fc"]
-    w_amax = m.fc.weight.detach().abs().amax(0)
-    scale = lambda al: smoothquant_scale(st.amax, w_amax, al)  # noqa: E731
+    m, st, scale = _captured_unit(base, x, 512)
     alphas = [0.0, 0.5, 1.0]
     sampled = ss.search_alpha_clip(m, ["fc"], st, scale, alphas, shortlist=9)
     monkeypatch.setattr(ss, "EXACT_ROWS", 10**6)
