@@ -147,9 +147,9 @@ def search_range(counts: torch.Tensor, origin: float, width: float, levels: int)
     path_l, path_r = [stops[i]], [stops[j]]
     while i < zi or j > zi:
         # values given up per bin of range saved, trimming the left or the right boundary bin
-        left = counts_list[stops[i]] / (stops[i + 1] - stops[i]) if i < zi else math.inf
-        right = counts_list[stops[j]] / (stops[j] - stops[j - 1]) if j > zi else math.inf
-        if left <= right:
+        cost_l = counts_list[stops[i]] / (stops[i + 1] - stops[i]) if i < zi else math.inf
+        cost_r = counts_list[stops[j]] / (stops[j] - stops[j - 1]) if j > zi else math.inf
+        if cost_l <= cost_r:
             i += 1
         else:
             j -= 1
