@@ -86,3 +86,24 @@ def test_module_saturates_outside_the_calibrated_range(case, factor):
     assert (y.abs() <= limit * reach * (1 + 1e-6))[live].all(), attrs
     far = big.abs() >= 2 * limit
     assert torch.equal(y[far & live], q(torch.sign(big) * 1e35)[far & live]), attrs
+
+
+@SETTINGS
+@given(case=quantizer_and_input(), shift=st.sampled_from([0.0, 0.7]), zero_point=st.booleans())
+def test_compile_path_equals_the_general_path(case, shift, zero_point):
+    """What dynamo traces for integer quantizers (a few ops on the quantizer's own buffers) gives
+    the general path's values to the bit, zero-point biases and zero amaxes included."""
+    attrs, x = case
+    x = x + shift * x.abs().max()
+    if zero_point and attrs.get("axis") is None and not attrs.get("block_sizes"):
+        attrs = {**attrs, "bias": {-1: None, -2: None, "method": "max_min", "zero_point": True}}
+    q = _calibrated(attrs, x)
+    y = x * 1.5 - 0.1 * x.abs().max()  # also outside the calibrated range
+    got = q._compiled_int_fake_quant(y)
+    plain = isinstance(q.spec.fmt, type(TensorQuantizer({"num_bits": 8}).spec.fmt)) and not attrs.get("block_sizes")
+    assert (got is not None) == plain, attrs
+    if got is not None:  # bit for bit (a zero amax under a bias is NaN on both paths)
+        torch.testing.assert_close(got, q._fake_quant(y), rtol=0, atol=0, equal_nan=True, msg=str(attrs))
+        q.amax = torch.zeros_like(q.amax)
+        torch.testing.assert_close(q._compiled_int_fake_quant(y), q._fake_quant(y), rtol=0, atol=0, equal_nan=True,
+                                   msg=str(attrs))
