@@ -79,6 +79,38 @@ def test_lazy_capture_per_input_structure_shares_quantizers():
         assert traced.gm.get_submodule("model.layers.0.self_attn.q_proj.input_quantizer") is q
 
 
+class _Box:
+    """A one-leaf pytree container (registered below), e.g. a framework's wrapper of one tensor."""
+
+    def __init__(self, t):
+        self.t = t
+
+
+def test_input_structure_key_tells_every_container_apart():
+    """The graph cache key: plain tuples/lists/dicts by their structure (traceable by dynamo), any
+    other object by its type; containers pytree flattens to another leaf count by their treespec."""
+    import collections
+
+    import torch.utils._pytree as pytree
+
+    from qpass.graph.quantized_model import _input_key
+
+    if _Box not in pytree.SUPPORTED_NODES:
+        pytree.register_pytree_node(_Box, lambda b: ([b.t], None), lambda c, _: _Box(c[0]))
+    t = torch.ones(2, 3)
+    keys = {}
+    for name, args, kwargs in [
+        ("tensor", (t,), {}), ("box", (_Box(t),), {}), ("list", ([t],), {}), ("tuple", ((t,),), {}),
+        ("dict", ({"a": t},), {}), ("kw", (), {"x": t}), ("kw_other", (), {"y": t}),
+        ("pair", (collections.namedtuple("P", "a b")(t, t),), {}), ("two", (t, t), {}),
+    ]:
+        key, tensors = _input_key(False, args, kwargs)
+        assert all(x is t for x in tensors), name
+        keys[name] = key
+    assert len(set(keys.values())) == len(keys), keys
+    assert _input_key(False, (), {"y": t, "x": t})[0] == _input_key(False, (), {"x": t, "y": t})[0]
+
+
 def test_example_inputs_trace_eagerly(mlp):
     qpass.quantize(mlp, qpass.INT8_WEIGHT_ONLY_CFG, example_inputs=torch.randn(2, 32))
     assert len(state_of(mlp).graphs) == 1

@@ -125,15 +125,16 @@ def _leaf_key(x):
 
 
 def _structure(x):
-    """The container structure of plain tuples, lists and dicts (leaves as None), and the number
-    of leaves in it: what ``str(treespec)`` says for them, in plain Python dynamo can trace."""
+    """The container structure of plain tuples, lists and dicts (anything else by its type name,
+    counted as one leaf), and the number of leaves in it: what ``str(treespec)`` says for them,
+    in plain Python dynamo can trace."""
     if type(x) in (tuple, list):
         parts = [_structure(v) for v in x]
         return (type(x).__name__, tuple([p[0] for p in parts])), sum([p[1] for p in parts])
     if type(x) is dict:
         parts = [_structure(x[k]) for k in x]
         return ("dict", tuple(x), tuple([p[0] for p in parts])), sum([p[1] for p in parts])
-    return None, 1
+    return type(x).__name__, 1
 
 
 def _input_key(training: bool, args, kwargs):
@@ -143,8 +144,8 @@ def _input_key(training: bool, args, kwargs):
     inputs = (args, {k: kwargs[k] for k in sorted(kwargs)})
     flat, spec = pytree.tree_flatten(inputs)
     structure, leaves = _structure(inputs)
-    if leaves != len(flat):  # other pytree containers (namedtuples, registered classes)
-        structure = str(spec)
+    if leaves != len(flat):  # other pytree containers (namedtuples, registered classes) hold
+        structure = str(spec)  # more or fewer leaves than the objects counted as one here
     tensors = [x for x in flat if isinstance(x, torch.Tensor)]
     return (training, structure, tuple([_leaf_key(x) for x in flat])), tensors
 
