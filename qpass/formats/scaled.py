@@ -30,9 +30,14 @@ AMAX_EPS = 1.0 / (1 << 24)  # ModelOpt treats an amax at or below this as zero
 
 def _int_divisor(fmt: IntFormat, amax: torch.Tensor):
     """(multiplier, divisor): ModelOpt's ``scale`` before and after the zero-amax fix-up."""
+    return int_divisor_for_bound(fmt.max_bound, amax)
+
+
+def int_divisor_for_bound(max_bound: float, amax: torch.Tensor):
+    """:func:`_int_divisor` from the format's largest code alone (what a compiled graph keeps)."""
     zero = amax <= AMAX_EPS
     # a tensor numerator: ``float / tensor`` would be reciprocal-then-multiply in torch
-    scale = amax.new_tensor(fmt.max_bound) / amax
+    scale = amax.new_tensor(max_bound) / amax
     return torch.where(zero, 0.0, scale), torch.where(zero, 1.0, scale)
 
 

@@ -18,8 +18,8 @@ from qpass.calib.bias import BiasCalibrator, bias_of
 from qpass.calib.histogram import HistogramCalibrator, histogram_calibrator_for
 from qpass.calib.max import MaxCalibrator
 from qpass.errors import CalibrationError, QuantConfigError
-from qpass.formats.scaled import AMAX_EPS
 from qpass.formats import triton_kernels
+from qpass.nn.compiled_fake_quant import compiled_int_fake_quant, int_compile_plan
 
 # Attributes this version implements numerically. Others are accepted by the
 # config (so every preset loads) and refused when the quantizer is first used.
@@ -97,26 +97,8 @@ class TensorQuantizer(nn.Module):
         self._bias_calibrator = BiasCalibrator(bias) if bias and bias.get("type", "static") == "static" else None
         if self._bias_calibrator is None:
             self._buffers.pop("_bias_value", None)
-        self.__dict__["_compile_plan"] = self._int_compile_plan()
+        self.__dict__["_compile_plan"] = int_compile_plan(self)
         self._bump()
-
-    def _int_compile_plan(self):
-        """(min_bound, max_bound, zero_point) for a static integer fake quantizer with one amax per
-        tensor or per channel (with or without a ``zero_point`` bias), else None:
-        :meth:`_compiled_int_fake_quant`'s constants, fixed when the attributes are set so dynamo
-        reads one tuple instead of tracing the spec."""
-        from qpass.formats.integer import IntFormat
-
-        a = self._attrs
-        bias = a.get("bias")
-        try:
-            spec = self.spec
-        except Exception:  # noqa: BLE001 - an invalid format is reported where it is used
-            return None
-        if (a.get("type") == "dynamic" or not a.get("fake_quant", True) or not isinstance(spec.fmt, IntFormat)
-                or spec.block_sizes or spec.is_dynamic or (bias and not self._zero_point_format())):
-            return None
-        return float(spec.fmt.min_bound), float(spec.fmt.max_bound), bool(bias)
 
     def _bump(self) -> None:
         self._state_version += 1
@@ -381,37 +363,11 @@ class TensorQuantizer(nn.Module):
         if isinstance(x, nn.Parameter):
             return self._fake_quant_cached(x)
         if torch.compiler.is_compiling():
-            out = self._compiled_int_fake_quant(x)
+            out = compiled_int_fake_quant(self, x)
             if out is not None:
                 return out
         out = self._fake_quant_per_tensor(x)
         return self._fake_quant(x) if out is None else out
-
-    def _compiled_int_fake_quant(self, x: torch.Tensor):
-        """Under torch.compile: a float32 input quantized by a static integer format with one
-        amax per tensor or per channel (kept dims, as calibration stores it; affine ``zero_point``
-        bias included) in a few ops on its own buffers and the constants of
-        :meth:`_int_compile_plan`; None elsewhere (the general path). The values are the
-        general path's, to the bit (tested): dynamo traces this instead of the spec and format
-        objects, which cost a hundred guards per quantizer, checked on every compiled call."""
-        plan = self.__dict__.get("_compile_plan")
-        amax = self._buffers.get("_amax")
-        if (plan is None or amax is None or x.dtype != torch.float32 or not (amax.numel() == 1 or (
-                amax.dim() == x.dim() and all(a in (1, n) for a, n in zip(amax.shape, x.shape))))):
-            return None
-        lo, hi, zero_point = plan
-        a = amax.float()
-        zero = a <= AMAX_EPS
-        scale = a.new_tensor(hi) / a
-        mult, div = torch.where(zero, 0.0, scale), torch.where(zero, 1.0, scale)
-        if not zero_point:
-            return torch.clamp(torch.round(x * mult), lo, hi) / div
-        b = self._buffers.get("_bias_value")
-        if b is None:
-            return None
-        step = (a.double() / hi).float()
-        b = (torch.round(b.to(x.device) / step) * step).to(x.dtype)
-        return torch.clamp(torch.round((x - b) * mult), lo, hi) / div + b
 
     # Activations with one calibrated amax (the INT8/FP8/NVFP4 input quantizers) are quantized by a
     # short fixed sequence of kernels, with the scales computed once per amax: on a GPU the
@@ -543,7 +499,7 @@ class TensorQuantizer(nn.Module):
             cache = self._weight_cache
             if cache is not None:
                 return cache[2]
-            out = self._compiled_int_fake_quant(w)
+            out = compiled_int_fake_quant(self, w)
             return self._fake_quant(w) if out is None else out
         amax = self._buffers.get("_amax")
         key = (w._version, self._state_version, None if amax is None else amax._version)
