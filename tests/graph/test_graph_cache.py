@@ -51,3 +51,36 @@ def test_different_scalar_attribute_is_traced_again(monkeypatch):
     assert len(calls) == 2
     qpass.disable_quantizer(b, "*")
     torch.testing.assert_close(b(x), ref_b, rtol=0, atol=0)
+
+
+def test_export_restores_tracing_settings_even_when_it_fails():
+    """export_graph switches off the fake-tensor cache and stack traces for its own trace only."""
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.config as fx_config
+
+    before = (dynamo_config.fake_tensor_cache_enabled, fx_config.do_not_emit_stack_traces)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append((dynamo_config.fake_tensor_cache_enabled, fx_config.do_not_emit_stack_traces))
+            return x * 2
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent branch: torch.export refuses it
+                return x
+            return -x
+
+    traced = trace.export_graph(Spy(), Spy, (torch.randn(2, 3),), {})
+    assert seen and seen[0] == (False, True)
+    assert (dynamo_config.fake_tensor_cache_enabled, fx_config.do_not_emit_stack_traces) == before
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(traced.gm(x), x * 2)
+    try:
+        trace.export_graph(Broken(), Broken, (torch.randn(2, 3),), {})
+    except qpass.TraceError:
+        pass
+    else:
+        raise AssertionError("a data-dependent branch must not trace")
+    assert (dynamo_config.fake_tensor_cache_enabled, fx_config.do_not_emit_stack_traces) == before
