@@ -94,6 +94,8 @@ def _build_quantizer(spec: QuantizerSpec) -> nn.Module:
             tq.pre_quant_scale = tensors["_pre_quant_scale"]
         if tensors.get("_bias_value") is not None:
             tq.bias_value = tensors["_bias_value"]
+        if tensors.get("_global_amax") is not None:  # static NVFP4
+            tq.global_amax = tensors["_global_amax"]
         if m.get("packed_weight"):  # real_quantize: the owner's weight is packed in this quantizer
             packed = {k: tensors[f"_{k}"] for k in PACKED_KEYS if tensors.get(f"_{k}") is not None}
             install_packed(tq, packed, m["packed_weight"]["shape"], getattr(torch, m["packed_weight"]["dtype"]))

@@ -13,10 +13,12 @@ Activation amax stays the max-calibrated one, as in ModelOpt (its ``mse`` refine
 only). For an MSE-chosen activation range, use ``calibrator: "histogram"`` with method ``mse``
 (see :mod:`qpass.calib.histogram`), which needs one forward pass and bounded memory.
 
-``fp8_scale_sweep=True`` in ModelOpt sweeps the FP8 per-block scales of static NVFP4 weight
-quantizers and leaves every other weight at its max amax. qpass has no static NVFP4 format, so
-a config with such a weight quantizer is refused naming the option; without one the option
-changes nothing, as in ModelOpt.
+``fp8_scale_sweep=True`` sweeps the E4M3 block scales of static NVFP4 weight quantizers (each
+block takes the E4M3 value of least squared error, see :mod:`qpass.calib.nvfp4_static`) and
+leaves every other weight at its max amax, as in ModelOpt. Without it, a static NVFP4 weight's
+block amaxes go through the multiplier search against its fixed global amax (ModelOpt's
+NVFP4_FOUR_OVER_SIX_CFG: multipliers 1.0 and 1.5, i.e. each block's largest value maps to 6 or
+to 4 on the FP4 grid).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from qpass.algorithms import register_algorithm
 from qpass.calib.max_calibrate import max_calibrate, weight_quantizer_owners
 from qpass.errors import QuantConfigError
+from qpass.calib.nvfp4_static import static_nvfp4_weights, sweep_fp8_scales
 from qpass.nn.tensor_quantizer import TensorQuantizer
 
 
@@ -50,11 +53,6 @@ def mse_candidates(step_size=0.1, start_multiplier=0.25, stop_multiplier=4.0, de
     return torch.linspace(start, stop, steps=steps, device=device)
 
 
-def _static_nvfp4(attrs: dict) -> bool:
-    bs = attrs.get("block_sizes") or {}
-    return bs.get("type", "static") == "static" and bs.get("scale_bits") is not None
-
-
 @torch.no_grad()
 def mse_search_amax(q: TensorQuantizer, w: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Per amax element, the candidate ``q.amax * r`` with the least squared error on ``w``."""
@@ -66,9 +64,10 @@ def mse_search_amax(q: TensorQuantizer, w: torch.Tensor, candidates: torch.Tenso
     base = q.amax.to(x.device)
     lay = spec._layout(x.shape)
     best_loss = best_amax = None
+    glob = q.global_amax if spec.is_static_nvfp4 else None
     for r in candidates.to(x.device):
         amax = base * r
-        err = (x - spec.fake_quant(x, amax)) ** 2
+        err = (x - spec.fake_quant(x, amax if glob is None else (amax, glob.to(x.device)))) ** 2
         eb = lay.to_blocks(err)  # padding is 0 and quantizes to 0: no error
         if lay.kept is None:
             loss = eb.sum()
@@ -102,22 +101,14 @@ def mse_algorithm(
     start_multiplier = 0.25 if start_multiplier is None else start_multiplier
     stop_multiplier = 4.0 if stop_multiplier is None else stop_multiplier
     candidates = mse_candidates(step_size, start_multiplier, stop_multiplier)  # validates first
-    weights = [
-        (tq, module.weight)
-        for _, module, q in weight_quantizer_owners(model)
-        for tq in ([q] if isinstance(q, TensorQuantizer) else list(q))
-    ]
-    if fp8_scale_sweep:
-        for tq, _ in weights:
-            if tq.is_enabled and _static_nvfp4(tq._attrs):
-                raise QuantConfigError(
-                    f"algorithm 'mse' option fp8_scale_sweep=True (an FP8 block-scale sweep of static "
-                    f"NVFP4 weight quantizers such as '{tq._name}') is not implemented yet in qpass; "
-                    "use fp8_scale_sweep=False with a supported weight format"
-                )
+    fp8_scale_sweep = False if fp8_scale_sweep is None else fp8_scale_sweep
+    if not isinstance(fp8_scale_sweep, bool):
+        raise QuantConfigError(f"algorithm 'mse': fp8_scale_sweep must be True or False, got {fp8_scale_sweep!r}")
     max_calibrate(model, state, forward_loop)
-    if fp8_scale_sweep:
-        return  # ModelOpt: only static NVFP4 weights are swept; others keep their max amax
+    if fp8_scale_sweep:  # ModelOpt: only static NVFP4 weights are swept; others keep their max amax
+        for module, tq in static_nvfp4_weights(model):
+            tq.amax = sweep_fp8_scales(tq, module.weight)
+        return
     for _, module, q in weight_quantizer_owners(model):
         if not isinstance(q, TensorQuantizer):
             continue  # ModelOpt skips quantizer sequences

@@ -166,11 +166,14 @@ def _may_enable_traced_slots(state: QpassState) -> bool:
 
 
 def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | None) -> None:
+    from qpass.calib.nvfp4_static import set_global_amax
+
     for _, q in named_tensor_quantizers(model):
         if q.is_enabled:
             q.check_supported()
             q.spec  # noqa: B018 - validates the format before any work
     calibrate_weights(model)
+    set_global_amax(model, state.groups)  # static NVFP4 weights (groups known once traced)
     needs_data = activation_quantizers(model)
     if not needs_data and not _may_enable_traced_slots(state):
         return  # nothing needs data; the graph is traced on the model's first call
@@ -186,3 +189,4 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
     collect_activations(model, state, forward_loop)
     load_activation_amax(model, state)
     share_group_amax(model, state.groups)
+    set_global_amax(model, state.groups)  # again: the forward may have traced the groups

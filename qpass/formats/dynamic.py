@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .floating import FloatFormat
 
-__all__ = ["dequantize", "e8m0_exponent", "fake_quant", "pow2", "quantize", "step", "to_blocks"]
+__all__ = ["block_float_scales", "dequantize", "e8m0_exponent", "fake_quant", "pow2", "quantize", "step", "to_blocks"]
 
 
 def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -77,8 +77,15 @@ def _global_scale(elem, scale_fmt: FloatFormat, amax: torch.Tensor) -> torch.Ten
 
 
 def _float_scales(elem, scale_fmt: FloatFormat, xb: torch.Tensor, amax: torch.Tensor):
-    g = _global_scale(elem, scale_fmt, amax).to(xb.device)
-    block_amax = xb.abs().amax(dim=-1, keepdim=True)
+    return block_float_scales(elem, scale_fmt, xb.abs().amax(dim=-1, keepdim=True), amax, scale_fmt.max)
+
+
+def block_float_scales(elem, scale_fmt: FloatFormat, block_amax: torch.Tensor, amax, norm: float):
+    """Scale codes, global scale ``g`` and block scales ``d`` for given block amaxes: the dynamic
+    scheme with ``block_amax`` taken from a static NVFP4 quantizer's buffer instead of from x.
+    ``norm`` is the scale value a block whose amax equals the global ``amax`` gets (448, or 256
+    for four-over-six)."""
+    g = (_global_scale(elem, scale_fmt, amax) * (scale_fmt.max / norm)).to(block_amax.device)
     s = block_amax / (elem.max * g)
     s = torch.where(g > 0, s, 0.0).clamp(max=scale_fmt.max)
     s_codes = scale_fmt.encode(s)

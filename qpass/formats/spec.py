@@ -32,12 +32,15 @@ SCALE_FORMATS = {**FLOAT_FORMATS, (8, 0): E8M0}
 class QuantSpec:
     """The numerics of one quantizer (element format, granularity, scale scheme)."""
 
-    def __init__(self, fmt, *, axis=None, block_sizes=None, dynamic_block=None, scale_format=None):
+    def __init__(self, fmt, *, axis=None, block_sizes=None, dynamic_block=None, scale_format=None,
+                 scale_norm=None):
         self.fmt: IntFormat | FloatFormat = fmt
         self.axis = axis  # int / tuple of kept axes, or None
         self.block_sizes: dict[int, int | None] | None = block_sizes  # static blocks (int keys)
         self.dynamic_block: tuple[int, int] | None = dynamic_block  # (axis key, block size)
-        self.scale_format: FloatFormat | None = scale_format  # dynamic block scale format
+        self.scale_format: FloatFormat | None = scale_format  # block scale format (dynamic or static NVFP4)
+        # static NVFP4: the E4M3 scale of a block whose amax is the global amax (448; 256 four-over-six)
+        self.scale_norm: float | None = scale_norm
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -52,6 +55,8 @@ class QuantSpec:
             if isinstance(fmt, IntFormat):  # MXINT8: symmetric int8, like ModelOpt's MX kernel
                 fmt = IntFormat(8, unsigned=False, narrow_range=True)
             return cls(fmt, dynamic_block=p["dynamic_block"], scale_format=SCALE_FORMATS[p["scale_bits"]])
+        if p["scale_norm"] is not None:
+            return cls(fmt, block_sizes=p["block_sizes"], scale_format=E4M3, scale_norm=p["scale_norm"])
         return cls(fmt, axis=p["axis"], block_sizes=p["block_sizes"])
 
     def to_attributes(self) -> dict:
@@ -63,6 +68,10 @@ class QuantSpec:
             out["axis"] = self.axis
         if self.block_sizes is not None:
             out["block_sizes"] = {**self.block_sizes, "type": "static"}
+            if self.is_static_nvfp4:
+                out["block_sizes"]["scale_bits"] = self.scale_format.bits
+                if self.scale_norm != E4M3.max:
+                    out["block_sizes"]["four_over_six"] = 1
         if self.dynamic_block is not None:
             key, size = self.dynamic_block
             out["block_sizes"] = {key: size, "type": "dynamic", "scale_bits": self.scale_format.bits}
@@ -86,6 +95,11 @@ class QuantSpec:
     def is_dynamic(self) -> bool:
         """True for dynamic block formats: block scales come from x at run time."""
         return self.dynamic_block is not None
+
+    @property
+    def is_static_nvfp4(self) -> bool:
+        """Static block amax (a buffer) with E4M3 block scales under a global amax."""
+        return self.scale_format is not None and self.dynamic_block is None
 
     @property
     def is_mx(self) -> bool:
@@ -116,6 +130,8 @@ class QuantSpec:
         bits = float(self.fmt.total_bits)
         if self.dynamic_block is not None:
             return bits + self.scale_format.total_bits / self.dynamic_block[1]
+        if self.is_static_nvfp4:
+            return bits + self.scale_format.total_bits / self.block_sizes[-1]
         if self.block_sizes:
             per_block = math.prod(b for b in self.block_sizes.values() if b)
             return bits + 16 / per_block
@@ -132,6 +148,9 @@ class QuantSpec:
                 return f"mx{kind} ({_fmt_name(f, short=True)}, block{b}, e8m0 scales)"
             return f"{_fmt_name(f)} dynamic (block{b}, {s.name} scales)"
         name = _fmt_name(f)
+        if self.is_static_nvfp4:
+            extra = ", four-over-six" if self.scale_norm != E4M3.max else ""
+            return f"nvfp4 (e2m1, block{self.block_sizes[-1]} static, e4m3 scales{extra})"
         if self.block_sizes:
             keyed = {k: v for k, v in self.block_sizes.items() if v}
             if list(keyed) == [-1] and len(self.block_sizes) == 1:
@@ -173,6 +192,17 @@ class QuantSpec:
     def _amax_or_stat(self, x32, amax):
         return self.amax_of(x32) if amax is None else amax
 
+    def _static_scales(self, lay: Layout, x32: torch.Tensor, amax, codes: bool = False):
+        """Static NVFP4: the blocks' amax and scales ``d`` (with ``codes``: also the E4M3 scale
+        codes and the global scale). ``amax`` is ``(block amax, global amax)`` as a static NVFP4
+        quantizer holds them, or the block amax alone, whose max is then the global amax (as
+        right after max calibration)."""
+        blocks, glob = amax if isinstance(amax, tuple) else (self._amax_or_stat(x32, amax), None)
+        a = lay.broadcast_amax(blocks, x32.device)
+        glob = a.amax() if glob is None else torch.as_tensor(glob).detach().float().to(x32.device)
+        s_codes, g, d = dynamic.block_float_scales(self.fmt, self.scale_format, a, glob, self.scale_norm)
+        return (a, d, s_codes, g) if codes else (a, d)
+
     def _fake32(self, x32: torch.Tensor, amax, want_mask: bool):
         """Float32 fake quantization of a detached float32 tensor (+ clipped-STE mask)."""
         if self.is_dynamic:
@@ -185,6 +215,12 @@ class QuantSpec:
             return out, mask
         lay = self._layout(x32.shape)
         xb = lay.to_blocks(x32)
+        if self.is_static_nvfp4:
+            a, d = self._static_scales(lay, x32, amax)
+            zero = d == 0
+            out = lay.from_blocks(self.fmt.round_(torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d))).mul_(d))
+            mask = lay.from_blocks(scaled.clip_mask(xb, a)) if want_mask else None
+            return out, mask
         a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
         out = lay.from_blocks(scaled.fake_quant(self.fmt, xb, a))
         mask = lay.from_blocks(scaled.clip_mask(xb, a)) if want_mask else None
@@ -225,6 +261,14 @@ class QuantSpec:
             a = None if self.is_mx else self._amax_or_stat(x32, amax)
             codes, scale = dynamic.quantize(self.fmt, self.scale_format, dynamic.to_blocks(x32, b), a)
             codes = dynamic.from_blocks(codes, x.shape)
+        elif self.is_static_nvfp4:
+            lay = self._layout(x.shape)
+            xb = lay.to_blocks(x32)
+            _, d, s_codes, g = self._static_scales(lay, x32, amax, codes=True)
+            zero = d == 0
+            codes = lay.from_blocks(self.fmt.encode(torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d))))
+            padded = lay.padded_shape
+            scale = (s_codes.reshape(*padded[:-1], padded[-1] // self.block_sizes[-1]), g)
         else:
             lay = self._layout(x.shape)
             a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
@@ -252,6 +296,11 @@ class QuantSpec:
                 scale = scale.to(codes.device)
             out = dynamic.dequantize(self.fmt, self.scale_format, _blocks_of_codes(codes, b), scale)
             out = dynamic.from_blocks(out, shape)
+        elif self.is_static_nvfp4:
+            lay = self._layout(shape)
+            s_codes, g = (t.to(codes.device) for t in scale)
+            d = self.scale_format.decode(s_codes.reshape(-1, 1)) * g.float()
+            out = lay.from_blocks(self.fmt.decode(_padded_codes(codes, lay)) * d)
         else:
             lay = self._layout(shape)
             cb = _padded_codes(codes, lay)
@@ -267,6 +316,11 @@ class QuantSpec:
             st = dynamic.step(self.fmt, self.scale_format, dynamic.to_blocks(x32, b), a)
             return dynamic.from_blocks(st, x.shape)
         lay = self._layout(x.shape)
+        if self.is_static_nvfp4:
+            xb = lay.to_blocks(x32)
+            _, d = self._static_scales(lay, x32, amax)
+            zero = d == 0
+            return lay.from_blocks(torch.where(zero, 0.0, self.fmt.gap(xb / torch.where(zero, 1.0, d)) * d))
         a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
         return lay.from_blocks(scaled.step(self.fmt, lay.to_blocks(x32), a))
 

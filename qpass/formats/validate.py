@@ -25,6 +25,7 @@ DYNAMIC_ELEMENTS = {
 SCALE_BITS = {**DYNAMIC_ELEMENTS, (8, 0): "E8M0"}
 BLOCK_STRING_KEYS = ("type", "scale_bits", "scale_block_sizes", "four_over_six")
 NVFP4_EXAMPLE = "{-1: 16, 'type': 'dynamic', 'scale_bits': (4, 3)}"
+STATIC_NVFP4_EXAMPLE = "{-1: 16, 'type': 'static', 'scale_bits': (4, 3)}"
 MX_EXAMPLE = "{-1: 32, 'type': 'dynamic', 'scale_bits': (8, 0)}"
 
 
@@ -101,7 +102,7 @@ def parse_attributes(num_bits, axis, block_sizes, unsigned, narrow_range) -> dic
     nb = _num_bits(num_bits)
     axis = _axis(axis)
     out = dict(num_bits=nb, axis=axis, block_sizes=None, dynamic_block=None, scale_bits=None,
-               unsigned=bool(unsigned), narrow_range=bool(narrow_range))
+               scale_norm=None, unsigned=bool(unsigned), narrow_range=bool(narrow_range))
     is_float = isinstance(nb, tuple)
     if is_float and unsigned:
         raise QuantConfigError(f"unsigned=True applies to integer formats only, not num_bits={nb}")
@@ -115,15 +116,30 @@ def parse_attributes(num_bits, axis, block_sizes, unsigned, narrow_range) -> dic
             f"per-channel scales or block_sizes for block scales"
         )
     axes, kind, extra = _block_sizes(block_sizes)
-    if extra.get("four_over_six"):
-        raise QuantConfigError("block_sizes four_over_six=True is not supported by qpass")
     if extra.get("scale_block_sizes") is not None:
         raise QuantConfigError("block_sizes scale_block_sizes (double-quantized block scales) is not supported by qpass")
+    static_nvfp4 = kind == "static" and nb == (2, 1) and _pair(extra.get("scale_bits"), "scale_bits") == (4, 3)
+    if extra.get("four_over_six") and not static_nvfp4:
+        raise QuantConfigError(
+            f"block_sizes four_over_six applies to static NVFP4 weights only ({STATIC_NVFP4_EXAMPLE} "
+            f"with num_bits=(2, 1)), got num_bits={nb} and block_sizes={block_sizes!r}"
+        )
+    if static_nvfp4:
+        if set(axes) != {-1} or axes[-1] is None:
+            raise QuantConfigError(
+                f"static NVFP4 takes one int block size on the last axis, e.g. {STATIC_NVFP4_EXAMPLE}; "
+                f"got block_sizes={block_sizes!r}"
+            )
+        # per-block E4M3 scales normalised to 448, or to 256 for four-over-six, whose MSE search
+        # may raise a block's amax to 1.5x the global amax (1.5 * 256 = 384 stays below 448)
+        out.update(block_sizes=axes, scale_bits=(4, 3), scale_norm=256.0 if extra.get("four_over_six") else 448.0)
+        return out
     if kind == "static" or all(v is None for v in axes.values()):
         if "scale_bits" in extra and extra["scale_bits"] is not None:
             raise QuantConfigError(
-                f"scale_bits={extra['scale_bits']!r} needs type 'dynamic' (static NVFP4 is not "
-                f"supported); e.g. NVFP4 block_sizes={NVFP4_EXAMPLE}"
+                f"scale_bits={extra['scale_bits']!r} with static blocks is supported for NVFP4 only "
+                f"(num_bits=(2, 1), scale_bits=(4, 3), e.g. {STATIC_NVFP4_EXAMPLE}); otherwise use "
+                f"type 'dynamic', e.g. NVFP4 block_sizes={NVFP4_EXAMPLE}"
             )
         if is_float and nb not in STATIC_FLOATS:
             raise QuantConfigError(_needs_dynamic(nb))

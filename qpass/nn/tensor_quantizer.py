@@ -228,8 +228,18 @@ class TensorQuantizer(nn.Module):
             self._buffers[name] = torch.as_tensor(value, dtype=dtype).detach().clone()
         self._bump()
 
+    @property
+    def global_amax(self) -> torch.Tensor | None:
+        """Static NVFP4: the per-tensor amax that fixes the E4M3 block-scale grid (ModelOpt's name)."""
+        return self._buffers.get("_global_amax")
+
+    @global_amax.setter
+    def global_amax(self, value) -> None:
+        self._set_state_buffer("_global_amax", value, torch.float32)
+
     def reset_amax(self) -> None:
         self.amax = None
+        self._buffers.pop("_global_amax", None)
         if self._calibrator is not None:
             self._calibrator.reset()
         if self._bias_calibrator is not None:
@@ -477,6 +487,7 @@ class TensorQuantizer(nn.Module):
             amax = spec.amax_of(x)
         elif amax is not None and amax.device != x.device:
             amax = amax.to(x.device)
+        amax = (amax, self._buffers.get("_global_amax")) if amax is not None and spec.is_static_nvfp4 else amax
         if not self._attrs.get("fake_quant", True):
             # Real quantization: packed codes plus scales, dequantized on the fly
             # (bit-identical to fake quant by construction of qpass.formats).
@@ -544,8 +555,7 @@ class TensorQuantizer(nn.Module):
         return " ".join(parts)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        # _amax/_pre_quant_scale exist only once set: create them when a checkpoint has them.
-        for key in ("_amax", "_pre_quant_scale", "_bias_value"):
+        for key in ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax"):  # created once a checkpoint has them
             saved = state_dict.get(prefix + key)
             # a bias keeps the calibration input's rank ([1, 1, 1] per tensor for 3-D inputs)
             if saved is not None and (key not in self._buffers or (key == "_bias_value"

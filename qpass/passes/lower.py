@@ -195,7 +195,8 @@ def _nvfp4_spec(block_size: int) -> QuantSpec:
 
 
 def _is_nvfp4(spec: QuantSpec) -> bool:
-    return spec.is_dynamic and spec.fmt == E2M1 and spec.scale_format == E4M3
+    """E2M1 values with E4M3 block scales: dynamic NVFP4, or a static NVFP4 weight."""
+    return spec.fmt == E2M1 and spec.scale_format == E4M3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def _lower_weight(b: _Builder, node: fx.Node, q, target: str) -> fx.Node:
     tok = format_token(spec)
     out = None
     if _is_nvfp4(spec) and w.dim() >= 1:
-        codes, (bscale, gscale) = spec.quantize(w, amax)
+        codes, (bscale, gscale) = spec.quantize(w, (amax, q.global_amax) if spec.is_static_nvfp4 else amax)
         packed = codes.view(torch.float4_e2m1fn_x2)
         args = [b.constant(base, "codes", packed), b.constant(base, "block_scale", bscale),
                 b.constant(base, "global_scale", gscale.reshape(()).float()), spec.block_size, list(w.shape), w.dtype]

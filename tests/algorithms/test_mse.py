@@ -99,12 +99,15 @@ def test_matches_modelopt(base, options):
             torch.testing.assert_close(got, q.amax.float().reshape(got.shape), rtol=1e-6, atol=0)
 
 
-def test_presets_with_mse_run_or_refuse_clearly():
+def test_static_nvfp4_mse_presets_run_and_refuse_bad_options():
     data = _data()
+    for name in ("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", "NVFP4_FOUR_OVER_SIX_CFG"):
+        m = MLP().eval()
+        qpass.quantize(m, name, _loop(data))
+        q = m.fc1.weight_quantizer
+        assert q.spec.is_static_nvfp4 and q.global_amax is not None and q.amax.numel() > 1, name
     with pytest.raises(QuantConfigError, match="fp8_scale_sweep"):
-        qpass.quantize(MLP().eval(), "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", _loop(data))
-    with pytest.raises(QuantConfigError, match="four_over_six"):
-        qpass.quantize(MLP().eval(), "NVFP4_FOUR_OVER_SIX_CFG", _loop(data))
+        qpass.quantize(MLP().eval(), _mse_cfg("NVFP4_DEFAULT_CFG", fp8_scale_sweep="yes"), _loop(data))
     # fp8_scale_sweep without static NVFP4 weights changes nothing (ModelOpt: others keep max)
     torch.manual_seed(0)
     a = MLP().eval()

@@ -45,7 +45,8 @@ MX = {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}
         (dict(num_bits=8, unsigned=True, block_sizes=MX), ["unsigned"]),
         (dict(num_bits=(4, 3), unsigned=True), ["unsigned", "integer"]),
         (dict(num_bits=4, block_sizes={-1: 16, "scale_bits": 8, "scale_block_sizes": {-1: 256}}), ["scale_block_sizes"]),
-        (dict(num_bits=(2, 1), block_sizes={-1: 16, "type": "static", "scale_bits": (4, 3)}), ["scale_bits", "dynamic"]),
+        (dict(num_bits=(2, 1), block_sizes={-1: 16, -2: 4, "type": "static", "scale_bits": (4, 3)}), ["one int block size", "last axis"]),
+        (dict(num_bits=4, block_sizes={-1: 16, "type": "static", "scale_bits": (4, 3)}), ["NVFP4 only", "dynamic"]),
     ],
 )
 def test_bad_attributes_raise_clear_errors(kwargs, words):

@@ -1,0 +1,83 @@
+"""Static NVFP4 weights: the global amax, and ModelOpt's MSE sweep of their E4M3 block scales.
+
+A static NVFP4 weight quantizer (``block_sizes={-1: 16, "type": "static", "scale_bits": (4, 3)}``)
+keeps two buffers, as ModelOpt's: ``_amax``, one amax per block of 16 along the last axis, and
+``_global_amax``, the per-tensor amax that fixes the E4M3 grid of the block scales. Block ``b``
+gets the scale ``e4m3(amax_b * norm / global) * global / (6 * norm)``, ``norm`` being 448, or
+256 with ``four_over_six``. Max calibration sets each block's amax to its abs-max and the global
+amax to the largest of them; modules reading one input (q/k/v, gate/up, found in the graph) share
+one global amax, the largest of theirs, so their weight scales sit on one FP8 grid and a fused
+GEMM can use one second-level scale (ModelOpt shares it for the same name-matched groups).
+
+``fp8_scale_sweep`` (algorithm ``mse``): each block takes, of the 126 positive finite E4M3
+values ``v``, the block amax ``global * v / 448`` with the least squared weight error; every
+block scale is then exactly an E4M3 value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qpass.calib.max_calibrate import weight_quantizer_owners
+from qpass.graph.quantized_model import iter_tensor_quantizers
+
+__all__ = ["fp8_scale_candidates", "set_global_amax", "static_nvfp4_weights", "sweep_fp8_scales"]
+
+
+def static_nvfp4_weights(model):
+    """(module, quantizer) for every enabled, calibrated static NVFP4 weight quantizer."""
+    out = []
+    for _, module, q in weight_quantizer_owners(model):
+        for tq in iter_tensor_quantizers(q):
+            if tq.is_enabled and tq.amax is not None and tq.spec.is_static_nvfp4:
+                out.append((module, tq))
+    return out
+
+
+@torch.no_grad()
+def set_global_amax(model, groups=()) -> None:
+    """Each static NVFP4 weight's global amax: its blocks' max, shared within ``groups``."""
+    found = static_nvfp4_weights(model)
+    by_module: dict[int, list] = {}
+    for module, tq in found:
+        by_module.setdefault(id(module), []).append(tq)
+    shared: dict[int, torch.Tensor] = {}
+    for group in groups:
+        members = [tq for path in group for tq in by_module.get(id(model.get_submodule(path)), ())]
+        if len(members) < 2 or len({tq.spec for tq in members}) != 1:
+            continue
+        g = torch.stack([tq.amax.float().amax().to(members[0].amax.device) for tq in members]).amax()
+        for tq in members:
+            shared[id(tq)] = g
+    for _, tq in found:
+        tq.global_amax = shared.get(id(tq), tq.amax.float().amax())
+
+
+def fp8_scale_candidates(device=None) -> torch.Tensor:
+    """The 126 positive finite E4M3 values divided by 448, ascending."""
+    values = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return (values[torch.isfinite(values) & (values > 0)] / 448.0).to(device)
+
+
+@torch.no_grad()
+def sweep_fp8_scales(tq, weight: torch.Tensor) -> torch.Tensor:
+    """The block amax of least squared error per block, among ``global * v / 448``."""
+    spec = tq.spec
+    x = weight.detach().float()
+    pqs = tq.pre_quant_scale
+    if pqs is not None:
+        x = x * pqs.to(x.device, torch.float32)
+    glob = tq.global_amax.to(x.device)
+    lay = spec._layout(x.shape)
+    base = torch.ones_like(tq.amax, dtype=torch.float32, device=x.device)
+    best_loss = best = None
+    for v in fp8_scale_candidates(x.device):
+        amax = base * (glob * v)
+        loss = lay.to_blocks((x - spec.fake_quant(x, (amax, glob))) ** 2).sum(-1).reshape(base.shape)
+        if best is None:
+            best_loss, best = loss, amax
+        else:
+            better = loss < best_loss  # strict: the smallest scale wins a tie, as argmin does
+            best_loss = torch.where(better, loss, best_loss)
+            best = torch.where(better, amax, best)
+    return best
