@@ -249,7 +249,7 @@ def gptq(model, state, forward_loop, perc_damp=0.01, block_size=128, fused=False
                                "act_order": act_order})
     require_forward_loop("gptq", forward_loop)
     validate_quantizers(model)
-    calibrate_weights(model)
+    calibrate_weights(model, state.groups)
     modules = gptq_modules(model)
     for path, module in modules.items():
         column_grid(path, module, opts["block_size"])  # every format problem before any work

@@ -383,7 +383,7 @@ def finish(model: nn.Module, state: QpassState, forward_loop: Callable, applied:
     if second_pass:
         collect_activations(model, state, forward_loop)
         load_activation_amax(model, state)
-    calibrate_weights(model)
+    calibrate_weights(model, state.groups)
     for q, amax in (keep_weight_amax or {}).items():
         q.amax = amax
     share_group_amax(model, state.groups)

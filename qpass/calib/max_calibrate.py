@@ -43,7 +43,11 @@ def is_weight_quantizer(name: str) -> bool:
     return parts[-1] == "weight_quantizer" or (len(parts) > 1 and parts[-2] == "weight_quantizer")
 
 
-def calibrate_weights(model: nn.Module) -> None:
+def calibrate_weights(model: nn.Module, groups=()) -> None:
+    """Every weight quantizer's amax from its weight (static NVFP4: also the global amax, one per
+    shared-input group in ``groups``)."""
+    from qpass.calib.nvfp4_static import set_global_amax
+
     with torch.no_grad():
         for _, module, q in weight_quantizer_owners(model):
             for tq in iter_tensor_quantizers(q):
@@ -52,6 +56,7 @@ def calibrate_weights(model: nn.Module) -> None:
                 tq.reset_amax()
                 tq.collect(module.weight)
                 tq.load_calib_amax()
+    set_global_amax(model, groups)
 
 
 def activation_quantizers(model: nn.Module):
@@ -172,8 +177,7 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
         if q.is_enabled:
             q.check_supported()
             q.spec  # noqa: B018 - validates the format before any work
-    calibrate_weights(model)
-    set_global_amax(model, state.groups)  # static NVFP4 weights (groups known once traced)
+    calibrate_weights(model, state.groups)  # static NVFP4 global amaxes: groups known once traced
     needs_data = activation_quantizers(model)
     if not needs_data and not _may_enable_traced_slots(state):
         return  # nothing needs data; the graph is traced on the model's first call
