@@ -88,7 +88,7 @@ def test_failed_recalibration_keeps_the_previous_smoothing(monkeypatch):
     qpass.quantize(model, {"quant_cfg": INT8, "algorithm": {"method": "smoothquant", "alpha": 0.5}}, lambda m: m(x))
     before = _state(model)
 
-    def boom(_model):
+    def boom(_model, _groups=()):
         raise RuntimeError("weights could not be calibrated")
 
     monkeypatch.setattr(smoothing, "calibrate_weights", boom)

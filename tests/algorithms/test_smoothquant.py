@@ -253,7 +253,7 @@ def test_failure_after_smoothing_restores_weights_and_norms(monkeypatch):
     x = torch.randn(4, 8, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def boom(_model):
+    def boom(_model, _groups=()):
         raise RuntimeError("weights could not be calibrated")
 
     monkeypatch.setattr(smoothing, "calibrate_weights", boom)
