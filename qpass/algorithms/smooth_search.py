@@ -109,18 +109,26 @@ class ChannelProfile:
 
     def int_errors(self, s: torch.Tensor, thresholds, max_bound: float) -> torch.Tensor:
         """:meth:`int_error` for several thresholds at once: [C, len(thresholds)]."""
-        s = s.double()[:, None]
-        t = torch.tensor([float(v) for v in thresholds], dtype=torch.float64, device=s.device)[None, :]
-        tau = t * s  # the thresholds in x's units, per channel
+        t = torch.tensor([[float(v) for v in thresholds]], dtype=torch.float64, device=s.device)
+        return self.grid_errors(s[None], t, max_bound)[:, 0]
+
+    def grid_errors(self, s: torch.Tensor, t: torch.Tensor, max_bound: float) -> torch.Tensor:
+        """:meth:`int_error` for scales ``s`` [A, C] (one per alpha), each with its thresholds
+        ``t`` [A, K]: [C, A, K]."""
+        a, c = s.shape
+        k_t = t.shape[1]
+        s = s.double().t()[:, :, None]  # [C, A, 1]
+        t = t.double().to(s.device)[None]  # [1, A, K]
+        tau = (t * s).reshape(c, a * k_t)  # the thresholds in x's units, per channel
         j = torch.searchsorted(self.sorted, tau, right=True)  # kept elements <= tau
-        k = (self.sorted.shape[1] - j).double()  # elements above tau
-        s1 = self.cs1[:, -1:] - self.cs1.gather(1, j)
-        s2 = self.cs2[:, -1:] - self.cs2.gather(1, j)
+        k = (self.sorted.shape[1] - j).double().reshape(c, a, k_t)  # elements above tau
+        s1 = (self.cs1[:, -1:] - self.cs1.gather(1, j)).reshape(c, a, k_t)
+        s2 = (self.cs2[:, -1:] - self.cs2.gather(1, j)).reshape(c, a, k_t)
         clip = s2 / s.pow(2) - 2 * t * s1 / s + k * t.pow(2)
         step = t / max_bound
         err = clip.clamp(min=0) + (self.n - k) * step.pow(2) / 12
         if not self.complete:
-            err = torch.where(j == 0, torch.full_like(err, float("inf")), err)
+            err = torch.where(j.reshape(c, a, k_t) == 0, torch.full_like(err, float("inf")), err)
         return err
 
 
@@ -143,20 +151,40 @@ def _unseen_errors(unseen: torch.Tensor, s: torch.Tensor, thresholds, col: torch
     return ((over.pow(2) * col[:, None]).sum(0) / total).tolist()
 
 
+def _row_local(q, w: torch.Tensor) -> bool:
+    """True when every stage of weight quantizer ``q`` quantizes row by row (a per-row amax,
+    blocks within a row, or no amax), so a row's result depends on that row alone."""
+    from qpass.algorithms.smoothing import _LOCAL, _NONE, _stage_kinds
+
+    plan = _stage_kinds(q, w[:2], torch.ones(w.shape[1], device=w.device))
+    return plan is not None and all(kind in (_LOCAL, _NONE) for _, kind, _ in plan)
+
+
 def _estimate_rows(q, w: torch.Tensor, rows: int):
     """Row indices of ``w`` whose weight error stands in for all rows (None: all rows), and the
     factor that scales their sum to the whole: only for quantizers whose every stage quantizes
-    row by row (a per-row amax, blocks within a row, or no amax), so a row's error depends on
-    that row alone."""
-    from qpass.algorithms.smoothing import _LOCAL, _NONE, _stage_kinds
-
+    row by row (:func:`_row_local`)."""
     n = w.shape[0]
-    if n <= rows:
-        return None, 1.0
-    plan = _stage_kinds(q, w[:2], torch.ones(w.shape[1], device=w.device))
-    if plan is None or any(kind not in (_LOCAL, _NONE) for _, kind, _ in plan):
+    if n <= rows or not _row_local(q, w):
         return None, 1.0
     return torch.linspace(0, n - 1, rows, device=w.device).round().long(), n / rows
+
+
+def _weight_errors(mods, sampled, picks, s: torch.Tensor) -> torch.Tensor:
+    """Per alpha and input channel, the weight quantization error ``sum_rows |Q(W s) - W s|^2``
+    over the sampled rows, scaled to all rows: [A, C] for scales ``s`` [A, C]. Row-by-row
+    quantizers quantize every alpha's rows in one call (rows are independent)."""
+    d2 = torch.zeros_like(s)
+    for m, wr, (_, factor) in zip(mods, sampled, picks):
+        if _row_local(m.weight_quantizer, m.weight):
+            ws = wr[None] * s[:, None, :]  # [A, rows, C]
+            fq = fake_quant_weight(m.weight_quantizer, ws.reshape(-1, ws.shape[-1])).float().reshape(ws.shape)
+            d2 += (fq - ws).pow(2).sum(1) * factor
+        else:
+            for i in range(s.shape[0]):
+                ws = wr * s[i]
+                d2[i] += (fake_quant_weight(m.weight_quantizer, ws).float() - ws).pow(2).sum(0) * factor
+    return d2
 
 
 @torch.no_grad()
@@ -180,29 +208,30 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
     picks = [_estimate_rows(m.weight_quantizer, m.weight, ESTIMATE_ROWS) for m in mods]
     sampled = [m.weight.detach().float() if idx is None else m.weight.detach()[idx].float()
                for m, (idx, _) in zip(mods, picks)]
+    # the estimate for every (alpha, clip) at once: scales [A, C], thresholds [A, K]
+    alphas = list(alphas)
+    s_all = torch.stack([scale_fn(a).float() for a in alphas])
+    d2 = _weight_errors(mods, sampled, picks, s_all)
+    w_err = ((x2[None] / s_all.pow(2) * d2).sum(1) / max(x.shape[0], 1)).tolist()
+    col = s_all.double().pow(2) * col2[None]  # [A, C]
+    base = (stats.amax.float()[None] / s_all).amax(1)  # [A]
+    t = base.double()[:, None] * torch.tensor(clips, dtype=torch.float64, device=base.device)[None]
+    over = ((unseen[None] / s_all).double()[:, :, None] - t[:, None, :]).clamp(min=0)  # [A, C, K]
+    unseen_errs = ((over.pow(2) * col[:, :, None]).sum(1) / total).tolist()
+    if profile is not None:
+        a_errs = ((profile.grid_errors(s_all, t, fmt.max_bound) * col.t()[:, :, None]).sum(0) / profile.n).tolist()
     est, scales = {}, {}
-    for alpha in alphas:
-        s = scale_fn(alpha)
-        d2 = torch.zeros_like(s)
-        for m, wr, (_, factor) in zip(mods, sampled, picks):
-            ws = wr * s
-            d2 += (fake_quant_weight(m.weight_quantizer, ws).float() - ws).pow(2).sum(0) * factor
-        w_err = float((x2 / s.pow(2) * d2).sum()) / max(x.shape[0], 1)
-        col = s.double().pow(2) * col2
-        base = (stats.amax / s).max()
-        scales[alpha] = (s, base, col)
-        thresholds = [float(base) * r for r in clips]
-        unseen_errs = _unseen_errors(unseen, s, thresholds, col, total)
-        if profile is not None:
-            errs = (profile.int_errors(s, thresholds, fmt.max_bound) * col[:, None]).sum(0).tolist()
+    for a, alpha in enumerate(alphas):
+        s = s_all[a]
+        scales[alpha] = (s, base[a], col[a])
         for i, r in enumerate(clips):
             if profile is not None:
-                a_err = errs[i] / profile.n
+                a_err = a_errs[a][i]
             else:
                 xs = xa / s
-                dx = input_fake_quant(mods[0].input_quantizer, xs, base * r) - xs
-                a_err = float((dx.pow(2).sum(0) * col).sum()) / max(xa.shape[0], 1)
-            est[(alpha, r)] = w_err + a_err + unseen_errs[i]
+                dx = input_fake_quant(mods[0].input_quantizer, xs, base[a] * r) - xs
+                a_err = float((dx.pow(2).sum(0) * col[a]).sum()) / max(xa.shape[0], 1)
+            est[(alpha, r)] = w_err[a] + a_err + unseen_errs[a][i]
     ranked = sorted(est, key=est.get)
     chosen = ranked[:shortlist]
     if (ranked[0][0], 1.0) not in chosen:
