@@ -35,6 +35,7 @@ def _load_builtin() -> None:
     # Imported lazily: algorithm modules import the model machinery.
     from qpass.algorithms import max as _max  # noqa: F401
     from qpass.algorithms import mse as _mse  # noqa: F401
+    from qpass.algorithms import local_hessian as _local_hessian  # noqa: F401
     from qpass.algorithms import smoothquant as _smoothquant  # noqa: F401
     from qpass.algorithms import awq as _awq  # noqa: F401
     from qpass.algorithms import gptq as _gptq  # noqa: F401

@@ -54,8 +54,9 @@ def mse_candidates(step_size=0.1, start_multiplier=0.25, stop_multiplier=4.0, de
 
 
 @torch.no_grad()
-def mse_search_amax(q: TensorQuantizer, w: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Per amax element, the candidate ``q.amax * r`` with the least squared error on ``w``."""
+def mse_search_amax(q: TensorQuantizer, w: torch.Tensor, candidates: torch.Tensor, error_fn=None) -> torch.Tensor:
+    """Per amax element, the candidate ``q.amax * r`` with the least squared error on ``w``
+    (``error_fn(w - Q(w))``: another per-element error, e.g. :mod:`~qpass.algorithms.local_hessian`'s)."""
     spec = q.spec
     pqs = q.pre_quant_scale
     x = w.detach().float()
@@ -67,7 +68,8 @@ def mse_search_amax(q: TensorQuantizer, w: torch.Tensor, candidates: torch.Tenso
     glob = q.global_amax if spec.is_static_nvfp4 else None
     for r in candidates.to(x.device):
         amax = base * r
-        err = (x - spec.fake_quant(x, amax if glob is None else (amax, glob.to(x.device)))) ** 2
+        dw = x - spec.fake_quant(x, amax if glob is None else (amax, glob.to(x.device)))
+        err = dw ** 2 if error_fn is None else error_fn(dw)
         eb = lay.to_blocks(err)  # padding is 0 and quantizes to 0: no error
         if lay.kept is None:
             loss = eb.sum()

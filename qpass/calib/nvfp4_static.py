@@ -60,8 +60,9 @@ def fp8_scale_candidates(device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sweep_fp8_scales(tq, weight: torch.Tensor) -> torch.Tensor:
-    """The block amax of least squared error per block, among ``global * v / 448``."""
+def sweep_fp8_scales(tq, weight: torch.Tensor, error_fn=None) -> torch.Tensor:
+    """The block amax of least squared error per block, among ``global * v / 448``
+    (``error_fn(w - Q(w))``: another per-element error, summed per block)."""
     spec = tq.spec
     x = weight.detach().float()
     pqs = tq.pre_quant_scale
@@ -73,7 +74,8 @@ def sweep_fp8_scales(tq, weight: torch.Tensor) -> torch.Tensor:
     best_loss = best = None
     for v in fp8_scale_candidates(x.device):
         amax = base * (glob * v)
-        loss = lay.to_blocks((x - spec.fake_quant(x, (amax, glob))) ** 2).sum(-1).reshape(base.shape)
+        dw = x - spec.fake_quant(x, (amax, glob))
+        loss = lay.to_blocks(dw ** 2 if error_fn is None else error_fn(dw)).sum(-1).reshape(base.shape)
         if best is None:
             best_loss, best = loss, amax
         else:

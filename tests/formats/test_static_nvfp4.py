@@ -175,3 +175,84 @@ def test_bad_static_nvfp4_attributes_name_the_problem():
     with pytest.raises(QuantConfigError, match="one int block size on the last axis"):
         qpass.quantize(model, bad, _loop(data))
     assert not any("quantizer" in n for n, _ in model.named_modules())  # untouched
+
+
+# ------------------------------------------------------------------------------ local_hessian
+class OneLinear(torch.nn.Module):
+    def __init__(self, cin=64, cout=24):
+        super().__init__()
+        self.proj = torch.nn.Linear(cin, cout)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _correlated_inputs(cin, n=3):
+    torch.manual_seed(3)
+    mix = torch.randn(cin, cin) / cin**0.5 + torch.eye(cin)
+    return [torch.randn(4, 12, cin) @ mix * torch.linspace(0.2, 3, cin) for _ in range(n)]
+
+
+def test_local_hessian_picks_each_blocks_best_scale_under_the_block_hessian():
+    torch.manual_seed(0)
+    model = OneLinear().eval()
+    plain = copy.deepcopy(model)
+    data = _correlated_inputs(64)
+    qpass.quantize(model, copy.deepcopy(qpass.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG), _loop(data))
+    q = model.proj.weight_quantizer
+    w = model.proj.weight.detach()
+    x = torch.cat([d.reshape(-1, 64) for d in data]).double()
+    h = torch.stack([x[:, 16 * b:16 * b + 16].t() @ x[:, 16 * b:16 * b + 16] for b in range(4)]) / x.shape[0]
+    glob = float(q.global_amax)
+
+    def block_losses(wq):
+        d = (wq - w).double().reshape(-1, 4, 16)
+        return torch.einsum("rnb,nbd,rnd->rn", d, h, d).reshape(-1)
+
+    losses = torch.stack([block_losses(reference(w, torch.full((w.numel() // 16, 1), glob * c), glob))
+                          for c in fp8_scale_candidates().tolist()])
+    got = block_losses(q(w))
+    torch.testing.assert_close(got, losses.min(0).values, rtol=1e-4, atol=1e-10)
+    # the Hessian changes the choice: the plain sweep picks other scales, worse under H
+    qpass.quantize(plain, copy.deepcopy(qpass.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG), _loop(data))
+    other = block_losses(plain.proj.weight_quantizer(w))
+    assert not torch.equal(plain.proj.weight_quantizer.amax, q.amax)
+    assert (got <= other * (1 + 1e-5) + 1e-12).all() and got.sum() < other.sum()
+
+
+def test_local_hessian_falls_back_to_plain_error_and_refuses_a_missing_loop():
+    torch.manual_seed(0)
+    model = OneLinear(cin=40).eval()  # 40 input channels: not whole blocks of 16
+    data = _correlated_inputs(40)
+    plain = copy.deepcopy(model)
+    qpass.quantize(model, copy.deepcopy(qpass.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG), _loop(data))
+    qpass.quantize(plain, copy.deepcopy(qpass.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG), _loop(data))
+    assert torch.equal(model.proj.weight_quantizer.amax, plain.proj.weight_quantizer.amax)
+    fresh = OneLinear().eval()
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(qpass.CalibrationError, match="local_hessian needs calibration data"):
+        qpass.quantize(fresh, copy.deepcopy(qpass.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG), None)
+    assert type(fresh) is OneLinear and fresh.state_dict().keys() == before.keys()
+    bad = copy.deepcopy(qpass.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG)
+    bad["algorithm"]["block_size"] = 0
+    with pytest.raises(QuantConfigError, match="block_size"):
+        qpass.quantize(OneLinear().eval(), bad, _loop(data))
+
+
+def test_local_hessian_multiplier_search_lowers_the_hessian_loss():
+    """fp8_scale_sweep=False: every static weight goes through the multiplier grid under H."""
+    torch.manual_seed(0)
+    data = _correlated_inputs(64)
+    cfg = {"quant_cfg": {"default": {"enable": False},
+                         "*weight_quantizer": {"num_bits": 4, "block_sizes": {-1: 16, "type": "static"}}},
+           "algorithm": {"method": "local_hessian", "fp8_scale_sweep": False}}
+    model = OneLinear().eval()
+    plain = copy.deepcopy(model)
+    qpass.quantize(model, cfg, _loop(data))
+    qpass.quantize(plain, {**cfg, "algorithm": "mse"}, _loop(data))
+    w = model.proj.weight.detach()
+    x = torch.cat([d.reshape(-1, 64) for d in data])
+    out = lambda m: x @ m.proj.weight_quantizer(w).t()  # noqa: E731
+    want = x @ w.t()
+    assert not torch.equal(model.proj.weight_quantizer.amax, plain.proj.weight_quantizer.amax)
+    assert float((out(model) - want).pow(2).sum()) < float((out(plain) - want).pow(2).sum())
