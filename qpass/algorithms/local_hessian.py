@@ -71,14 +71,14 @@ class BlockHessianCapture(ActivationCapture):
 
 
 def hessian_error(h: torch.Tensor):
-    """``error_fn(dw)`` for weight errors ``dw`` [..., rows, C]: each element carries ``1/block`` of its
+    """``error_fn(dw)`` for weight errors ``dw`` [rows, C]: each element carries ``1/block`` of its
     block's ``dw^T H_b dw``, so summing an amax element's elements sums its blocks' losses."""
     blocks, b, _ = h.shape
 
-    def error_fn(dw: torch.Tensor) -> torch.Tensor:  # [..., rows, C]
-        d = dw.reshape(*dw.shape[:-1], blocks, b)
-        loss = torch.einsum("...nb,nbd,...nd->...n", d, h.to(d.device), d)
-        return (loss / b)[..., None].expand(d.shape).reshape(dw.shape)
+    def error_fn(dw: torch.Tensor) -> torch.Tensor:  # [rows, C]
+        d = dw.reshape(dw.shape[0], blocks, b).transpose(0, 1)  # [blocks, rows, b]
+        loss = torch.bmm(d, h.to(d.device)).mul_(d).sum(-1).t()  # [rows, blocks]: one GEMM per block
+        return (loss / b)[..., None].expand(-1, -1, b).reshape(dw.shape)
 
     return error_fn
 

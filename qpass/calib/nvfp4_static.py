@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from qpass.calib.max_calibrate import weight_quantizer_owners
+from qpass.formats import dynamic
 from qpass.graph.quantized_model import iter_tensor_quantizers
 
 __all__ = ["fp8_scale_candidates", "set_global_amax", "static_nvfp4_weights", "sweep_fp8_scales"]
@@ -62,7 +63,11 @@ def fp8_scale_candidates(device=None) -> torch.Tensor:
 @torch.no_grad()
 def sweep_fp8_scales(tq, weight: torch.Tensor, error_fn=None) -> torch.Tensor:
     """The block amax of least squared error per block, among ``global * v / 448``
-    (``error_fn(w - Q(w))``: another per-element error, summed per block)."""
+    (``error_fn(w - Q(w))``: another per-element error, summed per block).
+
+    Every block shares a candidate's scale, so each candidate quantizes the weight with one
+    scalar block scale ``d`` (the value :meth:`QuantSpec.fake_quant` computes for a block amax of
+    ``global * v``): the same values as the general path at a fifth of its cost."""
     spec = tq.spec
     x = weight.detach().float()
     pqs = tq.pre_quant_scale
@@ -70,16 +75,16 @@ def sweep_fp8_scales(tq, weight: torch.Tensor, error_fn=None) -> torch.Tensor:
         x = x * pqs.to(x.device, torch.float32)
     glob = tq.global_amax.to(x.device)
     lay = spec._layout(x.shape)
-    base = torch.ones_like(tq.amax, dtype=torch.float32, device=x.device)
     best_loss = best = None
     for v in fp8_scale_candidates(x.device):
-        amax = base * (glob * v)
-        dw = x - spec.fake_quant(x, (amax, glob))
-        loss = lay.to_blocks(dw ** 2 if error_fn is None else error_fn(dw)).sum(-1).reshape(base.shape)
+        amax = glob * v
+        _, _, d = dynamic.block_float_scales(spec.fmt, spec.scale_format, amax.reshape(1), glob, spec.scale_norm)
+        dw = x - spec.fmt.round_(x / d).mul_(d) if bool(d > 0) else x.clone()
+        loss = lay.to_blocks(dw.pow_(2) if error_fn is None else error_fn(dw)).sum(-1)
         if best is None:
-            best_loss, best = loss, amax
+            best_loss, best = loss, torch.full_like(loss, float(amax))
         else:
             better = loss < best_loss  # strict: the smallest scale wins a tie, as argmin does
             best_loss = torch.where(better, loss, best_loss)
             best = torch.where(better, amax, best)
-    return best
+    return best.reshape(tq.amax.shape)
