@@ -64,6 +64,8 @@ def _both_modes(make, config_name, loop, **layerwise_cfg):
     ("INT8_DEFAULT_CFG", ("_amax",)),
     ("INT8_SMOOTHQUANT_CFG", ("_amax", "_pre_quant_scale")),
     ("INT4_AWQ_CFG", ("_amax", "_pre_quant_scale")),
+    ("NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", ("_amax", "_global_amax")),
+    ("NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", ("_amax", "_global_amax")),
 ])
 def test_tiny_llama_identical_to_whole_model(config, need):
     batches = _llama_batches()
