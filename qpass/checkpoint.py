@@ -31,7 +31,7 @@ from qpass.passes.rules import get_rule_set
 
 __all__ = ["save", "restore", "restore_modelopt", "save_quantized", "restore_quantized"]
 
-_TENSORS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax") + tuple(f"_{k}" for k in PACKED_KEYS)  # packed: real_quantize
+_TENSORS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax", "_svdquant_lora_a", "_svdquant_lora_b") + tuple(f"_{k}" for k in PACKED_KEYS)  # packed: real_quantize
 
 
 # ---------------------------------------------------------------------- save

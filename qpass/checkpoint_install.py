@@ -17,6 +17,7 @@ from qpass.errors import QpassError
 from qpass.graph.quantized_model import STATE_ATTR, QpassState, is_quantized, remove_created, wrapped_class
 from qpass.nn.packed_weight import PACKED_KEYS, PackedWeightQuantizer, install_packed, release_weight
 from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer, is_quantizer
+from qpass.passes.lora_branch import set_lora
 
 
 def _owner_weight_shape(owner: nn.Module):
@@ -96,6 +97,8 @@ def _build_quantizer(spec: QuantizerSpec) -> nn.Module:
             tq.bias_value = tensors["_bias_value"]
         if tensors.get("_global_amax") is not None:  # static NVFP4
             tq.global_amax = tensors["_global_amax"]
+        if tensors.get("_svdquant_lora_a") is not None:  # SVDQuant (graphs add the branch when traced)
+            set_lora(tq, (tensors["_svdquant_lora_a"], tensors["_svdquant_lora_b"]))
         if m.get("packed_weight"):  # real_quantize: the owner's weight is packed in this quantizer
             packed = {k: tensors[f"_{k}"] for k in PACKED_KEYS if tensors.get(f"_{k}") is not None}
             install_packed(tq, packed, m["packed_weight"]["shape"], getattr(torch, m["packed_weight"]["dtype"]))

@@ -35,7 +35,7 @@ _ATTRS = {
 }
 # Properties whose truthy value means a numerics qpass does not implement for imports.
 _REFUSED = ("_dequantize", "_is_nvfp4_static_quantizer", "_is_static_block_scale_quantizer")
-_KNOWN_BUFFERS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax")
+_KNOWN_BUFFERS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax", "_svdquant_lora_a", "_svdquant_lora_b")
 _QUANTIZER_SLOTS = ("input_quantizer", "weight_quantizer", "output_quantizer")
 
 

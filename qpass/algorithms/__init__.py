@@ -38,5 +38,6 @@ def _load_builtin() -> None:
     from qpass.algorithms import local_hessian as _local_hessian  # noqa: F401
     from qpass.algorithms import smoothquant as _smoothquant  # noqa: F401
     from qpass.algorithms import awq as _awq  # noqa: F401
+    from qpass.algorithms import svdquant as _svdquant  # noqa: F401
     from qpass.algorithms import gptq as _gptq  # noqa: F401
     from qpass.algorithms import real_quantize as _real_quantize  # noqa: F401

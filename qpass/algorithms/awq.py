@@ -162,7 +162,7 @@ def _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios
     return keep
 
 
-def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_step=0.1, debug=False,
+def awq_run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_step=0.1, debug=False,
          max_co_batch_size=1024, max_tokens_per_batch=64, min_clip_ratio=0.5, shrink_step=0.05, gptq=True,
          **options):
     check_common_options(method, options)
@@ -201,14 +201,14 @@ def _run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_st
 
 @register_algorithm("awq_lite")
 def awq_lite(model, state, forward_loop, **options):
-    _run(model, state, forward_loop, "awq_lite", lite=True, clip=False, **options)
+    awq_run(model, state, forward_loop, "awq_lite", lite=True, clip=False, **options)
 
 
 @register_algorithm("awq_clip")
 def awq_clip(model, state, forward_loop, **options):
-    _run(model, state, forward_loop, "awq_clip", lite=False, clip=True, **options)
+    awq_run(model, state, forward_loop, "awq_clip", lite=False, clip=True, **options)
 
 
 @register_algorithm("awq_full")
 def awq_full(model, state, forward_loop, **options):
-    _run(model, state, forward_loop, "awq_full", lite=True, clip=True, **options)
+    awq_run(model, state, forward_loop, "awq_full", lite=True, clip=True, **options)

@@ -31,6 +31,7 @@ from qpass.calib.max_calibrate import (
 from qpass.errors import CalibrationError, QuantConfigError
 from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
 from qpass.nn.tensor_quantizer import TensorQuantizer
+from qpass.passes.lora_branch import lora_of, set_lora, sync_lora_branches
 
 #: Tokens kept per captured input for the per-layer searches (a seeded uniform subsample).
 SEARCH_TOKENS = 4096
@@ -237,6 +238,7 @@ class Changes:
     def __init__(self) -> None:
         self._tensors: list[tuple[torch.Tensor, torch.Tensor, str]] = []
         self._scales: list[tuple[TensorQuantizer, torch.Tensor | None]] = []
+        self._loras: list[tuple[TensorQuantizer, tuple | None]] = []  # SVDQuant factors (None: none)
         self._versions: list[int] | None = None
 
     def tensor(self, t: torch.Tensor, name: str = "") -> torch.Tensor:
@@ -250,6 +252,15 @@ class Changes:
             self._scales.append((q, None if old is None else old.clone()))
         return q
 
+    def lora(self, q: TensorQuantizer) -> TensorQuantizer:
+        if not any(q is seen for seen, _ in self._loras):
+            self._loras.append((q, lora_of(q)))
+        return q
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(self._loras)
+
     def snapshot(self) -> "Changes":
         """The current values of everything recorded here."""
         now = Changes()
@@ -257,6 +268,8 @@ class Changes:
             now.tensor(t, name)
         for q, _ in self._scales:
             now.pre_quant_scale(q)
+        for q, _ in self._loras:
+            now.lora(q)
         return now
 
     def seal(self) -> None:
@@ -273,6 +286,8 @@ class Changes:
             t.copy_(value)
         for q, value in self._scales:
             q.pre_quant_scale = value
+        for q, factors in self._loras:
+            set_lora(q, factors)
 
 
 def start_smoothing(state: QpassState) -> tuple[Changes, Changes | None]:
@@ -290,6 +305,8 @@ def start_smoothing(state: QpassState) -> tuple[Changes, Changes | None]:
         )
     redo = prev.snapshot()
     prev.restore()
+    if prev.has_lora:
+        sync_lora_branches(state)
     return Changes(), redo
 
 
@@ -305,6 +322,8 @@ def abort_smoothing(state: QpassState, changes: Changes, redo: Changes | None) -
     if redo is not None:
         redo.restore()
         state.unsmoothed.seal()
+    if changes.has_lora or (redo is not None and redo.has_lora):
+        sync_lora_branches(state)
 
 
 @dataclass

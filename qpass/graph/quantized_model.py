@@ -25,6 +25,7 @@ from qpass.graph.trace import TracedGraph, matches_static_dims
 from qpass.nn.tensor_quantizer import TensorQuantizer, SequentialQuantizer, is_quantizer
 from qpass.passes.insert_quantizers import InsertQuantizers
 from qpass.passes.rules import RuleSet
+from qpass.passes.lora_branch import sync_graph
 from qpass.passes.share_inputs import input_reader_edges, shared_input_groups
 
 STATE_ATTR = "_qpass_state"
@@ -297,6 +298,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, input_key=None) -> Trac
             model, state.rule_set, lambda path, owner, slot: make_quantizer(model, state, path, owner, slot)
         )
         insert.call(traced.gm)
+        sync_graph(traced.gm)  # SVDQuant's low-rank branches, where quantizers hold factors
     except BaseException:
         remove_created(model, state, since)
         raise

@@ -21,13 +21,13 @@ from qpass.errors import CalibrationError, QuantConfigError
 from qpass.formats import triton_kernels
 from qpass.nn.compiled_fake_quant import compiled_int_fake_quant, int_compile_plan
 
-# Attributes this version implements numerically. Others are accepted by the
-# config (so every preset loads) and refused when the quantizer is first used.
+# Attributes not implemented numerically: the config accepts them (every preset loads), first use refuses them.
 _UNSUPPORTED_WHEN_SET = {
     "rotate": (False, None, {}),
     "backend": (None,),
     "learn_amax": (False,),
 }
+OPTIONAL_BUFFERS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax", "_svdquant_lora_a", "_svdquant_lora_b")  # once set
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
@@ -555,7 +555,7 @@ class TensorQuantizer(nn.Module):
         return " ".join(parts)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        for key in ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax"):  # created once a checkpoint has them
+        for key in OPTIONAL_BUFFERS:  # created once a checkpoint has them
             saved = state_dict.get(prefix + key)
             # a bias keeps the calibration input's rank ([1, 1, 1] per tensor for 3-D inputs)
             if saved is not None and (key not in self._buffers or (key == "_bias_value"
