@@ -163,8 +163,10 @@ def _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios
 
 
 def awq_run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha_step=0.1, debug=False,
-         max_co_batch_size=1024, max_tokens_per_batch=64, min_clip_ratio=0.5, shrink_step=0.05, gptq=True,
-         **options):
+            max_co_batch_size=1024, max_tokens_per_batch=64, min_clip_ratio=0.5, shrink_step=0.05, gptq=True,
+            before_rounding=None, **options):
+    """One AWQ run; ``before_rounding(changes)`` runs after the scales are applied and calibrated,
+    before the GPTQ rounding (SVDQuant splits off its low-rank part there)."""
     check_common_options(method, options)
     check_gptq_flag(method, gptq)
     require_forward_loop(method, forward_loop)
@@ -191,6 +193,8 @@ def awq_run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha
             if gptq:
                 grams = sample_grams(stats, smoothing_units(state, modules, stats))
         finish(model, state, forward_loop, applied, stats, keep_weight_amax=keep)
+        if before_rounding is not None:
+            before_rounding(changes)
         if grams:
             round_smoothed(model, state, grams, changes)
     except BaseException:

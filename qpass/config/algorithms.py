@@ -15,7 +15,7 @@ _AWQ_CLIP = ("max_co_batch_size", "max_tokens_per_batch", "min_clip_ratio", "shr
 #: for AWQ, off for SmoothQuant) and GPTQ's column order (act_order, on by default)
 _QPASS_AWQ = ("gptq",)
 QPASS_OPTIONS: dict[str, tuple[str, ...]] = {
-    "awq_lite": _QPASS_AWQ, "awq_clip": _QPASS_AWQ, "awq_full": _QPASS_AWQ, "smoothquant": _QPASS_AWQ,
+    "awq_lite": _QPASS_AWQ, "awq_clip": _QPASS_AWQ, "awq_full": _QPASS_AWQ, "smoothquant": _QPASS_AWQ, "svdquant": _QPASS_AWQ,
     "gptq": ("act_order",),
 }
 _AMAX_SEARCH = ("step_size", "start_multiplier", "stop_multiplier", "fp8_scale_sweep")
@@ -31,7 +31,7 @@ ALGORITHM_OPTIONS: dict[str, tuple[str, ...]] = {
     "awq_lite": ("alpha_step", "debug") + _QPASS_AWQ,
     "awq_clip": _AWQ_CLIP + _QPASS_AWQ,
     "awq_full": _AWQ_CLIP + ("alpha_step",) + _QPASS_AWQ,
-    "svdquant": ("lowrank", "skip_layers"),
+    "svdquant": ("lowrank", "skip_layers") + _QPASS_AWQ,
     "gptq": ("perc_damp", "block_size", "fused", "act_order"),
     "nvfp4_act_headroom": ("anchor_percentile", "upper_percentile", "rho", "weight_scale_algorithm"),
     "lsq": ("learnable_amax", "tied_amax", "quantize_pre_scale", "scale_algorithm"),

