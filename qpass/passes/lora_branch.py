@@ -87,8 +87,7 @@ def _add(gm: fx.GraphModule) -> bool:
             y = graph.call_function(torch.ops.aten.linear.default, (h, graph.get_attr(f"{w.target}.{LORA_B}")))
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
         out.args = (node, y)
-        new = [n for n in graph.nodes if n.meta.get(BRANCH_META) is None and n in _between(node, out)]
-        for n in new:
+        for n in _between(node, out):  # the branch: get_attr, mul, linear, linear
             n.meta.update(meta)
         out.meta.update(meta, **{BRANCH_META: "out"})
         if "val" in node.meta:
@@ -98,11 +97,12 @@ def _add(gm: fx.GraphModule) -> bool:
 
 
 def _between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    """The nodes strictly between ``first`` and ``last`` in graph order."""
     out, n = [], first.next
     while n is not last:
         out.append(n)
         n = n.next
-    return out + [last]
+    return out
 
 
 def sync_graph(gm: fx.GraphModule) -> None:
