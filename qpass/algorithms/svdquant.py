@@ -8,7 +8,8 @@
    factors go to its weight quantizer (``_svdquant_lora_a``/``_svdquant_lora_b``, ModelOpt's
    buffers), whose graphs gain the unquantized branch ``(x * pqs) A^T B^T``
    (:mod:`qpass.passes.lora_branch`). The quantizers then see only the residual, from which the
-   outliers the low-rank part holds are gone.
+   outliers the low-rank part holds are gone. A weight tied to another module's (SmolLM2's
+   lm_head and embedding) is untied first, so the other owner keeps its values.
 3. Weight amaxes are re-calibrated from the residuals. The inputs of the quantized path do not
    change, so their amaxes stand; only modules skipped in step 1, whose activations no pass has
    calibrated, cost one more ``forward_loop`` pass (ModelOpt always runs one).
@@ -30,8 +31,9 @@ from torch import nn
 
 from qpass.algorithms import register_algorithm
 from qpass.algorithms.awq import awq_run
+from qpass.algorithms.fold import untie_weight
 from qpass.algorithms.gptq import check_gptq_flag
-from qpass.algorithms.smoothing import check_common_options, require_forward_loop, validate_quantizers
+from qpass.algorithms.smoothing import check_common_options, graphs_of, require_forward_loop, validate_quantizers
 from qpass.calib.max_calibrate import calibrate_weights, collect_activations, load_activation_amax, share_group_amax
 from qpass.errors import QuantConfigError
 from qpass.nn.tensor_quantizer import TensorQuantizer
@@ -74,6 +76,7 @@ def _split_low_rank(model, state, skipped: set, lowrank: int, changes) -> None:
         for path, module, q in list(_quantized_linears(model)):
             if path in skipped or module.weight.dim() != 2:
                 continue
+            untie_weight(model, graphs_of(state), path)  # a tied embedding keeps its values
             changes.tensor(module.weight, f"{path}.weight")
             changes.lora(q)
             b, a = low_rank(module.weight, lowrank)

@@ -178,3 +178,25 @@ def test_bad_options_are_refused_before_any_work(algo, match):
     with pytest.raises(QuantConfigError, match=match):
         qpass.quantize(model, _cfg(**algo), _loop(data, calls))
     assert not calls and type(model) is Block
+
+
+def test_tied_lm_head_is_untied_and_the_embedding_keeps_its_values():
+    from conftest import has_package, tiny_llama
+
+    if not has_package("transformers"):
+        pytest.skip("transformers is not installed")
+    model = tiny_llama(layers=1, tie=True)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 128, (2, 12), generator=g) for _ in range(2)]
+    cfg = _cfg(lowrank=4)
+    cfg["quant_cfg"]["*lm_head*"] = {"enable": True}
+    with torch.no_grad():
+        ref = model(input_ids=batches[0]).logits
+    qpass.quantize(model, cfg, lambda m: [m(input_ids=b) for b in batches])
+    assert "_svdquant_lora_a" in model.lm_head.weight_quantizer._buffers
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    with torch.no_grad():
+        out = model(input_ids=batches[0]).logits
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
