@@ -42,6 +42,10 @@ ALGORITHMS = {
     "nvfp4_awq_clip": qpass.NVFP4_AWQ_CLIP_CFG,
     "int4_gptq": _with_algorithm("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "gptq"),
     "int8_mse": _with_algorithm("INT8_DEFAULT_CFG", "mse"),
+    "nvfp4_static_fp8_sweep": qpass.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG,
+    "nvfp4_static_local_hessian": qpass.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG,
+    "nvfp4_four_over_six": qpass.NVFP4_FOUR_OVER_SIX_CFG,
+    "nvfp4_svdquant": qpass.NVFP4_SVDQUANT_DEFAULT_CFG,
 }
 
 
