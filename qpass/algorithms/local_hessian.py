@@ -56,6 +56,14 @@ class BlockHessianCapture(ActivationCapture):
         super().__init__(modules, max_tokens=0)
         self.block_size = block_size
 
+    def reduce_heads(self, heads: list, paths: list[str], devices: list, comm) -> list:
+        """The block sums of ``x^T x`` and the counts over the data-parallel ranks."""
+        from qpass.calib.capture_reduce import reduce_sums
+
+        usable = [None if h is None or h.xtx.numel() == 0 else h for h in heads]  # channels % block != 0
+        return [None if xtx is None else BlockHessianStats(xtx=xtx, tokens=t, calls=c, channels=xtx.shape[0] * xtx.shape[1])
+                for xtx, t, c in reduce_sums(usable, paths, devices, comm)]
+
     @torch.no_grad()
     def _update(self, path, prev, quantizer, x):
         x = self._rows(path, prev, quantizer, x)

@@ -98,6 +98,12 @@ class InputStats:
         return self.amax.numel()
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _bottom_k(chunks, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows with the ``limit`` smallest keys over ``chunks``, in arrival order."""
     keys = torch.cat([k for k, _ in chunks])
@@ -136,16 +142,42 @@ class ActivationCapture:
             self._handles.append(q.register_forward_pre_hook(self._hook(path, q)))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._memo.clear()
+        if exc_type is None:
+            from qpass.calib.capture_reduce import reduce_across_ranks
+
+            self.stats = reduce_across_ranks(self)
+
+    def reduce_heads(self, heads: list, paths: list[str], devices: list, comm) -> list:
+        """:func:`qpass.calib.capture_reduce.reduce_across_ranks`'s step for :class:`InputStats`."""
+        from qpass.calib.capture_reduce import gather_rows, sum_counts
+
+        op = comm.dist.ReduceOp
+        amax = comm.all_reduce_optional([None if h is None else h.amax for h in heads], op.MAX, devices, paths)
+        sums = comm.all_reduce_optional([None if h is None else h.abs_sum for h in heads], op.SUM, devices, paths)
+        counts = sum_counts(heads, comm)
+        kept = [None if h is None or self.max_tokens <= 0 else h._kept for h in heads]
+        keys = gather_rows([None if k is None else k[0] for k in kept], self.max_tokens, comm, devices)
+        rows = gather_rows([None if k is None else k[1] for k in kept], self.max_tokens, comm, devices)
+        out = []
+        for a, total, n, k, r in zip(amax, sums, counts, keys, rows):
+            if a is None:
+                out.append(None)
+                continue
+            if k is None:
+                k, r = a.new_zeros(0), a.new_zeros(0, a.numel())
+            out.append(InputStats(amax=a, abs_sum=total, tokens=int(n[0]), calls=int(n[1]), chunks=((k, r),),
+                                  limit=self.max_tokens))
+        return out
 
     def _generator(self, path: str) -> torch.Generator:
         g = self._generators.get(path)
-        if g is None:
-            g = torch.Generator().manual_seed((self.seed << 32) ^ zlib.crc32(path.encode()))
+        if g is None:  # data-parallel ranks draw different keys (rank 0: the single-process ones)
+            g = torch.Generator().manual_seed(((self.seed << 32) ^ zlib.crc32(path.encode())) + 1_000_003 * _rank())
             self._generators[path] = g
         return g
 

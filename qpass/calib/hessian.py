@@ -39,6 +39,13 @@ class HessianCapture(ActivationCapture):
     def __init__(self, modules) -> None:
         super().__init__(modules, max_tokens=0)
 
+    def reduce_heads(self, heads: list, paths: list[str], devices: list, comm) -> list:
+        """The sums of ``x^T x`` and of the counts over the data-parallel ranks."""
+        from qpass.calib.capture_reduce import reduce_sums
+
+        return [None if xtx is None else HessianStats(xtx=xtx, tokens=t, calls=c)
+                for xtx, t, c in reduce_sums(heads, paths, devices, comm)]
+
     @torch.no_grad()
     def _update(self, path, prev, quantizer, x):
         x = self._rows(path, prev, quantizer, x)

@@ -87,6 +87,18 @@ def bias_configs():
             "bias_mean": inputs({**per_tensor, "method": "mean"})}
 
 
+def capture_configs():
+    """Algorithms whose searches read captured inputs (per-channel maxima, samples, Hessians)."""
+    gptq = {"quant_cfg": {"*": {"enable": False}, "*weight_quantizer": {"num_bits": 4, "block_sizes": {-1: 8}}},
+            "algorithm": "gptq"}
+    return {"smoothquant": qpass.INT8_SMOOTHQUANT_CFG, "awq_lite": qpass.NVFP4_AWQ_LITE_CFG, "gptq": gptq,
+            "local_hessian": qpass.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG}
+
+
+def model_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def bias_dict(model):
     return {n: (m.bias_value.clone(), m.amax.clone()) for n, m in model.named_modules()
             if isinstance(m, TensorQuantizer) and m.bias_value is not None}
@@ -123,6 +135,11 @@ def _worker(rank, store_path, out_dir):
             model = make_model(3)
             qpass.quantize(model, cfg, loop)
             result[key] = bias_dict(model)
+        for key, cfg in capture_configs().items():  # searches on captured activations
+            for variant in ("even", "mixed"):  # mixed: rank 1's expert e1 sees no tokens
+                model = make_model(3 if variant == "even" or rank == 0 else 0)
+                qpass.quantize(model, cfg, loop)
+                result[f"{key}/{variant}"] = model_state(model)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -287,3 +304,22 @@ def test_affine_biases_are_reduced_across_ranks(ranks, one_thread, key):
             step = float(amax) / 127
             assert abs(float(got_bias.flatten()[0]) - float(bias.flatten()[0])) <= 3 * step, name
             torch.testing.assert_close(got_amax, amax, rtol=0.03, atol=0)
+
+
+@pytest.mark.parametrize("key", sorted(capture_configs()))
+def test_searches_on_captured_inputs_agree_across_ranks(ranks, one_thread, key):
+    """Captured statistics (maxima, sums, token samples, Hessians) are reduced before the
+    searches, so every rank ends with the same model, also when one rank saw no tokens for an
+    expert. Each rank's own half alone gives another model (so without the reduction they differ)."""
+    for variant in ("even", "mixed"):
+        a, b = ranks[0][f"{key}/{variant}"], ranks[1][f"{key}/{variant}"]
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"{key}/{variant}: ranks differ in {differ[:4]}"
+    halves = []
+    for r in range(WORLD):
+        model = make_model(3)
+        mine = shard(make_data(), r)
+        qpass.quantize(model, capture_configs()[key], lambda m: [m(x) for x in mine])
+        halves.append(model_state(model))
+    assert any(not torch.equal(halves[0][k], halves[1][k]) for k in halves[0])
