@@ -33,8 +33,10 @@ _ATTRS = {
     "_use_constant_amax": "use_constant_amax", "_constant_amax": "constant_amax",
     "_effective_bits": "effective_bits",
 }
-# Properties whose truthy value means a numerics qpass does not implement for imports.
-_REFUSED = ("_dequantize", "_is_nvfp4_static_quantizer", "_is_static_block_scale_quantizer")
+# Properties whose truthy value means a numerics qpass does not implement for imports (ModelOpt's
+# static-block quantizer class markers are not among them: its static INT blocks and static NVFP4
+# are qpass's own formats; its learned-scale mode is refused).
+_REFUSED = ("_dequantize", "_lsq")
 _KNOWN_BUFFERS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax", "_svdquant_lora_a", "_svdquant_lora_b")
 _QUANTIZER_SLOTS = ("input_quantizer", "weight_quantizer", "output_quantizer")
 
@@ -98,6 +100,8 @@ def _attributes(path: str, props: dict, rules, owner) -> tuple[dict, list[str]]:
     attrs = {q: props[m] for m, q in _ATTRS.items() if m in props}
     if attrs.get("backend_extra_args") == {}:
         attrs["backend_extra_args"] = None
+    if props.get("_is_static_block_scale_quantizer") or props.get("_is_nvfp4_static_quantizer"):
+        attrs["axis"] = None  # ModelOpt's static-block class keeps its per-block amax axis internally
     attrs["type"] = "dynamic" if props.get("_dynamic") else "static"
     attrs["enable"] = not props.get("_disabled", False)
     resolved = resolve_attributes(rules, path, owner) if rules else None

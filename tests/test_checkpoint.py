@@ -392,3 +392,35 @@ def test_restore_modelopt_affine_bias(tmp_path):
     y = torch.randn(3, 32) + 2.0
     with torch.no_grad():
         torch.testing.assert_close(ours(y), model(y), rtol=0, atol=1e-5)
+
+
+def _outlier_mlp(d=128, h=64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :2] *= 8
+    return model
+
+
+@pytest.mark.modelopt
+@pytest.mark.parametrize("cfg_name, algorithm", [
+    ("INT4_AWQ_CFG", None),  # ModelOpt 0.47 saves static INT4 blocks as its static-block class
+    ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", None),
+    ("INT8_DEFAULT_CFG", {"method": "svdquant", "lowrank": 4}),  # the low-rank branch's buffers
+])
+def test_restore_modelopt_static_blocks_and_svdquant_bit_identical(tmp_path, cfg_name, algorithm):
+    mtq, mto = _modelopt()
+    x = torch.randn(8, 128) * torch.linspace(0.5, 3, 128)
+    model = _outlier_mlp()
+    cfg = copy.deepcopy(getattr(mtq, cfg_name))
+    if algorithm is not None:
+        cfg["algorithm"] = algorithm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(model, cfg, lambda m: m(x))
+        mto.save(model, tmp_path / "ckpt.pth")
+    ours = qpass.restore_modelopt(_outlier_mlp(), tmp_path / "ckpt.pth")
+    with torch.no_grad():
+        assert torch.equal(ours(x), model(x))
+    if algorithm is not None:
+        assert "_svdquant_lora_a" in ours[0].weight_quantizer._buffers
