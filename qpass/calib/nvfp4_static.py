@@ -79,7 +79,7 @@ def sweep_fp8_scales(tq, weight: torch.Tensor, error_fn=None) -> torch.Tensor:
     for v in fp8_scale_candidates(x.device):
         amax = glob * v
         _, _, d = dynamic.block_float_scales(spec.fmt, spec.scale_format, amax.reshape(1), glob, spec.scale_norm)
-        dw = x - spec.fmt.round_(x / d).mul_(d) if bool(d > 0) else x.clone()
+        dw = x - dynamic.round_scaled(spec.fmt, x, d)
         loss = lay.to_blocks(dw.pow_(2) if error_fn is None else error_fn(dw)).sum(-1)
         if best is None:
             best_loss, best = loss, torch.full_like(loss, float(amax))

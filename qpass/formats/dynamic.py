@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .floating import FloatFormat
 
-__all__ = ["block_float_scales", "dequantize", "e8m0_exponent", "fake_quant", "pow2", "quantize", "step", "to_blocks"]
+__all__ = ["block_float_scales", "dequantize", "encode_scaled", "gap_scaled", "round_scaled", "e8m0_exponent", "fake_quant", "pow2", "quantize", "step", "to_blocks"]
 
 
 def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -93,14 +93,33 @@ def block_float_scales(elem, scale_fmt: FloatFormat, block_amax: torch.Tensor, a
     return s_codes, g, d
 
 
+def _unscaled(xb: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``xb / d``, with 0 where the block scale ``d`` is 0 (the block quantizes to zeros)."""
+    zero = d == 0
+    return torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d))
+
+
+def round_scaled(elem, xb: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``xb`` rounded to ``elem``'s grid under block scales ``d`` (broadcast over ``xb``)."""
+    return elem.round_(_unscaled(xb, d)).mul_(d)
+
+
+def encode_scaled(elem, xb: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """:func:`round_scaled`'s element codes."""
+    return elem.encode(_unscaled(xb, d))
+
+
+def gap_scaled(elem, xb: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The grid step around each element of ``xb`` under block scales ``d`` (0 where ``d`` is)."""
+    return torch.where(d == 0, 0.0, elem.gap(_unscaled(xb, d)) * d)
+
+
 def quantize(elem, scale_fmt: FloatFormat, xb: torch.Tensor, amax):
     if scale_fmt.is_scale_only:
         e, scale, _ = _mx_scales(elem, xb)
         return elem.encode(xb * scale), (e + 127).to(torch.uint8).squeeze(-1)
     s_codes, g, d = _float_scales(elem, scale_fmt, xb, amax)
-    zero = d == 0
-    codes = elem.encode(torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d)))
-    return codes, (s_codes.squeeze(-1), g)
+    return encode_scaled(elem, xb, d), (s_codes.squeeze(-1), g)
 
 
 def dequantize(elem, scale_fmt: FloatFormat, codes: torch.Tensor, scale) -> torch.Tensor:
@@ -118,8 +137,7 @@ def fake_quant(elem, scale_fmt: FloatFormat, xb: torch.Tensor, amax) -> torch.Te
         e, scale, _ = _mx_scales(elem, xb)
         return elem.round_(xb * scale).mul_(pow2(e))
     _, _, d = _float_scales(elem, scale_fmt, xb, amax)
-    zero = d == 0
-    return elem.round_(torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d))).mul_(d)
+    return round_scaled(elem, xb, d)
 
 
 def step(elem, scale_fmt: FloatFormat, xb: torch.Tensor, amax) -> torch.Tensor:
@@ -127,5 +145,4 @@ def step(elem, scale_fmt: FloatFormat, xb: torch.Tensor, amax) -> torch.Tensor:
         _, scale, unscale = _mx_scales(elem, xb)
         return elem.gap(xb * scale) * unscale
     _, _, d = _float_scales(elem, scale_fmt, xb, amax)
-    zero = d == 0
-    return torch.where(zero, 0.0, elem.gap(xb / torch.where(zero, 1.0, d)) * d)
+    return gap_scaled(elem, xb, d)

@@ -217,8 +217,7 @@ class QuantSpec:
         xb = lay.to_blocks(x32)
         if self.is_static_nvfp4:
             a, d = self._static_scales(lay, x32, amax)
-            zero = d == 0
-            out = lay.from_blocks(self.fmt.round_(torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d))).mul_(d))
+            out = lay.from_blocks(dynamic.round_scaled(self.fmt, xb, d))
             mask = lay.from_blocks(scaled.clip_mask(xb, a)) if want_mask else None
             return out, mask
         a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
@@ -265,8 +264,7 @@ class QuantSpec:
             lay = self._layout(x.shape)
             xb = lay.to_blocks(x32)
             _, d, s_codes, g = self._static_scales(lay, x32, amax, codes=True)
-            zero = d == 0
-            codes = lay.from_blocks(self.fmt.encode(torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d))))
+            codes = lay.from_blocks(dynamic.encode_scaled(self.fmt, xb, d))
             padded = lay.padded_shape
             scale = (s_codes.reshape(*padded[:-1], padded[-1] // self.block_sizes[-1]), g)
         else:
@@ -319,8 +317,7 @@ class QuantSpec:
         if self.is_static_nvfp4:
             xb = lay.to_blocks(x32)
             _, d = self._static_scales(lay, x32, amax)
-            zero = d == 0
-            return lay.from_blocks(torch.where(zero, 0.0, self.fmt.gap(xb / torch.where(zero, 1.0, d)) * d))
+            return lay.from_blocks(dynamic.gap_scaled(self.fmt, xb, d))
         a = lay.broadcast_amax(self._amax_or_stat(x32, amax), x32.device)
         return lay.from_blocks(scaled.step(self.fmt, lay.to_blocks(x32), a))
 
