@@ -26,12 +26,12 @@ from qpass.checkpoint_install import QuantizerSpec, _listing, _owner_weight_shap
 from qpass.errors import QpassError
 from qpass.graph.quantized_model import is_quantized, iter_tensor_quantizers, state_of
 from qpass.nn.packed_weight import PACKED_KEYS, PackedWeightQuantizer
-from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer, is_quantizer
+from qpass.nn.tensor_quantizer import OPTIONAL_BUFFERS, SequentialQuantizer, TensorQuantizer, is_quantizer
 from qpass.passes.rules import get_rule_set
 
 __all__ = ["save", "restore", "restore_modelopt", "save_quantized", "restore_quantized"]
 
-_TENSORS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax", "_svdquant_lora_a", "_svdquant_lora_b") + tuple(f"_{k}" for k in PACKED_KEYS)  # packed: real_quantize
+_TENSORS = OPTIONAL_BUFFERS + tuple(f"_{k}" for k in PACKED_KEYS)  # packed: real_quantize
 
 
 # ---------------------------------------------------------------------- save

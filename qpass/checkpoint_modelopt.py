@@ -22,6 +22,7 @@ from torch import nn
 from qpass.checkpoint_install import QuantizerSpec, _listing, check_specs, install
 from qpass.errors import QpassError
 from qpass.graph.quantized_model import is_quantized
+from qpass.nn.tensor_quantizer import OPTIONAL_BUFFERS
 from qpass.passes.rules import DEFAULT, get_rule_set
 
 # ModelOpt TensorQuantizer property -> qpass attribute.
@@ -37,7 +38,7 @@ _ATTRS = {
 # static-block quantizer class markers are not among them: its static INT blocks and static NVFP4
 # are qpass's own formats; its learned-scale mode is refused).
 _REFUSED = ("_dequantize", "_lsq")
-_KNOWN_BUFFERS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax", "_svdquant_lora_a", "_svdquant_lora_b")
+_KNOWN_BUFFERS = OPTIONAL_BUFFERS  # the state buffers a qpass quantizer has too
 _QUANTIZER_SLOTS = ("input_quantizer", "weight_quantizer", "output_quantizer")
 
 
