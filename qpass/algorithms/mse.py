@@ -65,10 +65,9 @@ def mse_search_amax(q: TensorQuantizer, w: torch.Tensor, candidates: torch.Tenso
     base = q.amax.to(x.device)
     lay = spec._layout(x.shape)
     best_loss = best_amax = None
-    glob = q.global_amax if spec.is_static_nvfp4 else None
     for r in candidates.to(x.device):
         amax = base * r
-        dw = x - spec.fake_quant(x, amax if glob is None else (amax, glob.to(x.device)))
+        dw = x - spec.fake_quant(x, spec.with_global(amax, q.global_amax))
         err = dw ** 2 if error_fn is None else error_fn(dw)
         eb = lay.to_blocks(err)  # padding is 0 and quantizes to 0: no error
         if lay.kept is None:

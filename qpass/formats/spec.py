@@ -192,6 +192,13 @@ class QuantSpec:
     def _amax_or_stat(self, x32, amax):
         return self.amax_of(x32) if amax is None else amax
 
+    def with_global(self, amax, global_amax):
+        """The amax argument of this spec's methods for a quantizer's stored state: static NVFP4
+        takes ``(block amax, global amax)``, every other format its amax alone."""
+        if amax is None or not self.is_static_nvfp4:
+            return amax
+        return amax, None if global_amax is None else global_amax.to(amax.device)
+
     def _static_scales(self, lay: Layout, x32: torch.Tensor, amax, codes: bool = False):
         """Static NVFP4: the blocks' amax and scales ``d`` (with ``codes``: also the E4M3 scale
         codes and the global scale). ``amax`` is ``(block amax, global amax)`` as a static NVFP4

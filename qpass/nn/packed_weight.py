@@ -93,9 +93,7 @@ def pack_weight(module: nn.Module, path: str) -> tuple[int, int]:
         raise QpassError(f"'{path}.weight_quantizer' is {type(q).__name__}; only a single TensorQuantizer packs")
     spec = q.spec
     amax = q.amax if spec.needs_amax and not q._attrs.get("type") == "dynamic" else None
-    if amax is not None and spec.is_static_nvfp4:
-        amax = (amax, q.global_amax)  # block amax against the (possibly group-shared) global amax
-    packed = packing.pack(spec, w, amax)
+    packed = packing.pack(spec, w, spec.with_global(amax, q.global_amax))
     before = w.numel() * w.element_size()
     install_packed(q, packed, w.shape, w.dtype)
     release_weight(module)

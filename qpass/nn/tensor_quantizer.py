@@ -487,7 +487,7 @@ class TensorQuantizer(nn.Module):
             amax = spec.amax_of(x)
         elif amax is not None and amax.device != x.device:
             amax = amax.to(x.device)
-        amax = (amax, self._buffers.get("_global_amax")) if amax is not None and spec.is_static_nvfp4 else amax
+        amax = spec.with_global(amax, self._buffers.get("_global_amax"))
         if not self._attrs.get("fake_quant", True):
             # Real quantization: packed codes plus scales, dequantized on the fly
             # (bit-identical to fake quant by construction of qpass.formats).

@@ -416,7 +416,7 @@ def _lower_weight(b: _Builder, node: fx.Node, q, target: str) -> fx.Node:
     tok = format_token(spec)
     out = None
     if _is_nvfp4(spec) and w.dim() >= 1:
-        codes, (bscale, gscale) = spec.quantize(w, (amax, q.global_amax) if spec.is_static_nvfp4 else amax)
+        codes, (bscale, gscale) = spec.quantize(w, spec.with_global(amax, q.global_amax))
         packed = codes.view(torch.float4_e2m1fn_x2)
         args = [b.constant(base, "codes", packed), b.constant(base, "block_scale", bscale),
                 b.constant(base, "global_scale", gscale.reshape(()).float()), spec.block_size, list(w.shape), w.dtype]
