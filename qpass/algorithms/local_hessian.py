@@ -31,6 +31,7 @@ from qpass.calib.layerwise import run_forward_loop
 from qpass.calib.max_calibrate import max_calibrate, weight_quantizer_owners
 from qpass.calib.nvfp4_static import static_nvfp4_weights, sweep_fp8_scales
 from qpass.errors import CalibrationError, QuantConfigError
+from qpass.graph.quantized_model import iter_tensor_quantizers
 from qpass.nn.tensor_quantizer import TensorQuantizer
 
 
@@ -102,8 +103,7 @@ def _check_options(block_size, fp8_scale_sweep, distributed_sync, debug) -> None
 @torch.no_grad()
 def _weights_unquantized_pass(model, state, forward_loop, modules: dict, block_size: int) -> dict:
     """Step 2: the block Hessians of the modules' inputs, weights unquantized."""
-    weight_quantizers = [q for _, _, wq in weight_quantizer_owners(model)
-                         for q in ([wq] if isinstance(wq, TensorQuantizer) else list(wq))]
+    weight_quantizers = [q for _, _, wq in weight_quantizer_owners(model) for q in iter_tensor_quantizers(wq)]
     was = [q._if_quant for q in weight_quantizers]
     calls = state.calls
     try:
