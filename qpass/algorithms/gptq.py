@@ -41,6 +41,7 @@ from qpass.calib.max_calibrate import (
 from qpass.config.algorithms import check_gptq_options
 from qpass.errors import CalibrationError, QuantConfigError
 from qpass.formats.columns import ColumnGrid
+from qpass.graph.lazy_outputs import deferred_outputs
 from qpass.graph.quantized_model import iter_tensor_quantizers
 from qpass.nn.packed_weight import PackedWeightQuantizer
 
@@ -231,7 +232,7 @@ def _capture(model, state, forward_loop, modules, first: bool) -> dict:
             collect_activations(model, state, forward_loop)
         else:
             calls = state.calls
-            with torch.no_grad():
+            with torch.no_grad(), deferred_outputs(state):
                 forward_loop(model)
             if state.calls == calls:
                 raise CalibrationError("forward_loop never called the model: it must run model(batch) "

@@ -31,6 +31,7 @@ from qpass.calib.layerwise import run_forward_loop
 from qpass.calib.max_calibrate import max_calibrate, weight_quantizer_owners
 from qpass.calib.nvfp4_static import static_nvfp4_weights, sweep_fp8_scales
 from qpass.errors import CalibrationError, QuantConfigError
+from qpass.graph.lazy_outputs import deferred_outputs
 from qpass.graph.quantized_model import iter_tensor_quantizers
 from qpass.nn.tensor_quantizer import TensorQuantizer
 
@@ -109,7 +110,7 @@ def _weights_unquantized_pass(model, state, forward_loop, modules: dict, block_s
     try:
         for q in weight_quantizers:
             q.disable_quant()
-        with BlockHessianCapture(modules, block_size) as capture:
+        with BlockHessianCapture(modules, block_size) as capture, deferred_outputs(state):
             run_forward_loop(model, state, forward_loop)
     finally:
         for q, on in zip(weight_quantizers, was):

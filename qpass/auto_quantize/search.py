@@ -107,40 +107,15 @@ def trace_only(model: nn.Module, forward_step, batch) -> None:
         state.recorder = None
 
 
-class _CalibrationLoops:
-    """forward_loops over calibration batches, whose outputs nobody reads.
+def _calibration_loop(forward_step, batches):
+    """A forward_loop over calibration batches. Its outputs are never read, so each graph run
+    computes only up to its last quantizer (:mod:`qpass.graph.lazy_outputs`)."""
 
-    Once a batch is seen to call the model exactly once, later batches run each graph only up
-    to its last quantizer (:class:`~qpass.graph.quantized_model.QuantizersDone`): what follows,
-    such as an LM head's vocabulary GEMM and the logits, feeds no calibration statistic. A
-    forward_step that calls the model several times (or a varying number of times) always runs whole.
-    """
+    def loop(m):
+        for b in batches:
+            forward_step(m, b)
 
-    def __init__(self, forward_step) -> None:
-        self.forward_step = forward_step
-        self.calls_per_batch: int | None = None  # None: unknown yet; -1: not always the same
-
-    def over(self, batches):
-        from qpass.graph.quantized_model import QuantizersDone
-
-        def loop(m):
-            state = state_of(m)
-            for b in batches:
-                if self.calls_per_batch == 1:
-                    state.stop_after_quantizers = True
-                    try:
-                        self.forward_step(m, b)
-                    except QuantizersDone:
-                        pass
-                    finally:
-                        state.stop_after_quantizers = False
-                    continue
-                before = state.calls
-                self.forward_step(m, b)
-                n = state.calls - before
-                self.calls_per_batch = n if self.calls_per_batch in (None, n) else -1
-
-        return loop
+    return loop
 
 
 def group_name(members: list[str]) -> str:
@@ -286,7 +261,7 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
     steps = {f: calib_steps(c, len(calib)) for f, c in enumerate(candidates) if c.rules is not None}
     order = sorted(steps, key=lambda f: (steps[f], f))
     seen = SeenInputs()
-    over = _CalibrationLoops(forward_step).over
+    over = lambda batches: _calibration_loop(forward_step, batches)  # noqa: E731
 
     for f in tqdm(order, desc="auto_quantize: calibrating formats"):
         cand, n = candidates[f], steps[f]

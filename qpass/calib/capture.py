@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qpass.calib.max import channel_abs_max
 from qpass.errors import CalibrationError
 
 _MEMO_SIZE = 64
@@ -222,10 +223,11 @@ class ActivationCapture:
 
     @torch.no_grad()
     def _update(self, path: str, prev: InputStats | None, quantizer: nn.Module, x: torch.Tensor) -> InputStats:
+        seen = x
         x = self._rows(path, prev, quantizer, x)
         tokens = x.shape[0]
-        lo, hi = torch.aminmax(x, dim=0)
-        amax = torch.maximum(hi, lo.neg_())
+        # the quantizer's own per-tensor statistic of the same input reuses this reduction
+        amax = channel_abs_max(seen if getattr(quantizer, "pre_quant_scale", None) is None else x)
         if not bool(torch.isfinite(amax).all()):  # max reductions propagate NaN, and Inf is its own max
             raise CalibrationError(
                 f"the input of '{path}' holds NaN or Inf during calibration (shape {tuple(x.shape)}); "

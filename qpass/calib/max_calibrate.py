@@ -20,6 +20,7 @@ from qpass.calib.distributed import reduce_statistics
 from qpass.calib.layerwise import run_forward_loop
 from qpass.errors import CalibrationError
 from qpass.graph.cuda_graphs import CudaGraphs
+from qpass.graph.lazy_outputs import deferred_outputs
 from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
 from qpass.nn.tensor_quantizer import TensorQuantizer, is_quantizer
 
@@ -94,7 +95,7 @@ def collect_activations(model: nn.Module, state: QpassState, forward_loop: Calla
     inference_graphs = state.__dict__.get("cuda_graphs")
     state.calib_graphs = CudaGraphs(enabled=inference_graphs is None or inference_graphs.enabled)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), deferred_outputs(state):
             run_forward_loop(model, state, forward_loop)
     finally:
         state.calibrating = False

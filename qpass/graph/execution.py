@@ -31,6 +31,7 @@ import weakref
 
 import torch
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from qpass.nn.tensor_quantizer import TensorQuantizer, quantizer_epoch
 
@@ -196,7 +197,9 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
             _copy_top_level(gm, root, node.target)
     if hasattr(gm, "_guards_fn"):
         _copy_top_level(gm, root, "_guards_fn")
-    exe = fx.GraphModule(root, graph, class_name="QpassExecutionGraph")
+    # lazy: its Python code is generated on the first call (a calibration pass runs the head of
+    # qpass.graph.lazy_outputs instead, and never calls this one)
+    exe = _LazyGraphModule(root, graph, class_name="QpassExecutionGraph")
     # GraphModule copies dotted targets into fresh containers; point them at the live ones,
     # and keep them in the instance dict too, so that ``self._qpass_cN`` is a plain lookup
     for key, container in live.items():

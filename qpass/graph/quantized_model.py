@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from qpass.errors import QpassError
-from qpass.graph import cuda_graphs
+from qpass.graph import cuda_graphs, lazy_outputs
 from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.execution import execution_graph
 from qpass.graph.graph_cache import cached_export
@@ -53,9 +53,9 @@ class QpassState:
         self.calib_placed: set[str] = set()  # quantizers in graphs that ran during calibration
         self.layerwise = None  # qpass.calib.layerwise.LayerwiseOptions while calibrate() runs layer by layer
         self.recorder = None  # set while a layerwise pass records the forward_loop's inputs
-        # set by internal calibration loops that discard the output: each graph run stops after
-        # its last quantizer and raises QuantizersDone (see run_graph)
-        self.stop_after_quantizers = False
+        # while a calibration pass runs (qpass.graph.lazy_outputs.deferred_outputs): the
+        # forwards' outputs not computed yet
+        self.deferred = None
         self.cuda_graphs = CudaGraphs(enabled=True)  # inference forwards on CUDA replay captured graphs
         self.calib_graphs = None  # a calibration pass's CUDA graphs (set while it runs)
 
@@ -175,12 +175,14 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     traced, tensors = graph_for(model, args, kwargs)
     if torch.compiler.is_compiling():
         return traced.gm(*tensors)  # the compile backend lowers the traced graph's quantizer nodes
-    if state.stop_after_quantizers:
-        head = quantizers_head(traced)
-        if head is not None:
-            _run(model, state, (id(traced.gm), "head"), head, tensors)
-            raise QuantizersDone
-    return _run(model, state, (id(traced.gm), "exe"), execution_graph(traced.gm), tensors)
+    exe = execution_graph(traced.gm)
+    pending = state.__dict__.get("deferred")
+    if pending is not None and not torch.is_grad_enabled():  # a pass: outputs computed when read
+        out = lazy_outputs.call(exe, tensors, lambda head: _run(model, state, (id(traced.gm), "head"), head, tensors),
+                                pending)
+        if out is not None:
+            return out
+    return _run(model, state, (id(traced.gm), "exe"), exe, tensors)
 
 
 def _run(model: nn.Module, state: QpassState, key, fn, tensors: list):
@@ -192,38 +194,6 @@ def _run(model: nn.Module, state: QpassState, key, fn, tensors: list):
     if graphs is not None and graphs.enabled and cuda_graphs.eligible(model, state, tensors):
         return cuda_graphs.run(model, graphs, key, fn, tensors, calibration=state.calibrating)
     return fn(*tensors)
-
-
-class QuantizersDone(Exception):
-    """A graph run under ``stop_after_quantizers`` ran every quantizer and skipped the rest
-    (e.g. an LM head's vocabulary GEMM, which feeds nothing calibration reads)."""
-
-
-def quantizers_head(traced: TracedGraph) -> fx.GraphModule | None:
-    """The graph's nodes up to its last active quantizer node (enabled, or observed by a hook,
-    as the activation captures are); None if it has none. Cached until the graph or the set of
-    active quantizers changes."""
-    from qpass.passes.insert_quantizers import QUANTIZER_META
-
-    gm = traced.gm
-    nodes = list(gm.graph.nodes)
-    active = tuple(i for i, n in enumerate(nodes) if n.op == "call_module" and QUANTIZER_META in n.meta
-                   and _observed(gm.get_submodule(n.target)))
-    if traced.head is not None and traced.head[0] is gm.code and traced.head[1] == active:
-        return traced.head[2]
-    head = None
-    if active:
-        graph, env = fx.Graph(), {}
-        for n in nodes[: active[-1] + 1]:
-            env[n] = graph.node_copy(n, lambda a: env[a])
-        graph.output(env[nodes[active[-1]]])
-        head = fx.GraphModule(gm, graph)
-    traced.head = (gm.code, active, head)
-    return head
-
-
-def _observed(q: nn.Module) -> bool:
-    return bool(q._forward_pre_hooks or q._forward_hooks) or any(t.is_enabled for t in iter_tensor_quantizers(q))
 
 
 # ---------------------------------------------------------------------- quantizers

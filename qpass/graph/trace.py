@@ -91,7 +91,6 @@ class TracedGraph:
     gm: fx.GraphModule
     static_dims: list  # per flat input leaf: None (not a tensor) or {dim: size} of specialised dims
     placed: frozenset = frozenset()  # names of the quantizers placed in this graph
-    head: tuple | None = None  # (gm.code, active quantizer nodes) it was cut for, and the cut graph
 
 
 def _static_dims(gm: fx.GraphModule) -> list:

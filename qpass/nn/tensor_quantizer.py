@@ -16,7 +16,7 @@ from torch import nn
 
 from qpass.calib.bias import BiasCalibrator, bias_of
 from qpass.calib.histogram import HistogramCalibrator, histogram_calibrator_for
-from qpass.calib.max import MaxCalibrator
+from qpass.calib.max import MaxCalibrator, abs_max
 from qpass.errors import CalibrationError, QuantConfigError
 from qpass.formats import triton_kernels
 from qpass.nn.compiled_fake_quant import compiled_int_fake_quant, int_compile_plan
@@ -28,16 +28,6 @@ _UNSUPPORTED_WHEN_SET = {
     "learn_amax": (False,),
 }
 OPTIONAL_BUFFERS = ("_amax", "_pre_quant_scale", "_bias_value", "_global_amax", "_svdquant_lora_a", "_svdquant_lora_b")  # once set
-
-
-def abs_max(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a 0-dim tensor in x's dtype (exact); NaN and Inf carry through. One reduction
-    pass: on CUDA the inf-norm (one kernel); on the CPU ``aminmax`` (there the inf-norm is about
-    13x slower than ``abs().amax()``, and ``aminmax`` about 1.4x faster)."""
-    if x.is_cuda:
-        return torch.linalg.vector_norm(x, float("inf"))
-    lo, hi = torch.aminmax(x)
-    return torch.maximum(lo.neg(), hi)
 
 
 class _Epoch:
@@ -315,7 +305,7 @@ class TensorQuantizer(nn.Module):
         if not histogram and spec.axis is None and not spec.block_sizes:
             # per tensor: max |x| in one reduction, exact in x's own dtype (no float32 copy of x);
             # NaN and Inf carry through it
-            self._calibrator.collect_amax(abs_max(x.detach()))
+            self._calibrator.collect_amax(abs_max(x))
             return
         stat = x.detach().abs().amax().float() if histogram else spec.amax_of(x)
         if (histogram or x.device.type == "cpu") and not bool(torch.isfinite(stat).all()):
