@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from qpass.graph.trace import TracedGraph, _static_dims, export_graph, fetch_attr, original_class
@@ -401,7 +402,7 @@ def _export(model, original_cls, args, kwargs, kinds: list[_Kind], tokens: list[
                 root[node.target] = fetch_attr(model, node.target)
             except AttributeError:
                 root[node.target] = fetch_attr(top, node.target)
-    gm = fx.GraphModule(root, top.graph)
+    gm = _LazyGraphModule(root, top.graph)  # its code is generated once, after the clean-up
     gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.meta.update(top.meta)
