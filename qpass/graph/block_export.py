@@ -402,9 +402,9 @@ def _export(model, original_cls, args, kwargs, kinds: list[_Kind], tokens: list[
                 root[node.target] = fetch_attr(model, node.target)
             except AttributeError:
                 root[node.target] = fetch_attr(top, node.target)
-    gm = _LazyGraphModule(root, top.graph)  # its code is generated once, after the clean-up
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    lazy = _LazyGraphModule(root, top.graph)  # no code generated until the clean-up is done
+    lazy.graph.eliminate_dead_code()
+    gm = fx.GraphModule(lazy, lazy.graph)
     gm.meta.update(top.meta)
     _verify(model, original_cls, gm, args, kwargs)
     return TracedGraph(gm=gm, static_dims=_static_dims(gm))

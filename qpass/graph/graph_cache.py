@@ -103,10 +103,8 @@ def _entry_from(gm: fx.GraphModule, model: nn.Module, static_dims: list) -> _Ent
     return _Entry(graph=graph, constants=constants, static_dims=static_dims)
 
 
-def _rebind(entry: _Entry, model: nn.Module, tensors, graph: fx.Graph | None = None) -> TracedGraph:
-    """A GraphModule over a copy of the entry's graph (or over ``graph``, a graph equal to it that
-    nothing else uses), bound to ``model``'s parameters and buffers."""
-    graph = _copy_graph(entry.graph) if graph is None else graph
+def _rebind(entry: _Entry, model: nn.Module, tensors) -> TracedGraph:
+    graph = _copy_graph(entry.graph)
     root = {}
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
@@ -131,7 +129,7 @@ def cached_export(model: nn.Module, original_cls: type, args: tuple, kwargs: dic
     _CACHE.move_to_end(key)
     while len(_CACHE) > MAX_ENTRIES:
         _CACHE.popitem(last=False)
-    return _rebind(_CACHE[key][-1], model, tensors, graph=traced.gm.graph)  # the export's own graph: no copy
+    return traced  # bound to this model's own parameters and buffers already
 
 
 def clear() -> None:
