@@ -5,8 +5,9 @@ model returns. Everything a graph computes after its last statistic-collecting n
 nothing the pass reads: an LLM's final norm and vocabulary GEMM (SmolLM2's lm_head is about
 16% of its forward), a classifier head, a loss. ModelOpt's eager forward runs it anyway.
 
-During a calibration pass (``QpassState.calibrating``, under ``torch.no_grad``), a graph run
-is cut in two (:func:`split_for`):
+Inside a pass over the caller's forward_loop (:func:`deferred_outputs`: max calibration's
+statistics pass, the algorithms' capture passes, GPTQ's and local_hessian's later passes), a
+forward without autograd is cut in two (:func:`split_for`):
 
 * the *head*: the nodes that every pinned node depends on. Pinned are the quantizer nodes
   that are not the identity at this moment (collecting statistics, quantizing, a
