@@ -170,3 +170,26 @@ def test_algorithms_give_the_same_model_whether_outputs_are_read(algorithm):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_generate_and_a_loss_inside_the_forward_loop():
+    """HF generate reads each step's logits (computed on read); a loss output stays lazy until
+    used, and holds the unquantized calibration-time value."""
+    model = tiny_llama(layers=2)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 6))
+    got = {}
+
+    def loop(m):
+        got["tokens"] = m.generate(ids, max_new_tokens=4, do_sample=False)
+        out = m(input_ids=ids, labels=ids)
+        got["loss"], got["argmax"] = out.loss, out.logits.argmax(-1)
+
+    qpass.quantize(model, copy.deepcopy(qpass.INT8_SMOOTHQUANT_CFG), loop)
+    with torch.no_grad():
+        want_tokens = ref.generate(ids, max_new_tokens=4, do_sample=False)
+        want = ref(input_ids=ids, labels=ids, use_cache=False)
+    assert isinstance(got["loss"], LazyOutput) and got["loss"].shape == ()
+    assert torch.equal(got["tokens"], want_tokens)
+    assert torch.allclose(got["loss"], want.loss, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got["argmax"], want.logits.argmax(-1))
