@@ -163,3 +163,32 @@ def test_cuda_graph_calibration_gives_the_eager_amax(config):
     assert captured, "no calibration forward was captured"
     for (n, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
         assert torch.equal(a, b), n
+
+
+def test_cuda_graph_calibration_defers_and_keeps_the_outputs():
+    """Calibration forwards on CUDA replay the graph's head (qpass.graph.lazy_outputs); outputs
+    held by the forward_loop come back lazy and equal the unquantized model's, and the amax
+    values equal a pass that reads every output."""
+    from qpass.graph.lazy_outputs import LazyOutput
+
+    torch.manual_seed(0)
+    base = tiny_llama().cuda().eval()
+    batches = [torch.randint(0, 128, (2, 32), device="cuda") for _ in range(6)]
+    held = []
+
+    def holding(m):
+        for b in batches:
+            held.append(m(input_ids=b).logits)
+
+    def reading(m):
+        for b in batches:
+            m(input_ids=b).logits.sum().item()
+
+    model = qpass.quantize(copy.deepcopy(base), "INT8_DEFAULT_CFG", holding)
+    ref = qpass.quantize(copy.deepcopy(base), "INT8_DEFAULT_CFG", reading)
+    assert all(isinstance(t, LazyOutput) and t.device.type == "cuda" for t in held)
+    with torch.no_grad():
+        for t, b in zip(held, batches):
+            assert torch.equal(t + 0, base(input_ids=b, use_cache=False).logits)
+    for (n, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
+        assert torch.equal(a, b), n
