@@ -189,6 +189,7 @@ def test_cuda_graph_calibration_defers_and_keeps_the_outputs():
     assert all(isinstance(t, LazyOutput) and t.device.type == "cuda" for t in held)
     with torch.no_grad():
         for t, b in zip(held, batches):
-            assert torch.equal(t + 0, base(input_ids=b, use_cache=False).logits)
+            # graph against eager kernels: equal up to float reordering, far below INT8's error
+            assert torch.allclose(t + 0, base(input_ids=b, use_cache=False).logits, rtol=1e-5, atol=1e-5)
     for (n, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
         assert torch.equal(a, b), n
