@@ -200,14 +200,19 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
     # lazy: its Python code is generated on the first call (a calibration pass runs the head of
     # qpass.graph.lazy_outputs instead, and never calls this one)
     exe = _LazyGraphModule(root, graph, class_name="QpassExecutionGraph")
-    # GraphModule copies dotted targets into fresh containers; point them at the live ones,
-    # and keep them in the instance dict too, so that ``self._qpass_cN`` is a plain lookup
-    for key, container in live.items():
-        exe._modules[key] = container
-        object.__setattr__(exe, key, container)
+    share_containers(exe, live)
     exe.meta.update(gm.meta)
     readers = [([q for q, _, _ in group], [rep for _, _, rep in group]) for group in kept.values() if len(group) > 1]
     return exe, decisions, readers
+
+
+def share_containers(gm: fx.GraphModule, containers: dict) -> None:
+    """Point ``gm``'s container attributes at the live modules in ``containers`` (a GraphModule
+    copies dotted targets into fresh containers), in its instance dict too, so that
+    ``self._qpass_cN`` is a plain lookup."""
+    for key, container in containers.items():
+        gm._modules[key] = container
+        object.__setattr__(gm, key, container)
 
 
 def _copy_top_level(gm: fx.GraphModule, root: nn.Module, name: str) -> None:

@@ -40,7 +40,8 @@ from torch import fx
 from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
-from qpass.nn.tensor_quantizer import SequentialQuantizer, is_quantizer, quantizer_epoch
+from qpass.graph.execution import share_containers
+from qpass.nn.tensor_quantizer import is_quantizer, iter_tensor_quantizers, quantizer_epoch
 
 __all__ = ["LazyOutput", "call", "deferred_outputs", "split_for"]
 
@@ -60,7 +61,7 @@ def _identity(module) -> bool:
     """The quantizer's forward returns its input unchanged, and observes nothing."""
     if module._forward_hooks or module._forward_pre_hooks:
         return False
-    for tq in (list(module) if isinstance(module, SequentialQuantizer) else [module]):
+    for tq in iter_tensor_quantizers(module):
         if tq._forward_hooks or tq._forward_pre_hooks or tq._buffers.get("_pre_quant_scale") is not None:
             return False
         if not tq._disabled and (tq._if_quant or tq._if_calib):
@@ -183,13 +184,7 @@ def _graph_module(exe: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule over ``graph`` that reaches parameters through ``exe``'s live containers
     (what qpass rebinds in them later is what it reads)."""
     gm = fx.GraphModule(exe, graph, class_name="QpassCalibrationPart")
-    for key, module in exe._modules.items():
-        if key in gm._modules:
-            gm._modules[key] = module
-            object.__setattr__(gm, key, module)
-    for name in ("_in_spec", "_out_spec"):
-        if name in exe.__dict__:
-            gm.__dict__[name] = exe.__dict__[name]
+    share_containers(gm, {key: m for key, m in exe._modules.items() if key in gm._modules})
     return gm
 
 

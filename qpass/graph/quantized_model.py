@@ -22,7 +22,7 @@ from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.execution import execution_graph
 from qpass.graph.graph_cache import cached_export
 from qpass.graph.trace import TracedGraph, matches_static_dims
-from qpass.nn.tensor_quantizer import TensorQuantizer, SequentialQuantizer, is_quantizer
+from qpass.nn.tensor_quantizer import TensorQuantizer, SequentialQuantizer, is_quantizer, iter_tensor_quantizers
 from qpass.passes.insert_quantizers import InsertQuantizers
 from qpass.passes.rules import RuleSet
 from qpass.passes.lora_branch import sync_graph
@@ -240,10 +240,6 @@ def _resolved_attributes(state: QpassState, name: str, slot: str, owner: nn.Modu
     if key not in cache:
         cache[key] = resolve_attributes(rules, name, owner)
     return cache[key]
-
-
-def iter_tensor_quantizers(q: nn.Module):
-    return list(q) if isinstance(q, SequentialQuantizer) else [q]
 
 
 def remove_created(model: nn.Module, state: QpassState, since: int = 0) -> None:

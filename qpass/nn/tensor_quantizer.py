@@ -588,3 +588,8 @@ class SequentialQuantizer(nn.Sequential):
 
 def is_quantizer(module: nn.Module) -> bool:
     return isinstance(module, (TensorQuantizer, SequentialQuantizer))
+
+
+def iter_tensor_quantizers(q: nn.Module) -> list:
+    """The TensorQuantizers of a quantizer slot (a SequentialQuantizer's members, else itself)."""
+    return list(q) if isinstance(q, SequentialQuantizer) else [q]

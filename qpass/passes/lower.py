@@ -281,7 +281,7 @@ def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
     buffers named ``<quantizer path>.codes`` / ``.scale`` / ...; the calling convention
     (flat input tensors, the model's output structure) is the traced graph's.
     """
-    from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer
+    from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer, iter_tensor_quantizers
 
     b = _Builder(gm)
     for node in gm.graph.nodes:
@@ -292,7 +292,7 @@ def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
         if _is_quantizer_node(node):
             q = gm.get_submodule(node.target)
             src = b.env[node.args[0]]
-            members = list(q) if isinstance(q, SequentialQuantizer) else [q]
+            members = iter_tensor_quantizers(q)
             out = src
             if isinstance(q, SequentialQuantizer) and sum(_active(m) for m in members) > 1:
                 for m in members:
