@@ -193,3 +193,22 @@ def test_cuda_graph_calibration_defers_and_keeps_the_outputs():
             assert torch.allclose(t + 0, base(input_ids=b, use_cache=False).logits, rtol=1e-5, atol=1e-5)
     for (n, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
         assert torch.equal(a, b), n
+
+
+def test_cuda_bf16_graph_attention_is_causal_and_equals_eager():
+    """The traced graph calls SDPA with is_causal=True (FlashAttention's path) as the eager model
+    does, and the unquantized graph's logits equal the eager ones."""
+    ref = tiny_llama(layers=2).cuda().to(torch.bfloat16)
+    model = copy.deepcopy(ref)
+    ids = torch.randint(0, 128, (4, 64), device="cuda")
+    qpass.quantize(model, copy.deepcopy(qpass.FP8_DEFAULT_CFG), lambda m: m(input_ids=ids, use_cache=False))
+    from qpass.graph.quantized_model import state_of
+
+    sdpa = [n for ts in state_of(model).graphs.values() for t in ts for n in t.gm.graph.nodes
+            if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert sdpa and all(n.kwargs.get("is_causal") is True and len(n.args) == 3 for n in sdpa)
+    qpass.disable_quantizer(model, "*")
+    with torch.no_grad():
+        x = torch.randint(0, 128, (2, 100), device="cuda")
+        torch.testing.assert_close(model(input_ids=x, use_cache=False).logits,
+                                   ref(input_ids=x, use_cache=False).logits)

@@ -42,6 +42,7 @@ from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
+from qpass.passes.causal_mask import SYMBOLS_META, recover_causal_masks
 from qpass.graph.trace import TracedGraph, _static_dims, export_graph, fetch_attr, original_class
 
 log = logging.getLogger(__name__)
@@ -298,10 +299,26 @@ def _stack_for(copy_of: fx.Node, call: fx.Node, path: str, block: nn.Module) -> 
     return stack
 
 
+def _symbol_map(env: dict) -> dict:
+    """Each size symbol of the block's own trace -> the size it has in the model's graph, from the
+    block's inputs (the copied nodes keep the block trace's shapes, in its symbols)."""
+    symbols = {}
+    for p, x in env.items():
+        pv, xv = p.meta.get("val"), x.meta.get("val")
+        if isinstance(pv, torch.Tensor) and isinstance(xv, torch.Tensor) and pv.dim() == xv.dim():
+            outer = x.meta.get(SYMBOLS_META)  # x is itself a copied node (an earlier block's output)
+            for s, t in zip(pv.shape, xv.shape):
+                if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                    size = t.node.expr if isinstance(t, torch.SymInt) else int(t)
+                    symbols.setdefault(s.node.expr, size.xreplace(outer) if outer and not isinstance(size, int) else size)
+    return symbols
+
+
 def _inline(graph: fx.Graph, call_node: fx.Node, call: _Call) -> None:
     """Step 6: the kind's block graph in place of one block_call, on this block's weights."""
     template = call.kind.gm.graph
     env = dict(zip((n for n in template.nodes if n.op == "placeholder"), call_node.args[0]))
+    symbols = _symbol_map(env)
     outs = None
     with graph.inserting_before(call_node):
         for n in template.nodes:
@@ -316,6 +333,7 @@ def _inline(graph: fx.Graph, call_node: fx.Node, call: _Call) -> None:
             else:
                 new = graph.node_copy(n, lambda a: env[a])
             new.meta["nn_module_stack"] = _stack_for(n, call_node, call.path, call.block)
+            new.meta[SYMBOLS_META] = symbols
             env[n] = new
     for user in list(call_node.users):
         if user.op != "call_function" or user.target is not operator.getitem:
@@ -403,6 +421,7 @@ def _export(model, original_cls, args, kwargs, kinds: list[_Kind], tokens: list[
             except AttributeError:
                 root[node.target] = fetch_attr(top, node.target)
     lazy = _LazyGraphModule(root, top.graph)  # no code generated until the clean-up is done
+    recover_causal_masks(lazy.graph)  # before step 7, which then checks it too
     lazy.graph.eliminate_dead_code()
     gm = fx.GraphModule(lazy, lazy.graph)
     gm.meta.update(top.meta)

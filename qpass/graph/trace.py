@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from qpass.errors import TraceError
+from qpass.passes.causal_mask import recover_causal_masks
 
 # How many leading dims of each input tensor are traced as dynamic (batch, sequence).
 DYNAMIC_DIMS = 2
@@ -135,6 +136,7 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
             "Python control flow), or pass inputs that avoid the failing branch."
         ) from e
     gm = ep.module()
+    recover_causal_masks(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.meta["qpass_example_inputs"] = tuple(t.detach() for t in tensors)  # what export_onnx re-traces with
