@@ -138,3 +138,18 @@ def test_pass_on_a_plain_export_counts_rewrites():
     x = torch.randn(2, 11, 16)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), m(x), rtol=0, atol=1e-6)
+
+
+def test_generate_scores_equal_eager():
+    """Generation (which re-runs the prefix each step, no KV cache) goes through causal graphs
+    and scores every step as the eager model does."""
+    ref = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 12))
+    model = _quantize_llama(copy.deepcopy(ref), [ids])
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        want = ref.generate(ids, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert all(n.kwargs.get("is_causal") is True for n in _sdpa_nodes(model))
