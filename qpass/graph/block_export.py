@@ -42,8 +42,8 @@ from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from qpass.passes.causal_mask import SYMBOLS_META, recover_causal_masks
 from qpass.graph.trace import TracedGraph, _static_dims, export_graph, fetch_attr, original_class
+from qpass.passes.causal_mask import SYMBOLS_META, recover_causal_masks
 
 log = logging.getLogger(__name__)
 
