@@ -1,5 +1,8 @@
 """Give attention back its causal flag where the traced graph builds the causal mask itself.
 
+(Also: an all-True mask built from sizes, which HF builds for an encoder called without an
+attention mask, is dropped.)
+
 Run eagerly with no padding, an HF decoder calls ``scaled_dot_product_attention`` with
 ``is_causal=True`` and no mask. Under torch.export it cannot assume that for every shape, so
 the traced graph builds a ``[batch, 1, seq, seq]`` boolean mask from aranges (and HF's
@@ -16,7 +19,8 @@ when all of these hold:
 2. dropout is 0, the query and key lengths are the same size (one symbol, or one number), and the
    mask's last two dims are that size;
 3. evaluated at sequence lengths 2, 3, 17, 130 and 1031 (batch 2 or 3), the mask is the boolean
-   lower triangle, broadcast to its shape;
+   lower triangle, broadcast to its shape (or all True at every length: then the mask is dropped
+   and attention stays non-causal);
 4. no number in the mask's code lies between 1031 and 2**62 (slice ends use 2**63 - 1): a pattern
    that only starts beyond the lengths evaluated, such as a sliding window of 4096, needs such a
    constant, and its mask is left alone.
@@ -44,8 +48,8 @@ _RANDOM = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "
 
 
 def recover_causal_masks(graph: fx.Graph) -> int:
-    """Rewrite every qualifying SDPA call of ``graph`` in place; returns how many. The mask's
-    nodes are left for the caller's dead-code elimination."""
+    """Rewrite every qualifying SDPA call of ``graph`` in place (causal, or without its all-True
+    mask); returns how many. The mask's nodes are left for the caller's dead-code elimination."""
     done = 0
     verdicts: dict[fx.Node, bool] = {}  # one mask usually feeds every layer
     for node in list(graph.nodes):
@@ -59,13 +63,13 @@ def recover_causal_masks(graph: fx.Graph) -> int:
         if length is None:
             continue
         if mask not in verdicts:
-            verdicts[mask] = _is_causal_mask(mask, length)
-        if verdicts[mask]:
+            verdicts[mask] = _mask_kind(mask, length)
+        if verdicts[mask] is not None:
             node.args = (q, k, v)
-            node.kwargs = {**kwargs, "is_causal": True}
+            node.kwargs = {**kwargs, "is_causal": True} if verdicts[mask] == "causal" else kwargs
             done += 1
-    for mask, causal in verdicts.items():
-        if causal:
+    for mask, kind in verdicts.items():
+        if kind is not None:
             _release(graph, mask)
     return done
 
@@ -185,10 +189,11 @@ def _subgraph(mask: fx.Node):
     return sorted(nodes, key=order.__getitem__), sizes
 
 
-def _is_causal_mask(mask: fx.Node, length) -> bool:
+def _mask_kind(mask: fx.Node, length) -> str | None:
+    """"causal" (the lower triangle), "full" (all True) or None (anything else, or unknown)."""
     found = _subgraph(mask)
     if found is None:
-        return False
+        return None
     nodes, sizes = found
     g = fx.Graph()
     env = {s: g.placeholder(f"size{i}") for i, s in enumerate(sizes)}
@@ -198,6 +203,7 @@ def _is_causal_mask(mask: fx.Node, length) -> bool:
     fn = fx.GraphModule(torch.nn.Module(), g)
     seq_symbols = set() if isinstance(length, int) else {length}
     trials = [(2, length)] if isinstance(length, int) else TRIALS
+    kinds = {"causal", "full"}
     for batch, seq in trials:
         values = []
         for s in sizes:
@@ -206,22 +212,23 @@ def _is_causal_mask(mask: fx.Node, length) -> bool:
                 values.append(val)
                 continue
             if not isinstance(val, torch.SymInt):
-                return False
+                return None
             expr = val.node.expr
             bound = _as_int(expr.xreplace({sym: (seq if sym in seq_symbols else batch) for sym in expr.free_symbols}))
             if bound is None:
-                return False
+                return None
             values.append(bound)
         try:
             with torch.no_grad():
                 got = fn(*values)
         except Exception:  # noqa: BLE001 - a mask we cannot evaluate stays as it is
-            return False
+            return None
         if not isinstance(got, torch.Tensor) or got.dtype is not torch.bool or got.dim() < 2 \
                 or got.shape[-1] != seq or got.shape[-2] != seq:
-            return False
-        want = torch.ones(seq, seq, dtype=torch.bool, device=got.device).tril()
-        if not torch.equal(got, want.expand_as(got)):
-            return False
-    return True
+            return None
+        ones = torch.ones(seq, seq, dtype=torch.bool, device=got.device)
+        kinds &= {kind for kind, want in (("causal", ones.tril()), ("full", ones)) if torch.equal(got, want.expand_as(got))}
+        if not kinds:
+            return None
+    return "full" if "full" in kinds else "causal"  # one token: either reads the same
 

@@ -153,3 +153,27 @@ def test_generate_scores_equal_eager():
     for a, b in zip(got.scores, want.scores):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert all(n.kwargs.get("is_causal") is True for n in _sdpa_nodes(model))
+
+
+def test_encoder_without_attention_mask_drops_its_all_true_mask():
+    """HF BERT called without an attention mask builds an all-True mask under tracing: it goes,
+    attention stays non-causal; with a padding mask the mask stays."""
+    from conftest import tiny_bert
+
+    ref = tiny_bert()
+    model = copy.deepcopy(ref)
+    qpass.quantize(model, copy.deepcopy(qpass.INT8_DEFAULT_CFG), lambda m: m(input_ids=torch.randint(0, 128, (2, 12))))
+    nodes = _sdpa_nodes(model)
+    assert nodes and all(not _has_mask(n) and not n.kwargs.get("is_causal") for n in nodes)
+    qpass.disable_quantizer(model, "*")
+    with torch.no_grad():
+        x = torch.randint(0, 128, (3, 19))
+        torch.testing.assert_close(model(input_ids=x).last_hidden_state, ref(input_ids=x).last_hidden_state,
+                                   rtol=0, atol=1e-6)
+
+    padded = copy.deepcopy(ref)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 8:] = 0
+    qpass.quantize(padded, copy.deepcopy(qpass.INT8_DEFAULT_CFG),
+                   lambda m: m(input_ids=torch.randint(0, 128, (2, 12)), attention_mask=mask))
+    assert all(_has_mask(n) for n in _sdpa_nodes(padded))
