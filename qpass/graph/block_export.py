@@ -42,7 +42,7 @@ from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from qpass.graph.trace import TracedGraph, _static_dims, export_graph, fetch_attr, original_class
+from qpass.graph.trace import TracedGraph, TracedGraphModule, _static_dims, export_graph, fetch_attr, original_class
 from qpass.passes.causal_mask import SYMBOLS_META, recover_causal_masks
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ def _export(model, original_cls, args, kwargs, kinds: list[_Kind], tokens: list[
     lazy = _LazyGraphModule(root, top.graph)  # no code generated until the clean-up is done
     recover_causal_masks(lazy.graph)  # before step 7, which then checks it too
     lazy.graph.eliminate_dead_code()
-    gm = fx.GraphModule(lazy, lazy.graph)
+    gm = TracedGraphModule(lazy, lazy.graph)
     gm.meta.update(top.meta)
     _verify(model, original_cls, gm, args, kwargs)
     return TracedGraph(gm=gm, static_dims=_static_dims(gm))

@@ -33,21 +33,22 @@ import torch
 from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
+from qpass.graph.trace import graph_version
 from qpass.nn.tensor_quantizer import TensorQuantizer, quantizer_epoch
 
 __all__ = ["execution_graph"]
 
 _INT64_MAX = 2**63 - 1
-# traced GraphModule -> _Entry (its code when built, quantizer epoch, execution copy); kept outside the
+# traced GraphModule -> _Entry (its graph_version when built, quantizer epoch, execution copy); kept outside the
 # GraphModule so that deep copies and pickles of a model do not carry it
 _CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, _Entry]" = weakref.WeakKeyDictionary()
 
 
 class _Entry:
-    __slots__ = ("code", "epoch", "exe", "decisions", "readers", "merges")
+    __slots__ = ("version", "epoch", "exe", "decisions", "readers", "merges")
 
-    def __init__(self, code, epoch, exe, decisions, readers) -> None:
-        self.code, self.epoch, self.exe, self.decisions = code, epoch, exe, decisions
+    def __init__(self, version, epoch, exe, decisions, readers) -> None:
+        self.version, self.epoch, self.exe, self.decisions = version, epoch, exe, decisions
         self.readers = readers  # [(quantizers reading one input, in graph order), their partition]
         self.merges = _merge_states(readers)
 
@@ -93,14 +94,15 @@ def execution_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """The trimmed copy of ``gm`` for the current quantizer states (cached)."""
     epoch = quantizer_epoch()
     entry = _CACHE.get(gm)
-    if entry is not None and entry.code is gm.code:
+    version = graph_version(gm)
+    if entry is not None and (entry.version == version if isinstance(version, int) else entry.version is version):
         if entry.epoch == epoch and (not entry.merges or entry.amax_unchanged()):
             return entry.exe
         if entry.still_valid():
             entry.epoch = epoch
             return entry.exe
     exe, decisions, readers = _build(gm)
-    _CACHE[gm] = _Entry(gm.code, epoch, exe, decisions, readers)
+    _CACHE[gm] = _Entry(version, epoch, exe, decisions, readers)
     return exe
 
 

@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from qpass.graph.block_export import export_with_blocks
-from qpass.graph.trace import TracedGraph, export_graph, fetch_attr, matches_static_dims
+from qpass.graph.trace import TracedGraph, TracedGraphModule, export_graph, fetch_attr, matches_static_dims
 from qpass.nn.tensor_quantizer import is_quantizer
 
 MAX_ENTRIES = 8
@@ -110,7 +110,7 @@ def _rebind(entry: _Entry, model: nn.Module, tensors) -> TracedGraph:
         if node.op in ("get_attr", "call_module"):
             root[node.target] = entry.constants[node.target] if node.target in entry.constants \
                 else fetch_attr(model, node.target)
-    gm = fx.GraphModule(root, graph)
+    gm = TracedGraphModule(root, graph)
     gm.meta["qpass_example_inputs"] = tuple(t.detach() for t in tensors)
     return TracedGraph(gm=gm, static_dims=list(entry.static_dims))
 
