@@ -17,7 +17,7 @@ from qpass.calib.max_calibrate import (
 )
 from qpass.errors import QpassError, QuantConfigError
 from qpass.graph.quantized_model import (
-    STATE_ATTR, QpassState, is_quantized, make_quantizer, remove_created, state_of, wrapped_class,
+    STATE_ATTR, QpassState, is_quantized, make_quantizer, realize_code, remove_created, state_of, wrapped_class,
 )
 from qpass.nn.tensor_quantizer import is_quantizer
 from qpass.passes.insert_quantizers import SLOT_META, quantizer_nodes
@@ -179,6 +179,7 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
     except BaseException:
         restore_amax(model, snap)
         raise
+    realize_code(model)
     return model
 
 
@@ -287,6 +288,7 @@ def fold_weight(model: nn.Module) -> None:
                     traced.gm.graph.erase_node(node)
             traced.gm.recompile()
     sync_graph_attributes(model)
+    realize_code(model)
 
 
 def print_quant_summary(model: nn.Module, file=None) -> None:

@@ -26,7 +26,7 @@ from qpass.auto_quantize.candidates import (
 )
 from qpass.auto_quantize.scoring import check_gradient_inputs, gradient_scores, kl_div, output_tensors
 from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, check_budget
-from qpass.graph.quantized_model import is_quantized, state_of
+from qpass.graph.quantized_model import is_quantized, realize_code, state_of
 from qpass.model_quant import _unquantize
 from qpass.passes.insert_quantizers import _register
 
@@ -235,6 +235,7 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
         model.__dict__.pop(SEARCH_ATTR, None)
         _unquantize(model)  # a failed search leaves the caller's model as it was
         raise
+    realize_code(model)
     if verbose:
         print(format_table(state_dict))
     return model, state_dict

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from qpass.errors import QpassError
@@ -166,6 +167,17 @@ def graph_for(model: nn.Module, args: tuple, kwargs: dict) -> tuple[TracedGraph,
     return traced, tensors
 
 
+def realize_code(model: nn.Module) -> None:
+    """Generate the Python code of every traced graph that a pass edited since (their code is
+    generated lazily, see :class:`qpass.graph.trace.TracedGraphModule`): ``torch.compile`` inlines
+    a traced graph's forward, and must find code there, not the generator. The public entry points
+    that edit graphs (calibrate, fold_weight, auto_quantize, a new input structure outside
+    calibration) end with it."""
+    for traced_list in state_of(model).graphs.values():
+        for traced in traced_list:
+            _LazyGraphModule.force_recompile(traced.gm)
+
+
 def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     state = state_of(model)
     if not torch.compiler.is_compiling():
@@ -271,4 +283,6 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, input_key=None) -> Trac
     traced.placed = frozenset(insert.placed)
     state.placed.update(insert.placed)
     state.edges.append(input_reader_edges(traced.gm))
+    if not state.calibrating:
+        _LazyGraphModule.force_recompile(traced.gm)  # see realize_code
     return traced
