@@ -177,3 +177,34 @@ def test_encoder_without_attention_mask_drops_its_all_true_mask():
     qpass.quantize(padded, copy.deepcopy(qpass.INT8_DEFAULT_CFG),
                    lambda m: m(input_ids=torch.randint(0, 128, (2, 12)), attention_mask=mask))
     assert all(_has_mask(n) for n in _sdpa_nodes(padded))
+
+
+_ARCHS = {  # name: (config class, model class, extra config, SDPA calls expected causal)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2), True),
+    "qwen2_sliding": ("Qwen2Config", "Qwen2ForCausalLM",
+                      dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0), False),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=256), True),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(num_kv_heads=2, new_decoder_architecture=True), True),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_ARCHS))
+def test_other_decoders(arch):
+    """Other HF decoders: causal where their mask is, masked where a sliding window is, and the
+    unquantized graph equals the eager model bit for bit at lengths the trace did not see."""
+    import transformers
+
+    config_cls, model_cls, extra, causal = _ARCHS[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, **extra)
+    cfg._attn_implementation = "sdpa"
+    ref = getattr(transformers, model_cls)(cfg).eval()
+    model = _quantize_llama(copy.deepcopy(ref), [torch.randint(0, 128, (2, 20))])
+    nodes = _sdpa_nodes(model)
+    assert len(nodes) == 2
+    assert all((n.kwargs.get("is_causal") is True and not _has_mask(n)) is causal for n in nodes)
+    with torch.no_grad():
+        for length in (7, 33):
+            x = torch.randint(0, 128, (2, length))
+            assert torch.equal(model(input_ids=x, use_cache=False).logits, ref(input_ids=x, use_cache=False).logits)
