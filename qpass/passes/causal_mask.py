@@ -213,8 +213,9 @@ def _mask_kind(mask: fx.Node, length) -> str | None:
                 continue
             if not isinstance(val, torch.SymInt):
                 return None
-            expr = val.node.expr
-            bound = _as_int(expr.xreplace({sym: (seq if sym in seq_symbols else batch) for sym in expr.free_symbols}))
+            expr = _size_key(val, s)  # a size read inside a stitched block: in the graph's symbols
+            bound = expr if isinstance(expr, int) else \
+                _as_int(expr.xreplace({sym: (seq if sym in seq_symbols else batch) for sym in expr.free_symbols}))
             if bound is None:
                 return None
             values.append(bound)
