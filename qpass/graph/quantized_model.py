@@ -10,6 +10,7 @@ to a graph captured lazily for each input structure.
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class QpassState:
         self.deferred = None
         self.cuda_graphs = CudaGraphs(enabled=True)  # inference forwards on CUDA replay captured graphs
         self.calib_graphs = None  # a calibration pass's CUDA graphs (set while it runs)
+        self.trace_s = 0.0  # seconds spent tracing (torch.export or the graph cache), for benchmarks
 
     @property
     def groups(self) -> list[list[str]]:
@@ -271,7 +273,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, input_key=None) -> Trac
     try:
         if input_key is None:
             input_key = _input_key(model.training, args, kwargs)[0]
+        t0 = time.perf_counter()
         traced = cached_export(model, state.original_cls, args, kwargs, input_key)
+        state.trace_s = state.__dict__.get("trace_s", 0.0) + time.perf_counter() - t0  # older pickles lack it
         insert = InsertQuantizers(
             model, state.rule_set, lambda path, owner, slot: make_quantizer(model, state, path, owner, slot)
         )
