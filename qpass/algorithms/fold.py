@@ -294,20 +294,10 @@ def untie_weight(model: nn.Module, graphs, path: str) -> bool:
             mine = [u for u in node.users if _belongs_to(u, path)]
             theirs = [u for u in node.users if not _belongs_to(u, path)]
             if node.target == own and theirs:
-                _set_attr(gm, other, old)
-                with gm.graph.inserting_after(node):
-                    alias_node = gm.graph.get_attr(other)
-                alias_node.meta.update(node.meta)
-                for u in theirs:
-                    u.replace_input_with(node, alias_node)
+                _redirect(gm, node, other, old, theirs)
                 changed = True
             elif node.target != own and mine:
-                _set_attr(gm, own, module.weight)
-                with gm.graph.inserting_after(node):
-                    own_node = gm.graph.get_attr(own)
-                own_node.meta.update(node.meta)
-                for u in mine:
-                    u.replace_input_with(node, own_node)
+                _redirect(gm, node, own, module.weight, mine)
                 changed = True
         if changed:
             gm.graph.eliminate_dead_code()
@@ -321,6 +311,16 @@ def _belongs_to(node: fx.Node, path: str) -> bool:
     if q is not None:
         return q.rpartition(".")[0] == path
     return owner_path(node) == path
+
+
+def _redirect(gm: fx.GraphModule, node: fx.Node, target: str, value, users) -> None:
+    """Point ``users`` of get_attr ``node`` at a new get_attr of ``target``, set to ``value``."""
+    _set_attr(gm, target, value)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.get_attr(target)
+    new.meta.update(node.meta)
+    for u in users:
+        u.replace_input_with(node, new)
 
 
 def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
