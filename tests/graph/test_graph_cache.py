@@ -84,3 +84,44 @@ def test_export_restores_tracing_settings_even_when_it_fails():
     else:
         raise AssertionError("a data-dependent branch must not trace")
     assert (dynamo_config.fake_tensor_cache_enabled, fx_config.do_not_emit_stack_traces) == before
+
+
+def test_traced_graph_code_is_generated_once_at_the_end(monkeypatch):
+    """With a warm graph cache, quantize generates the traced graph's Python code once, when
+    calibration ends (the rebind and the quantizer insertion leave it lazy), and the execution
+    copy follows later recompiles."""
+    from torch import fx
+
+    from qpass.graph.execution import execution_graph
+    from qpass.graph.quantized_model import state_of
+    from qpass.graph.trace import TracedGraphModule, graph_version
+
+    from conftest import tiny_llama
+
+    graph_cache.clear()
+    ids = torch.randint(0, 128, (2, 12))
+    loop = lambda m: m(input_ids=ids, use_cache=False)  # noqa: E731
+    qpass.quantize(tiny_llama(), copy.deepcopy(qpass.INT8_DEFAULT_CFG), loop)  # fills the cache
+    generated = []
+    real = fx.Graph.python_code
+
+    def counting(self, *a, **k):
+        generated.append(len(self.nodes))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(fx.Graph, "python_code", counting)
+    model = qpass.quantize(tiny_llama(), copy.deepcopy(qpass.INT8_DEFAULT_CFG), loop)
+    (traced,) = [t for ts in state_of(model).graphs.values() for t in ts]
+    gm = traced.gm
+    assert isinstance(gm, TracedGraphModule)
+    # the calibration pass's head and tail, and the traced graph once at the end
+    assert len(generated) == 3, generated
+    assert generated[-1] == len(gm.graph.nodes)
+    assert "def forward" in gm.code  # realized: torch.compile inlines this forward
+
+    exe = execution_graph(gm)
+    before = graph_version(gm)
+    assert execution_graph(gm) is exe  # nothing changed
+    gm.recompile()  # an edit: the copy is rebuilt
+    assert graph_version(gm) != before
+    assert execution_graph(gm) is not exe
