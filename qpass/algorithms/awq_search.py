@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qpass.algorithms.smoothing import scaled_weight_rows
+from qpass.formats.layout import abs_amax
 from qpass.graph.quantized_model import iter_tensor_quantizers
 
 _CHUNK = 1024
@@ -232,7 +233,7 @@ def search_unit_scale(model, unit: list[str], x: torch.Tensor, scale_fn, grid, c
         g = gram(x)
     factor = gram_factor(g, x)
     denom = max(x.shape[0], 1) * sum(m.weight.shape[0] for m in mods.values())
-    cols = [m.weight.detach().float().abs().amax(0) for m in mods.values()]  # the same for every alpha
+    cols = [abs_amax(m.weight.detach().float(), (0,))[0] for m in mods.values()]  # the same for every alpha
     grid = list(grid)
     order = sorted(range(len(grid)), key=lambda i: (abs(i - (len(grid) - 1) / 2), i)) if prune else range(len(grid))
     losses, best_i = {}, None

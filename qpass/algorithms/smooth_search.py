@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from qpass.algorithms.smoothing import fake_quant_weight, group_weight
+from qpass.formats.layout import abs_amax
 
 #: activation clip ratios (of the smoothed input's max) tried per alpha
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -198,7 +199,7 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
     total = max(stats.tokens, x.shape[0], 1)
     # each channel's abs-max over all tokens, where the subsample missed it: its clipping error
     # is added to every candidate (one element among ``total`` tokens)
-    unseen = torch.where(stats.amax.float() > x.abs().amax(0), stats.amax.float(), torch.zeros(()))
+    unseen = torch.where(stats.amax.float() > abs_amax(x, (0,))[0], stats.amax.float(), torch.zeros(()))
     xa = strided(x, exact_tokens)  # activation error of formats without a closed form
     profile = ChannelProfile(x) if fmt is not None else None
     mods = [model.get_submodule(p) for p in unit]

@@ -29,6 +29,7 @@ from qpass.calib.max_calibrate import (
     share_group_amax, weight_quantizer_owners,
 )
 from qpass.errors import CalibrationError, QuantConfigError
+from qpass.formats.layout import abs_amax
 from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
 from qpass.nn.tensor_quantizer import TensorQuantizer
 from qpass.passes.lora_branch import lora_of, set_lora, sync_lora_branches
@@ -177,7 +178,7 @@ def _stage_kinds(q: nn.Module, w: torch.Tensor, s: torch.Tensor, col_amax: torch
             continue
         one, two = _amax_counts(spec, w.shape[1])
         if one == 1 and two == 1:
-            cols = w.detach().float().abs().amax(0) if col_amax is None else col_amax
+            cols = abs_amax(w.detach().float(), (0,))[0] if col_amax is None else col_amax
             amax = (cols * s.float()).amax()
             plan.append((spec, _GLOBAL, amax.reshape(spec.amax_of(w[:1].float()).shape)))
         elif two == 2 * one:

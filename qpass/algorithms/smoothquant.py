@@ -38,6 +38,7 @@ from qpass.algorithms.awq_search import sample_grams
 from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
 from qpass.algorithms.smooth_search import search_alpha_clip
 from qpass.errors import QuantConfigError
+from qpass.formats.layout import abs_amax
 
 AUTO_GRID_STEP = 0.1
 #: tokens captured per smoothed input for alpha="auto" (the estimate and the exact scoring read
@@ -92,7 +93,7 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
     plan = []
     for unit in smoothing_units(state, modules, stats):
         st = stats[unit[0]]
-        weight_amax = group_weight(model, unit).abs().amax(0)
+        weight_amax = abs_amax(group_weight(model, unit), (0,))[0]
         a, clip = alpha, 1.0
         if alpha == "auto":
             found = search_alpha_clip(model, unit, st, lambda al: smoothquant_scale(st.amax, weight_amax, al),

@@ -37,6 +37,7 @@ import weakref
 import sympy
 import torch
 from torch import fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
@@ -177,13 +178,16 @@ def _build(exe: fx.GraphModule, sig: tuple) -> _Split | None:
     tail.output(tuple(tail_out))
     inputs = [n.meta.get("val") for n in nodes if n.op == "placeholder"]
     spec = info.out_spec if info is not None else None
-    return _Split(_graph_module(exe, head), _graph_module(exe, tail), (leaves, out_tree), spec, inputs)
+    # the tail's code is generated when a call first reads a deferred output: most forward_loops
+    # read none, and then it never is
+    return _Split(_graph_module(exe, head), _graph_module(exe, tail, lazy=True), (leaves, out_tree), spec, inputs)
 
 
-def _graph_module(exe: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+def _graph_module(exe: fx.GraphModule, graph: fx.Graph, lazy: bool = False) -> fx.GraphModule:
     """A GraphModule over ``graph`` that reaches parameters through ``exe``'s live containers
-    (what qpass rebinds in them later is what it reads)."""
-    gm = fx.GraphModule(exe, graph, class_name="QpassCalibrationPart")
+    (what qpass rebinds in them later is what it reads); ``lazy``: its code is generated on its
+    first call."""
+    gm = (_LazyGraphModule if lazy else fx.GraphModule)(exe, graph, class_name="QpassCalibrationPart")
     share_containers(gm, {key: m for key, m in exe._modules.items() if key in gm._modules})
     return gm
 
