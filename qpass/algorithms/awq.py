@@ -51,6 +51,7 @@ from qpass.algorithms.smoothing import (
     finish, require_forward_loop, smoothable_modules, smoothing_units, start_smoothing,
     validate_quantizers,
 )
+from qpass.calib.compute_device import on_compute_device
 from qpass.errors import QuantConfigError
 
 
@@ -100,18 +101,22 @@ def _lite(model, state, modules, stats, alpha_step, debug, changes, clip_ratios,
     grid = alpha_grid(alpha_step)
     plan = []
     for unit in smoothing_units(state, modules, stats):
-        st = stats[unit[0]]
-        if st.sample.shape[0] == 0:
+        if stats[unit[0]].sample.shape[0] == 0:
             continue
-        act_mean, w_scale = st.abs_mean, _unit_w_scale(model, unit)
-        clip_x = _limit(st, clip_tokens) if clip_ratios else None
-        g = gram(st.sample) if grams is not None else None
-        s, alpha, losses, amaxes = search_unit_scale(
-            model, unit, st.sample, lambda a, m=act_mean, w=w_scale: awq_scale(m, w, a), grid,
-            clip_ratios=clip_ratios, clip_x=clip_x, max_co_batch_size=max_co_batch_size, prune=not debug, g=g)
+        with on_compute_device(model, state, unit) as dev:
+            st = dev.stats(stats[unit[0]])
+            act_mean, w_scale = st.abs_mean, _unit_w_scale(model, unit)
+            clip_x = _limit(st, clip_tokens) if clip_ratios else None
+            g = gram(st.sample) if grams is not None else None
+            s, alpha, losses, amaxes = search_unit_scale(
+                model, unit, st.sample, lambda a, m=act_mean, w=w_scale: awq_scale(m, w, a), grid,
+                clip_ratios=clip_ratios, clip_x=clip_x, max_co_batch_size=max_co_batch_size, prune=not debug, g=g)
+            if grams is not None:
+                grams.append((unit, dev.home(scaled_gram(g, s)), st.tokens))
+            s, amaxes = dev.home(s), {p: dev.home(a) for p, a in amaxes.items()}
+            if debug:
+                losses = {a: dev.home(x) if isinstance(x, torch.Tensor) else x for a, x in losses.items()}
         plan.append((unit, s, alpha, losses, amaxes))
-        if grams is not None:
-            grams.append((unit, scaled_gram(g, s), st.tokens))
     applied, keep = [], {}
     for unit, s, alpha, losses, amaxes in plan:
         done = apply_scale(model, state, unit, s, changes)
@@ -144,16 +149,17 @@ def _clip_ratios(min_clip_ratio: float, shrink_step: float) -> list[float]:
     return [r for r in ratios if r < 1.0] + [1.0]
 
 
-def _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios, debug) -> dict:
+def _clip(model, state, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios, debug) -> dict:
     """awq_clip: the clip search alone, per module, on its (unsmoothed) weights."""
     keep = {}
     for path, module in modules.items():
         st = stats.get(path)
         if st is None or st.sample.shape[0] == 0:
             continue
-        tq = first_quantizer(module.weight_quantizer)
-        x = _limit(st, max_tokens_per_batch)
-        amax = clip_amax(tq, module.weight.detach(), gram(x), ratios, max_co_batch_size)
+        with on_compute_device(model, state, [path]) as dev:
+            tq = first_quantizer(module.weight_quantizer)
+            x = _limit(dev.stats(st), max_tokens_per_batch)
+            amax = dev.home(clip_amax(tq, module.weight.detach(), gram(x), ratios, max_co_batch_size))
         if amax is None:
             continue
         keep[tq] = amax
@@ -189,9 +195,9 @@ def awq_run(model, state, forward_loop, method, *, lite: bool, clip: bool, alpha
             applied, keep = _lite(model, state, modules, stats, alpha_step, debug, changes, ratios,
                                   max_tokens_per_batch, max_co_batch_size, grams)
         elif clip:
-            keep = _clip(model, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios, debug)
+            keep = _clip(model, state, modules, stats, max_co_batch_size, max_tokens_per_batch, ratios, debug)
             if gptq:
-                grams = sample_grams(stats, smoothing_units(state, modules, stats))
+                grams = sample_grams(stats, smoothing_units(state, modules, stats), state=state)
         finish(model, state, forward_loop, applied, stats, keep_weight_amax=keep)
         if before_rounding is not None:
             before_rounding(changes)

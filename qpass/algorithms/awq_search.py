@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qpass.algorithms.smoothing import scaled_weight_rows
+from qpass.calib.compute_device import to_compute_device
 from qpass.formats.layout import abs_amax
 from qpass.graph.quantized_model import iter_tensor_quantizers
 
@@ -174,15 +175,18 @@ def scaled_gram(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return g.double() / (sd[:, None] * sd[None, :])
 
 
-def sample_grams(stats: dict, units, scales=None) -> list:
+def sample_grams(stats: dict, units, scales=None, state=None) -> list:
     """(unit, Gram matrix of its captured token sample, tokens seen) for every unit whose sample is not
-    empty; with ``scales`` (one per unit) the Gram matrix of the smoothed tokens x / s."""
+    empty; with ``scales`` (one per unit) the Gram matrix of the smoothed tokens x / s. Computed on
+    the calibration device (:mod:`qpass.calib.compute_device`), kept next to the statistics."""
     out = []
     for i, unit in enumerate(units):
         st = stats[unit[0]]
         if st.sample.shape[0]:
-            g = gram(st.sample)
-            out.append((unit, g if scales is None else scaled_gram(g, scales[i]), st.tokens))
+            g = gram(to_compute_device(state, st.sample))
+            if scales is not None:
+                g = scaled_gram(g, to_compute_device(state, scales[i]))
+            out.append((unit, g.to(st.sample.device), st.tokens))
     return out
 
 

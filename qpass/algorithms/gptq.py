@@ -34,6 +34,7 @@ from qpass.algorithms.gptq_solve import damped_inverse_factor, gptq_quantize
 from qpass.algorithms.smoothing import (
     Changes, graphs_of, require_forward_loop, shared_input_units, validate_quantizers,
 )
+from qpass.calib.compute_device import on_compute_device
 from qpass.calib.hessian import HessianCapture
 from qpass.calib.max_calibrate import (
     calibrate_weights, collect_activations, load_activation_amax, share_group_amax, weight_quantizer_owners,
@@ -217,7 +218,12 @@ def round_smoothed(model, state, grams: list, changes) -> None:
     """GPTQ-round every smoothed unit's weights onto their final grids (scales and clipped amax
     already set). ``grams``: (unit, Gram matrix of its smoothed input, tokens) per unit."""
     for unit, g, tokens in grams:
-        round_unit(model, state, unit, g, tokens, SMOOTHED_DAMP, 128, changes, act_order=True)
+        for path in unit:  # untied and recorded at home: within, the weights are device copies
+            if is_shared_parameter(model, model.get_submodule(path).weight):
+                untie_weight(model, graphs_of(state), path)
+            changes.tensor(model.get_submodule(path).weight, f"{path}.weight")
+        with on_compute_device(model, state, unit, writes=True) as dev:
+            round_unit(model, state, unit, dev.to(g), tokens, SMOOTHED_DAMP, 128, changes, act_order=True)
 
 
 def check_gptq_flag(method: str, value) -> None:

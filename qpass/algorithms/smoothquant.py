@@ -37,6 +37,7 @@ from qpass.algorithms.smoothing import (
 from qpass.algorithms.awq_search import sample_grams
 from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
 from qpass.algorithms.smooth_search import search_alpha_clip
+from qpass.calib.compute_device import on_compute_device
 from qpass.errors import QuantConfigError
 from qpass.formats.layout import abs_amax
 
@@ -92,14 +93,16 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
     stats = capture_pass(model, state, forward_loop, modules, tokens, sums=False)
     plan = []
     for unit in smoothing_units(state, modules, stats):
-        st = stats[unit[0]]
-        weight_amax = abs_amax(group_weight(model, unit), (0,))[0]
-        a, clip = alpha, 1.0
-        if alpha == "auto":
-            found = search_alpha_clip(model, unit, st, lambda al: smoothquant_scale(st.amax, weight_amax, al),
-                                      alpha_grid(AUTO_GRID_STEP))
-            a, clip = found.alpha, found.clip
-        plan.append((unit, smoothquant_scale(st.amax, weight_amax, a), a, clip))
+        with on_compute_device(model, state, unit) as dev:
+            st = dev.stats(stats[unit[0]])
+            weight_amax = abs_amax(group_weight(model, unit), (0,))[0]
+            a, clip = alpha, 1.0
+            if alpha == "auto":
+                found = search_alpha_clip(model, unit, st, lambda al: smoothquant_scale(st.amax, weight_amax, al),
+                                          alpha_grid(AUTO_GRID_STEP))
+                a, clip = found.alpha, found.clip
+            s = dev.home(smoothquant_scale(st.amax, weight_amax, a))
+        plan.append((unit, s, a, clip))
     applied = []
     for unit, s, a, clip in plan:
         done = apply_scale(model, state, unit, s, changes)
@@ -107,6 +110,6 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
         applied.append(done)
     finish(model, state, forward_loop, applied, stats)
     if gptq:
-        grams = sample_grams(stats, [done.unit for done in applied], [done.scale for done in applied])
+        grams = sample_grams(stats, [done.unit for done in applied], [done.scale for done in applied], state)
         round_smoothed(model, state, grams, changes)
     return applied

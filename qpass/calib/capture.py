@@ -78,6 +78,12 @@ class InputStats:
         """[<= max_tokens] the subsample's random keys."""
         return self._kept[0]
 
+    def moved(self, to) -> "InputStats":
+        """The same statistics with every tensor passed through ``to`` (a device move)."""
+        keys, rows = self._kept
+        return InputStats(amax=to(self.amax), abs_sum=None if self.abs_sum is None else to(self.abs_sum),
+                          tokens=self.tokens, calls=self.calls, chunks=((to(keys), to(rows)),), limit=self.limit)
+
     @property
     def candidates(self) -> int:
         return sum(k.numel() for k, _ in self.chunks)

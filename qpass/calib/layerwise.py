@@ -13,7 +13,9 @@ Where the weights live elsewhere than the inputs (the model on the CPU, forward_
 feeding CUDA tensors), each segment's weights are copied to the inputs' device only while
 that segment runs; the segment's quantizers move there and back, and their statistics are
 stored next to the weights. The graph is traced on the weights' device and the device
-constants it bakes in (``arange(device=...)``) are rewritten for the run.
+constants it bakes in (``arange(device=...)``) are rewritten for the run. The smoothing
+algorithms' offline searches then run on the blocks' device too, one unit at a time
+(:mod:`qpass.calib.compute_device`), so they compute what a whole-model calibration there computes.
 
 Options (ModelOpt 0.47's ``algorithm={"method": ..., "layerwise": {...}}`` spelling, or
 ``calibrate(..., layerwise=True)``): ``enable``; ``get_qdq_activations_from_prev_layer``
@@ -121,6 +123,7 @@ def layerwise_mode(model: nn.Module, options: LayerwiseOptions | None = Layerwis
 
 def run_forward_loop(model: nn.Module, state, forward_loop: Callable) -> None:
     """What the pass driver calls: forward_loop on the whole model, or layer by layer."""
+    state.compute_device = None
     if state.layerwise is None:
         forward_loop(model)
     else:
@@ -169,6 +172,12 @@ def _flat_tensors(args: tuple, kwargs: dict) -> list:
 def _weights_device(model: nn.Module) -> torch.device | None:
     devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
     return next(iter(devices)) if len(devices) == 1 else None
+
+
+def offline_device(model: nn.Module, device: torch.device) -> torch.device | None:
+    """Where the algorithms' offline searches run after a layerwise pass whose blocks ran on
+    ``device``: there, when the weights live elsewhere (None: where the statistics are)."""
+    return None if _weights_device(model) == device else device
 
 
 def record_calls(model: nn.Module, state, forward_loop: Callable) -> list[RecordedCall]:
@@ -308,6 +317,7 @@ def calibrate_layer_by_layer(model: nn.Module, state, forward_loop: Callable, mo
         return  # the driver reports a forward_loop that never called the model
     device = _execution_device(calls)
     mover = mover or DeviceMover(device)
+    state.compute_device = offline_device(model, device)
     parts: dict[int, Partition] = {}
     for c in calls:
         if c.partition_key not in parts:

@@ -55,6 +55,10 @@ class QpassState:
         self.calib_placed: set[str] = set()  # quantizers in graphs that ran during calibration
         self.layerwise = None  # qpass.calib.layerwise.LayerwiseOptions while calibrate() runs layer by layer
         self.recorder = None  # set while a layerwise pass records the forward_loop's inputs
+        # the last calibration pass's forward device where it differs from the weights' (layerwise
+        # calibration of an offloaded model): the algorithms' offline searches run there
+        # (qpass.calib.compute_device)
+        self.compute_device = None
         # while a calibration pass runs (qpass.graph.lazy_outputs.deferred_outputs): the
         # forwards' outputs not computed yet
         self.deferred = None

@@ -183,6 +183,43 @@ def test_blocks_are_placed_on_the_device_one_at_a_time():
     assert_identical(_snapshot(whole), _snapshot(lw), ("_amax", "_pre_quant_scale"))
 
 
+@pytest.mark.parametrize("config, algorithm, need", [
+    ("INT8_SMOOTHQUANT_CFG", ..., ("_amax", "_pre_quant_scale")),
+    ("INT8_SMOOTHQUANT_CFG", {"method": "smoothquant", "gptq": True}, ("_amax", "_pre_quant_scale")),
+    ("INT4_AWQ_CFG", ..., ("_amax", "_pre_quant_scale")),
+    ("INT4_AWQ_CFG", {"method": "awq_clip"}, ("_amax",)),
+])
+def test_offline_searches_run_on_the_calibration_device(monkeypatch, config, algorithm, need):
+    """Layerwise calibration of a model whose weights live elsewhere than the forwards ran runs
+    each unit's search (and GPTQ rounding) there, one unit at a time, and writes only the results
+    home. On the CPU a clone stands in for the device copy: the result must be the whole-model one,
+    every parameter the original object, and every copy freed."""
+    import qpass.calib.compute_device as cd
+    import qpass.calib.layerwise as lwmod
+
+    batches = _llama_batches()
+    loop = lambda m: [m(input_ids=b) for b in batches]  # noqa: E731
+    whole = tiny_llama(layers=2)
+    qpass.quantize(whole, _config(config, algorithm=algorithm), loop)
+    lw = tiny_llama(layers=2)
+    params = {n: p for n, p in lw.named_parameters()}
+    copies = []
+
+    def device_copy(t, device):
+        out = t.clone()
+        copies.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(cd, "_copy", device_copy)
+    monkeypatch.setattr(lwmod, "offline_device", lambda model, device: torch.device("cpu"))
+    qpass.quantize(lw, _config(config, layerwise={"enable": True}, algorithm=algorithm), loop)
+    assert len(copies) > 8  # the units' weights and statistics went through the stand-in
+    assert all(ref() is None for ref in copies)  # nothing kept on the device
+    for n, p in lw.named_parameters():  # untying aside, the same Parameter objects
+        assert params.get(n) is p or n.endswith("lm_head.weight"), n
+    assert_identical(_snapshot(whole), _snapshot(lw), need)
+
+
 # ---------------------------------------------------------------------- errors
 def test_model_without_blocks_is_refused_and_left_untouched(mlp):
     data = [torch.randn(4, 32)]
@@ -269,9 +306,11 @@ def test_minilm_identical(config):
 
 # ---------------------------------------------------------------------- GPU
 @pytest.mark.cuda
-def test_cuda_blocks_stay_on_cpu_and_peak_memory_drops():
+@pytest.mark.parametrize("config", ["INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG"])
+def test_cuda_blocks_stay_on_cpu_and_peak_memory_drops(config):
     """Whole model on the GPU vs. the model on the CPU with one block at a time on the GPU:
-    same result, a fraction of the GPU memory (weights included in both peaks)."""
+    the same result bit for bit (the searches run on the GPU in both modes), a fraction of the GPU
+    memory (weights included in both peaks)."""
     import gc
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -295,16 +334,14 @@ def test_cuda_blocks_stay_on_cpu_and_peak_memory_drops():
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 512, (2, 64), generator=g) for _ in range(4)]
     loop = lambda m: [m(input_ids=b.cuda()) for b in batches]  # noqa: E731
-    whole, whole_peak = peak_of(lambda: qpass.quantize(make().cuda(), _config("INT8_SMOOTHQUANT_CFG"), loop))
+    whole, whole_peak = peak_of(lambda: qpass.quantize(make().cuda(), _config(config), loop))
     w = {k: v.cpu() for k, v in _snapshot(whole).items()}
     del whole
-    lw_cfg = _config("INT8_SMOOTHQUANT_CFG", layerwise={"enable": True})
+    lw_cfg = _config(config, layerwise={"enable": True})
     lw, lw_peak = peak_of(lambda: qpass.quantize(make(), lw_cfg, loop))
     assert all(t.device.type == "cpu" for t in lw.state_dict().values())  # weights, amax and scales stay home
-    assert lw_peak < 0.25 * whole_peak, (lw_peak, whole_peak)
-    lws = _snapshot(lw)
-    assert w.keys() == lws.keys()
-    for k in w:
-        torch.testing.assert_close(lws[k], w[k], rtol=1e-5, atol=1e-6, msg=k)
+    if config == "INT8_SMOOTHQUANT_CFG":  # the issue's memory bound (AWQ's searches hold more temporaries)
+        assert lw_peak < 0.25 * whole_peak, (lw_peak, whole_peak)
+    assert_identical(w, _snapshot(lw), ("_amax", "_pre_quant_scale"))
     out = lw(input_ids=batches[0])  # the calibrated CPU model runs on the CPU afterwards
     assert torch.isfinite(out.logits).all()
