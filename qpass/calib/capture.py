@@ -116,7 +116,10 @@ def _bottom_k(chunks, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     keys = torch.cat([k for k, _ in chunks])
     rows = torch.cat([r for _, r in chunks]) if len(chunks) > 1 else chunks[0][1]
     if keys.numel() > limit:
-        keep = torch.topk(keys, limit, largest=False).indices.sort().values
+        # a stable sort, not topk: equal keys (float32 keys do repeat among thousands) are taken in
+        # arrival order on every device, so a pass on the GPU and one storing its statistics on the
+        # CPU (layerwise calibration of an offloaded model) keep the same tokens
+        keep = torch.sort(keys, stable=True).indices[:limit].sort().values
         keys, rows = keys[keep], rows[keep]
     return keys, rows
 
