@@ -1,6 +1,6 @@
 """SmoothQuant and AWQ on SmolLM2-135M: held-out perplexity and wall times, qpass vs ModelOpt.
 
-    python tools/bench_algorithms.py [--layers 8] [--runs fp32,qpass:INT8_DEFAULT_CFG,...] [--json out.json]
+    python tools/bench_algorithms.py [--layers 8] [--runs fp32,qpass:INT8_DEFAULT_CFG,...] [--repeat 5] [--json out.json]
 
 Calibration: ``--calib`` windows (default 16) of ``--seq`` tokens (default 256) from the start
 of Python's pydoc text, fed 4 windows per call; evaluation: ``--eval`` windows from its held-out
@@ -9,7 +9,9 @@ end. A run is ``LIB:PRESET`` or ``LIB:PRESET:alpha=VALUE`` (an algorithm option 
 without qpass's GPTQ rounding, ModelOpt's algorithm). Every run quantizes a fresh copy; the table prints as rows
 finish, then qpass/ModelOpt ratios (perplexity, quantize time) for presets run by both.
 qpass's smoothquant default is ``alpha="auto"`` (ModelOpt's: 1.0); ``alpha=1.0`` runs ModelOpt's
-algorithm in qpass. Not a test: ModelOpt's smoothquant/AWQ on the full model take minutes on the CPU.
+algorithm in qpass. ``--repeat N`` quantizes every row N times, the rows taking turns, and reports
+median quantize times (every qpass run starts from an empty graph cache, so each pays its trace).
+Not a test: ModelOpt's smoothquant/AWQ on the full model take minutes on the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import copy
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -74,9 +77,9 @@ def make_config(lib: str, preset: str, options: dict):
     return cfg
 
 
-def run(token: str, base, loop, evaluate) -> dict:
-    lib, preset, options = parse_run(token)
-    res = dict(run=token, ppl=None, quant_s=None, eval_s=None, error=None, loop_calls=None)
+def quantize_once(lib: str, preset: str, options: dict, base, loop):
+    """A fresh copy of ``base`` quantized; (model, seconds, forward_loop calls). qpass's graph cache
+    is emptied first, so every qpass run pays its trace (torch.export), as a first call does."""
     model = copy.deepcopy(base)
     gc.collect()
     calls = [0]
@@ -85,19 +88,30 @@ def run(token: str, base, loop, evaluate) -> dict:
         calls[0] += 1
         loop(m)
 
+    cfg = make_config(lib, preset, options)
+    with bc.quiet():
+        t0 = time.perf_counter()
+        if lib == "qpass":
+            import qpass
+            from qpass.graph import graph_cache
+
+            graph_cache.clear()
+            qpass.quantize(model, cfg, counting)
+        else:
+            bc.import_modelopt().quantize(model, cfg, counting)
+        secs = time.perf_counter() - t0
+    return model, secs, calls[0]
+
+
+def run(token: str, base, loop, evaluate) -> dict:
+    lib, preset, options = parse_run(token)
+    res = dict(run=token, ppl=None, quant_s=None, eval_s=None, error=None, loop_calls=None)
+    model = base
     try:
         if lib != "fp32":
-            cfg = make_config(lib, preset, options)
-            with bc.quiet():
-                t0 = time.perf_counter()
-                if lib == "qpass":
-                    import qpass
-
-                    qpass.quantize(model, cfg, counting)
-                else:
-                    bc.import_modelopt().quantize(model, cfg, counting)
-                res["quant_s"] = time.perf_counter() - t0
-            res["loop_calls"] = calls[0]
+            model, res["quant_s"], res["loop_calls"] = quantize_once(lib, preset, options, base, loop)
+        else:
+            model = copy.deepcopy(base)
         with bc.quiet():
             t0 = time.perf_counter()
             res["ppl"] = float(evaluate(model))
@@ -140,6 +154,8 @@ def main(argv=None) -> int:
     p = bc.smollm2_parser(__doc__)
     p.add_argument("--runs", default=",".join(DEFAULT_RUNS))
     p.add_argument("--json", default=None)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="quantize every row this many times, rows taking turns; report median times")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     bc.import_modelopt()
@@ -154,7 +170,8 @@ def main(argv=None) -> int:
           flush=True)
     print("| run | ppl | quantize s | forward_loop calls | eval s | notes |\n|---|---|---|---|---|---|", flush=True)
     results = []
-    for token in [t.strip() for t in args.runs.split(",") if t.strip()]:
+    tokens = [t.strip() for t in args.runs.split(",") if t.strip()]
+    for token in tokens:
         res = run(token, base, loop, evaluate)
         results.append(res)
         print(fmt(res), flush=True)
@@ -162,8 +179,32 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump(dict(layers=layers, calib=args.calib, eval=args.eval, seq=args.seq,
                                threads=args.threads, results=results), f, indent=1)
+    if args.repeat > 1:
+        repeat_times(results, base, loop, args.repeat)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(layers=layers, calib=args.calib, eval=args.eval, seq=args.seq,
+                               threads=args.threads, results=results), f, indent=1)
     print_ratios(results)
     return 0
+
+
+def repeat_times(results: list[dict], base, loop, repeat: int) -> None:
+    """``repeat - 1`` more quantize runs of every row, the rows taking turns (the machine's slow
+    spells fall on all of them alike); each row's quantize time becomes the median of its runs."""
+    rows = [r for r in results if not r["error"] and r["quant_s"] is not None]
+    for r in rows:
+        r["quant_runs"] = [r["quant_s"]]
+    for _ in range(repeat - 1):
+        for r in rows:
+            lib, preset, options = parse_run(r["run"])
+            model, secs, _ = quantize_once(lib, preset, options, base, loop)
+            del model
+            r["quant_runs"].append(secs)
+    print(f"\nquantize seconds over {repeat} interleaved runs (median, min-max):")
+    for r in rows:
+        r["quant_s"] = statistics.median(r["quant_runs"])
+        print(f"  {r['run']}: {r['quant_s']:.2f} ({min(r['quant_runs']):.2f}-{max(r['quant_runs']):.2f})", flush=True)
 
 
 def print_ratios(results: list[dict]) -> None:
