@@ -284,18 +284,22 @@ def bench_gpu(args) -> dict:
         # time limit still reports what it measured
         alone = _interleaved_medians({"bf16": lambda: fns["bf16"](input_ids=ids, use_cache=False)}, 2, 10, sync)
         print(f"  bf16: compiled in {res['compile_s_bf16']:.1f} s, {1e3 * alone['bf16']:.2f} ms", flush=True)
-        for name, backend in (("fp8_qpass", "qpass"), ("fp8_fake_quant_inductor", "inductor")):
+        variants = [("fp8_qpass", "qpass", None), ("fp8_fake_quant_inductor", "inductor", None)]
+        if args.fp8_variants:  # the backend's options, A/B on the same machine
+            variants += [("fp8_qpass_fast_accum", "qpass", {"fp8_fast_accum": True}),
+                         ("fp8_qpass_fast_accum_unfused", "qpass", {"fp8_fast_accum": True, "fuse_shared_inputs": False})]
+        for name, backend, options in variants:
             q = copy.deepcopy(bf16)
             qpass.quantize(q, qpass.FP8_DEFAULT_CFG, lambda m: m(input_ids=ids[:2]))
             fake = q(input_ids=ids).logits.float()
-            fns[name] = torch.compile(q, backend=backend, dynamic=False)
+            fns[name] = torch.compile(q, backend=backend, dynamic=False, **({"options": options} if options else {}))
             t0 = time.perf_counter()
             out = fns[name](input_ids=ids).logits.float()
             res[f"compile_s_{name}"] = time.perf_counter() - t0
             res[f"cos_{name}"] = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
             res[f"cos_to_fake_quant_{name}"] = torch.nn.functional.cosine_similarity(
                 out.flatten(), fake.flatten(), dim=0).item()
-            if backend == "qpass":
+            if name == "fp8_qpass":
                 rep = cb.report(q)
                 res["lowered"], res["fell_back"] = len(rep.lowered), len(rep.fell_back)
             one = _interleaved_medians({name: lambda f=fns[name]: f(input_ids=ids)}, 2, 10, sync)[name]
@@ -306,8 +310,9 @@ def bench_gpu(args) -> dict:
         med = _interleaved_medians(calls, args.warmup, args.runs, sync)
     for n, s in med.items():
         res[f"ms_{n}"] = 1e3 * s
-    for n in ("fp8_qpass", "fp8_fake_quant_inductor"):
-        res[f"speedup_{n}"] = med["bf16"] / med[n]
+    for n in med:
+        if n != "bf16":
+            res[f"speedup_{n}"] = med["bf16"] / med[n]
     res["target"] = "fp8_qpass speedup >= 1.3x; fake quant compiled time <= 1.2x bf16 compiled"
     return res
 
@@ -349,6 +354,8 @@ def main():
                         "zero points, as PT2E; INT8_SMOOTHQUANT_CFG)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--gpu-dry-run", action="store_true", help="the --gpu code path on the CPU, tiny (no timings)")
+    p.add_argument("--fp8-variants", action="store_true",
+                   help="--gpu: also the qpass backend with options fp8_fast_accum (fused and unfused groups)")
     args = p.parse_args()
     if args.gpu or args.gpu_dry_run:
         rows = [bench_gpu(args)]

@@ -337,10 +337,35 @@ def _install(root: nn.Module, target: str, value) -> None:
     install(root, target, value)
 
 
-def qpass_backend(gm: fx.GraphModule, example_inputs, **kwargs):
-    """The dynamo backend: lower quantizers with fast kernels, rewrite, compile with inductor."""
+#: ``torch.compile(model, backend="qpass", options={...})``: the backend's own options
+BACKEND_OPTIONS = {
+    "fp8_fast_accum": False,  # CUDA FP8 GEMMs with _scaled_mm's use_fast_accum
+    "fuse_shared_inputs": True,  # one GEMM for the linears of a shared-input group (q/k/v, gate/up)
+}
+
+
+def backend_options(options) -> dict:
+    """:data:`BACKEND_OPTIONS` updated with the caller's, checked (unknown keys and non-bool values
+    are errors naming them)."""
+    from qpass.errors import QuantConfigError
+
+    out = dict(BACKEND_OPTIONS)
+    for key, value in (options or {}).items():
+        if key not in BACKEND_OPTIONS:
+            raise QuantConfigError(f"torch.compile backend 'qpass': unknown option {key!r}; "
+                                   f"allowed: {', '.join(sorted(BACKEND_OPTIONS))}")
+        if not isinstance(value, bool):
+            raise QuantConfigError(f"torch.compile backend 'qpass': option {key!r} must be True or False, got {value!r}")
+        out[key] = value
+    return out
+
+
+def qpass_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
+    """The dynamo backend: lower quantizers with fast kernels, rewrite, compile with inductor.
+    ``options``: see :data:`BACKEND_OPTIONS`."""
     from torch._inductor.compile_fx import compile_fx
 
+    opts = backend_options(options)
     prepared = prepare(gm, example_inputs)
     if prepared is None:
         return compile_fx(gm, example_inputs)
@@ -350,12 +375,13 @@ def qpass_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         from qpass.export.compile_rewrite import rewrite_cpu_int8
 
         rewrite_cpu_int8(lowered)
-        for group in fuse_shared_input_linears(lowered):
-            log.debug("qpass compile: one int8 GEMM for %s (shared input)", ", ".join(group))
+        if opts["fuse_shared_inputs"]:
+            for group in fuse_shared_input_linears(lowered):
+                log.debug("qpass compile: one int8 GEMM for %s (shared input)", ", ".join(group))
     elif device == "cuda":
         from qpass.export.compile_rewrite import rewrite_cuda
 
-        rewrite_cuda(lowered)
+        rewrite_cuda(lowered, fp8_fast_accum=opts["fp8_fast_accum"], fuse=opts["fuse_shared_inputs"])
     lowered.recompile()
     inputs = [example_inputs[i] for i in keep]
     patches = {"freezing": True} if device == "cpu" else {}

@@ -176,11 +176,12 @@ def _replace(old: fx.Node, new: fx.Node, dtype) -> None:
 # lowering. (As opaque custom ops they ran their Python bodies op by op on every call: on a
 # SmolLM2-shaped model at 8x512 on an H200 that was 41.7 ms against 13.6 ms for bf16 compiled.)
 def fp8_linear(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+               bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """``x @ (w * w_scale).T + bias`` with x quantized to E4M3 per tensor (``x_scale``: the
     dequantization step) on ``torch._scaled_mm``. ``w``: E4M3 weight [N, K] row-major, so
     ``w.t()`` is the column-major [K, N] operand _scaled_mm wants; ``w_scale``: 0-dim
-    (tensor-wise) or [1, N] (row-wise)."""
+    (tensor-wise) or [1, N] (row-wise). ``fast_accum``: _scaled_mm's ``use_fast_accum`` (Hopper
+    tensor cores accumulate without the periodic promotion to float32)."""
     w_t = w.t()
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -188,11 +189,11 @@ def fp8_linear(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale:
     m = x2.shape[0]
     if w_scale.numel() == 1:
         out = torch._scaled_mm(xq, w_t, scale_a=x_scale.reshape(()).float(), scale_b=w_scale.reshape(()).float(),
-                               bias=None, out_dtype=out_dtype)
+                               bias=None, out_dtype=out_dtype, use_fast_accum=fast_accum)
     else:  # row-wise: scale_a [M, 1], scale_b [1, N]
         sa = x_scale.float().reshape(1, 1).expand(m, 1).contiguous()
         out = torch._scaled_mm(xq, w_t, scale_a=sa, scale_b=w_scale.float().reshape(1, -1), bias=None,
-                               out_dtype=out_dtype)
+                               out_dtype=out_dtype, use_fast_accum=fast_accum)
     if bias is not None:
         out = out + bias.to(out_dtype)
     return out.reshape(*shape[:-1], w_t.shape[1])
@@ -224,9 +225,10 @@ def _linear_args(node: fx.Node):
     return x, w, b
 
 
-def rewrite_cuda(gm: fx.GraphModule) -> dict[str, int]:
+def rewrite_cuda(gm: fx.GraphModule, fp8_fast_accum: bool = False, fuse: bool = True) -> dict[str, int]:
     """Replace ``linear(dq(q(x)), dq(w))`` with FP8/INT8 kernel ops; unpack int4 blocks in the
-    graph. Returns counts per kernel."""
+    graph. ``fp8_fast_accum``: FP8 GEMMs with fast accumulation; ``fuse``: one GEMM per
+    shared-input group. Returns counts per kernel."""
     from qpass.passes.lower import spec_of_token
 
     g = gm.graph
@@ -255,7 +257,7 @@ def rewrite_cuda(gm: fx.GraphModule) -> dict[str, int]:
             ws = _new_const(gm, f"{base}.scale_row", w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.reshape(()))
             xs = _new_const(gm, f"{base}.x_scale", torch.tensor(x_scale, dtype=torch.float32, device=codes.device))
             with g.inserting_before(node):
-                new = g.call_function(fp8_linear, (src, xs, wt, ws, b, out_dtype))
+                new = g.call_function(fp8_linear, (src, xs, wt, ws, b, out_dtype), {"fast_accum": bool(fp8_fast_accum)})
             counts["fp8_linear"] += 1
         elif fmt_a in _INT8 and fmt_w in _INT8:
             wt = _new_const(gm, f"{base}.codes_t", codes.t().contiguous())
@@ -269,7 +271,7 @@ def rewrite_cuda(gm: fx.GraphModule) -> dict[str, int]:
         new.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(new)
         g.erase_node(node)
-    counts["fused_groups"] = _fuse_shared_input(gm)
+    counts["fused_groups"] = _fuse_shared_input(gm) if fuse else 0
     # int4 block weights: unpack + dequantize as plain aten ops inductor can fuse
     for node in list(g.nodes):
         if node.op == "call_function" and node.target is OPS["dequantize_blockwise"] and node.args[3] in ("int4", "int4n", "uint4"):
@@ -349,7 +351,7 @@ def _fuse_shared_input(gm: fx.GraphModule) -> int:
             s_n = _new_const(gm, f"{base}_scale_n", scale)
             args = (first.args[0], first.args[1], first.args[2], w_n, s_n, bias_n, first.args[6])
         with g.inserting_before(first):
-            out = g.call_function(first.target, args)
+            out = g.call_function(first.target, args, dict(first.kwargs))
             val = first.meta.get("val")
             if isinstance(val, torch.Tensor):
                 out.meta["val"] = val.new_empty((*val.shape[:-1], sum(sizes)))

@@ -352,18 +352,19 @@ class _Spy:
         return self.fn(*args, **kwargs)
 
 
-def _compile_as_cuda(model, x, monkeypatch):
+def _compile_as_cuda(model, x, monkeypatch, options=None):
     """The "qpass" backend's CUDA path (decisions, lowering, rewrite_cuda) on CPU tensors: the
     device is reported as cuda, the rewritten graph runs eagerly on the kernels' CPU versions."""
     from qpass.export.compile_rewrite import rewrite_cuda
 
     monkeypatch.setattr(cb, "_device_of", lambda example_inputs: "cuda")
     counts = {}
+    opts = cb.backend_options(options)
 
     def backend(gm, example_inputs):
         lowered, keep, const_outputs, device = cb.prepare(gm, example_inputs)
         assert device == "cuda"
-        counts.update(rewrite_cuda(lowered))
+        counts.update(rewrite_cuda(lowered, fp8_fast_accum=opts["fp8_fast_accum"], fuse=opts["fuse_shared_inputs"]))
         return cb._Adapter(lowered, keep, const_outputs)
 
     with torch.no_grad():
@@ -512,3 +513,45 @@ def test_cuda_rewrite_fuses_shared_input_projections(monkeypatch, cfg, kernel):
         want = torch.cat([getattr(model, p).weight_quantizer.amax.float().reshape(1).expand(32)
                           for p in ("q_proj", "k_proj", "v_proj")]) / 448
         assert torch.allclose(kw["scale_b"].reshape(-1), want)
+
+
+@pytest.mark.parametrize("options, fused, fast", [
+    (None, True, False),
+    ({"fp8_fast_accum": True}, True, True),
+    ({"fp8_fast_accum": True, "fuse_shared_inputs": False}, False, True),
+])
+def test_cuda_backend_options_reach_the_fp8_kernels(monkeypatch, options, fused, fast):
+    """``options={"fp8_fast_accum": ..., "fuse_shared_inputs": ...}``: every _scaled_mm call gets
+    use_fast_accum as asked; without fusion q, k, v and o_proj are four GEMMs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
+    model = _quantized(Attention().eval().to(torch.bfloat16), x, qpass.FP8_DEFAULT_CFG)
+    spy = _Spy(torch._scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    with torch.no_grad():
+        ref = model(x)
+    out, counts = _compile_as_cuda(model, x, monkeypatch, options)
+    assert counts["fused_groups"] == (1 if fused else 0) and counts["fp8_linear"] == 4
+    assert len(spy.calls) == (2 if fused else 4)
+    assert all(kw["use_fast_accum"] is fast for _, kw in spy.calls)
+    assert _cos(out, ref) >= 0.999
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"fast_accum": True}, "unknown option 'fast_accum'; allowed: fp8_fast_accum, fuse_shared_inputs"),
+    ({"fp8_fast_accum": 1}, "option 'fp8_fast_accum' must be True or False, got 1"),
+])
+def test_bad_backend_options_are_named(options, match):
+    from qpass.errors import QuantConfigError
+
+    with pytest.raises(QuantConfigError, match=match):
+        cb.backend_options(options)
+    model = _quantized(MLP(16, 32).eval(), torch.randn(4, 16))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        want = model(x)
+        with pytest.raises(Exception, match=match):
+            torch.compile(model, backend="qpass", options=options)(x)
+        assert torch.equal(model(x), want)  # the model is untouched
+    torch._dynamo.reset()
