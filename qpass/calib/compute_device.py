@@ -25,6 +25,8 @@ import contextlib
 import torch
 from torch import nn
 
+from qpass.nn.tensor_quantizer import TensorQuantizer
+
 __all__ = ["on_compute_device", "to_compute_device"]
 
 
@@ -74,6 +76,7 @@ def on_compute_device(model: nn.Module, state, paths: list[str], writes: bool = 
         return
     params: list[tuple[nn.Parameter, torch.Tensor]] = []
     buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+    modules: list[nn.Module] = []
     seen: set[int] = set()
     home = None
     for path in paths:
@@ -81,6 +84,7 @@ def on_compute_device(model: nn.Module, state, paths: list[str], writes: bool = 
             if id(module) in seen:
                 continue
             seen.add(id(module))
+            modules.append(module)
             for t in module._parameters.values():
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
@@ -100,6 +104,10 @@ def on_compute_device(model: nn.Module, state, paths: list[str], writes: bool = 
             t.data = data
         for module, name, b in buffers:
             module._buffers[name] = b
+        for module in modules:  # whatever a quantizer derived from the device copies
+            if isinstance(module, TensorQuantizer):
+                module._weight_cache = None
+                module._fast = None
 
 
 def to_compute_device(state, t: torch.Tensor) -> torch.Tensor:
