@@ -48,7 +48,6 @@ not on amax values).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import operator
@@ -382,50 +381,14 @@ def qpass_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
         from qpass.export.compile_rewrite import rewrite_cuda
 
         rewrite_cuda(lowered, fp8_fast_accum=opts["fp8_fast_accum"], fuse=opts["fuse_shared_inputs"])
+    from qpass.export.compile_rewrite import no_inplace_qlinear_sum
+
     lowered.recompile()
     inputs = [example_inputs[i] for i in keep]
     patches = {"freezing": True} if device == "cpu" else {}
-    with torch._inductor.config.patch(patches), _no_inplace_qlinear_sum():
+    with torch._inductor.config.patch(patches), no_inplace_qlinear_sum():
         compiled = compile_fx(lowered, inputs)
     return _Adapter(compiled, keep, const_outputs)
-
-
-@contextlib.contextmanager
-def _no_inplace_qlinear_sum():
-    """Inductor (2.13) fuses ``x + qlinear(...)`` into a oneDNN "sum" post-op that writes into
-    x's buffer, even when x is a graph input (the caller's tensor) or a view of one; we saw it
-    overwrite the model input of a residual block. While compiling, such an x is reported as not
-    in-place-able, so inductor uses the out-of-place "add" post-op (still fused into the qlinear);
-    any other x keeps inductor's own decision (a residual stream computed inside the graph is
-    summed in place, as in PT2E's graphs)."""
-    try:
-        from torch._inductor import ir
-        from torch._inductor.fx_passes import mkldnn_fusion
-        from torch._inductor.virtualized import V
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    if not hasattr(mkldnn_fusion, "_qlinear_binary_can_be_inplace"):
-        yield
-        return
-    old = mkldnn_fusion._qlinear_binary_can_be_inplace
-
-    def can_be_inplace(other):
-        data = other.data
-        if isinstance(data, ir.BaseView):
-            data = data.unwrap_view()
-        if isinstance(data, ir.StorageBox):
-            data = data.data
-        name = data.get_name() if hasattr(data, "get_name") else None
-        if isinstance(data, (ir.InputBuffer, ir.ConstantBuffer)) or name in V.graph.graph_inputs:
-            return False
-        return old(other)
-
-    mkldnn_fusion._qlinear_binary_can_be_inplace = can_be_inplace
-    try:
-        yield
-    finally:
-        mkldnn_fusion._qlinear_binary_can_be_inplace = old
 
 
 class _Adapter:

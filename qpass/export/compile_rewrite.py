@@ -5,7 +5,8 @@ dequantize ops whose scales and folded weight codes are ``get_attr`` constants. 
 read those constants (never recompute them from amax):
 
 * :func:`rewrite_cpu_int8` - int8 ops become the PT2E ``quantized_decomposed`` Q/DQ pattern
-  that inductor's x86 freezing passes fuse into oneDNN int8 linear/conv;
+  that inductor's x86 freezing passes fuse into oneDNN int8 linear/conv (compiled under
+  :func:`no_inplace_qlinear_sum`, which keeps inductor from summing into a graph input);
 * :func:`rewrite_cuda` - FP8 and INT8 linear layers become calls of :func:`fp8_linear`
   (``torch._scaled_mm``) and :func:`int8_linear` (``torch._int_mm``), which inductor traces
   into; int4 block weights are unpacked and dequantized in the graph (inductor fuses it with
@@ -13,6 +14,8 @@ read those constants (never recompute them from amax):
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import fx
@@ -166,6 +169,44 @@ def _replace(old: fx.Node, new: fx.Node, dtype) -> None:
         new.meta["val"] = val.new_empty(val.shape, dtype=dtype) if val.dtype != dtype else val
     old.replace_all_uses_with(new)
     old.graph.erase_node(old)
+
+
+@contextlib.contextmanager
+def no_inplace_qlinear_sum():
+    """Inductor (2.13) fuses ``x + qlinear(...)`` into a oneDNN "sum" post-op that writes into
+    x's buffer, even when x is a graph input (the caller's tensor) or a view of one; we saw it
+    overwrite the model input of a residual block. While compiling, such an x is reported as not
+    in-place-able, so inductor uses the out-of-place "add" post-op (still fused into the qlinear);
+    any other x keeps inductor's own decision (a residual stream computed inside the graph is
+    summed in place, as in PT2E's graphs)."""
+    try:
+        from torch._inductor import ir
+        from torch._inductor.fx_passes import mkldnn_fusion
+        from torch._inductor.virtualized import V
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    if not hasattr(mkldnn_fusion, "_qlinear_binary_can_be_inplace"):
+        yield
+        return
+    old = mkldnn_fusion._qlinear_binary_can_be_inplace
+
+    def can_be_inplace(other):
+        data = other.data
+        if isinstance(data, ir.BaseView):
+            data = data.unwrap_view()
+        if isinstance(data, ir.StorageBox):
+            data = data.data
+        name = data.get_name() if hasattr(data, "get_name") else None
+        if isinstance(data, (ir.InputBuffer, ir.ConstantBuffer)) or name in V.graph.graph_inputs:
+            return False
+        return old(other)
+
+    mkldnn_fusion._qlinear_binary_can_be_inplace = can_be_inplace
+    try:
+        yield
+    finally:
+        mkldnn_fusion._qlinear_binary_can_be_inplace = old
 
 
 # ---------------------------------------------------------------------------------------------
