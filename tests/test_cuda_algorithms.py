@@ -161,3 +161,27 @@ def test_compile_backend_on_cuda_llama(name):
     assert _cos(out, ref) > (0.99 if name.startswith("NVFP4") else 0.999), name
     rep = cb.report(model)
     assert rep.lowered or rep.fell_back
+
+
+@pytest.mark.parametrize("name", ["smoothquant", "int4_awq"])
+def test_smoothing_keeps_its_undo_copies_off_the_gpu(name):
+    """The unsmoothed values a smoothing run keeps (for a later re-calibration) live in host
+    memory: after calibration the GPU holds the model once, and re-calibrating still starts from
+    exactly the unsmoothed weights."""
+    from qpass.graph.quantized_model import state_of
+
+    batches = _ids()
+    loop = lambda m: [m(input_ids=b.cuda()) for b in batches]  # noqa: E731
+    model = tiny_llama().cuda()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    qpass.quantize(model, copy.deepcopy(ALGORITHMS[name]), loop)
+    saved = state_of(model).unsmoothed._tensors
+    assert saved and all(value.device.type == "cpu" for _, value, _ in saved)
+    for _, value, label in saved:  # the values before smoothing, by state_dict name
+        assert torch.equal(value, original[label].cpu()), label
+    algorithm = copy.deepcopy(ALGORITHMS[name])["algorithm"]
+    qpass.calibrate(model, algorithm, loop)  # starts from the restored originals: same result
+    again = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = qpass.quantize(tiny_llama().cuda(), copy.deepcopy(ALGORITHMS[name]), loop)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(again[k], v), k

@@ -234,6 +234,8 @@ class Changes:
 
     After a successful run :meth:`seal` records each tensor's in-place version counter;
     :func:`start_smoothing` uses it to tell whether anything modified the smoothed values since.
+    The saved values are kept in host memory: on a GPU, keeping them beside the weights would
+    double the smoothed weights' device memory for as long as the model lives.
     """
 
     def __init__(self) -> None:
@@ -244,7 +246,7 @@ class Changes:
 
     def tensor(self, t: torch.Tensor, name: str = "") -> torch.Tensor:
         if not any(t is seen for seen, _, _ in self._tensors):
-            self._tensors.append((t, t.detach().clone(), name))
+            self._tensors.append((t, t.detach().to("cpu", copy=True), name))
         return t
 
     def pre_quant_scale(self, q: TensorQuantizer) -> TensorQuantizer:
