@@ -15,6 +15,7 @@ from qpass.model_quant import (
     print_quant_summary,
     quantize,
     set_cuda_graphs,
+    set_weight_cache,
     shared_input_groups,
 )
 from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer

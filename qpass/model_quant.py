@@ -237,6 +237,26 @@ def set_cuda_graphs(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+def set_weight_cache(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Keep each fake-quantized weight between eval forwards (the default) or not.
+
+    On, an eval forward without autograd quantizes each weight once and reuses the result until
+    the weight or its quantizer changes: forwards run at about the unquantized model's speed,
+    for one more copy of every quantized weight in memory (in the weight's dtype, on its
+    device). Off, every forward quantizes the weights again, as ModelOpt does, and no copy is
+    kept; the existing copies are dropped. Outputs are the same either way. Returns the model.
+    """
+    if not isinstance(enabled, bool):
+        raise QuantConfigError(f"set_weight_cache: enabled must be True or False, got {enabled!r}")
+    state = state_of(model)
+    state.weight_cache = enabled
+    for _, q in named_tensor_quantizers(model):
+        if q._cache_weights != enabled:
+            q._cache_weights = enabled
+            q._bump()  # drops the copy; compiled code guards on it
+    return model
+
+
 def sync_graph_attributes(model: nn.Module) -> None:
     """Point every captured graph at the model's current parameters and buffers."""
     state = state_of(model)

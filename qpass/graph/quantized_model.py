@@ -234,7 +234,10 @@ def make_quantizer(model: nn.Module, state: QpassState, owner_path: str, owner: 
         q = TensorQuantizer(attrs, name=name)
     if name in state.hard_disabled:
         q.disable()
+    keep_weights = state.__dict__.get("weight_cache", True)  # qpass.set_weight_cache
     for tq in iter_tensor_quantizers(q):
+        if not keep_weights:
+            tq._cache_weights = False
         if state.calibrating:
             tq.enable_calib()
             tq.disable_quant()

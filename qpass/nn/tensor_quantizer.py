@@ -54,6 +54,8 @@ class TensorQuantizer(nn.Module):
     ``enable_quant``/``disable_quant`` apply quantization.
     """
 
+    _cache_weights = True  # eval forwards keep the fake-quant weight (qpass.set_weight_cache)
+
     def __init__(self, attributes: Any = None, name: str = "") -> None:
         super().__init__()
         # plain attributes straight into __dict__ (nn.Module.__setattr__ checks each one for
@@ -502,6 +504,8 @@ class TensorQuantizer(nn.Module):
                 return cache[2]
             out = compiled_int_fake_quant(self, w)
             return self._fake_quant(w) if out is None else out
+        if not self._cache_weights:
+            return self._fake_quant(w)
         amax = self._buffers.get("_amax")
         key = (w._version, self._state_version, None if amax is None else amax._version)
         cache = self._weight_cache
