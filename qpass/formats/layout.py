@@ -35,7 +35,7 @@ def abs_amax(x: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
     half-precision inputs on the CPU keep ``abs().amax()``, which is faster there."""
     extent = math.prod(x.shape[d] for d in dim)
     if extent >= MIN_MAX_EXTENT and (x.dtype == torch.float32 or x.is_cuda):
-        return torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg_()).abs_()
+        return torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg()).abs()
     return x.abs().amax(dim=dim, keepdim=True)
 
 
