@@ -196,9 +196,9 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
             root.__dict__[name] = gm.__dict__[name]
     for node in gm.graph.nodes:  # top-level attributes (no parent container)
         if node.op in ("get_attr", "call_module") and "." not in node.target:
-            _copy_top_level(gm, root, node.target)
+            copy_top_level(gm, root, node.target)
     if hasattr(gm, "_guards_fn"):
-        _copy_top_level(gm, root, "_guards_fn")
+        copy_top_level(gm, root, "_guards_fn")
     # lazy: its Python code is generated on the first call (a calibration pass runs the head of
     # qpass.graph.lazy_outputs instead, and never calls this one)
     exe = _LazyGraphModule(root, graph, class_name="QpassExecutionGraph")
@@ -217,7 +217,7 @@ def share_containers(gm: fx.GraphModule, containers: dict) -> None:
         object.__setattr__(gm, key, container)
 
 
-def _copy_top_level(gm: fx.GraphModule, root: nn.Module, name: str) -> None:
+def copy_top_level(gm: fx.GraphModule, root: nn.Module, name: str) -> None:
     value = getattr(gm, name)
     if isinstance(value, nn.Module):
         root._modules[name] = value
