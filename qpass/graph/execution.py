@@ -187,25 +187,31 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
         env[node] = new
     graph._codegen = gm.graph._codegen  # the same pytree input/output handling
 
-    root = nn.Module()
     live = {key: gm.get_submodule(parent) for parent, key in containers.items()}
-    for key, container in live.items():
-        root._modules[key] = container
-    for name in ("_in_spec", "_out_spec"):  # export's pytree specs, which the code reads
-        if name in gm.__dict__:
-            root.__dict__[name] = gm.__dict__[name]
-    for node in gm.graph.nodes:  # top-level attributes (no parent container)
-        if node.op in ("get_attr", "call_module") and "." not in node.target:
-            copy_top_level(gm, root, node.target)
+    # top-level attributes (no parent container)
+    names = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module") and "." not in n.target}
     if hasattr(gm, "_guards_fn"):
-        copy_top_level(gm, root, "_guards_fn")
+        names.add("_guards_fn")
     # lazy: its Python code is generated on the first call (a calibration pass runs the head of
     # qpass.graph.lazy_outputs instead, and never calls this one)
-    exe = _LazyGraphModule(root, graph, class_name="QpassExecutionGraph")
-    share_containers(exe, live)
+    exe = graph_module_over(graph, live, gm, sorted(names), "QpassExecutionGraph")
     exe.meta.update(gm.meta)
     readers = [([q for q, _, _ in group], [rep for _, _, rep in group]) for group in kept.values() if len(group) > 1]
     return exe, decisions, readers
+
+
+def graph_module_over(graph: fx.Graph, containers: dict, source: nn.Module, names, class_name: str) -> fx.GraphModule:
+    """A lazy GraphModule running ``graph`` that reaches parameters through the live modules in
+    ``containers`` (attribute -> module) and takes the top-level attributes ``names`` from
+    ``source``. Built empty, given them, then the graph: a GraphModule constructed over a root
+    first copies every dotted target into containers of its own (one per parameter), only for
+    them to be replaced by the live ones."""
+    gm = _LazyGraphModule(nn.Module(), fx.Graph(), class_name=class_name)
+    share_containers(gm, containers)
+    for name in names:
+        copy_top_level(source, gm, name)
+    gm.graph = graph
+    return gm
 
 
 def share_containers(gm: fx.GraphModule, containers: dict) -> None:

@@ -36,12 +36,11 @@ import weakref
 
 import sympy
 import torch
-from torch import fx, nn
-from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch import fx
 from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
-from qpass.graph.execution import copy_top_level, share_containers
+from qpass.graph.execution import graph_module_over
 from qpass.nn.tensor_quantizer import is_quantizer, iter_tensor_quantizers, quantizer_epoch
 
 __all__ = ["LazyOutput", "call", "deferred_outputs", "split_for"]
@@ -186,16 +185,10 @@ def _build(exe: fx.GraphModule, sig: tuple) -> _Split | None:
 def _graph_module(exe: fx.GraphModule, graph: fx.Graph, lazy: bool = False) -> fx.GraphModule:
     """A GraphModule over ``graph`` that reaches parameters through ``exe``'s live containers
     (what qpass rebinds in them later is what it reads); ``lazy``: its code is generated on its
-    first call. Built empty, given the containers, then the graph: constructed over ``exe`` it
-    would first copy every parameter path into containers of its own, only to drop them."""
-    gm = _LazyGraphModule(nn.Module(), fx.Graph(), class_name="QpassCalibrationPart")
-    gm.training = exe.training
+    first call."""
     used = {n.target.split(".", 1)[0] for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    share_containers(gm, {key: m for key, m in exe._modules.items() if key in used and "." not in key})
-    for name in used:
-        if name not in gm._modules:
-            copy_top_level(exe, gm, name)
-    gm.graph = graph
+    live = {key: m for key, m in exe._modules.items() if key in used}
+    gm = graph_module_over(graph, live, exe, sorted(used - set(live)), "QpassCalibrationPart")
     if not lazy:
         gm.real_recompile()
     return gm
