@@ -104,10 +104,9 @@ def on_compute_device(model: nn.Module, state, paths: list[str], writes: bool = 
             t.data = data
         for module, name, b in buffers:
             module._buffers[name] = b
-        for module in modules:  # whatever a quantizer derived from the device copies
+        for module in modules:  # what a quantizer derived from the device copies is dropped
             if isinstance(module, TensorQuantizer):
-                module._weight_cache = None
-                module._fast = None
+                module._bump()
 
 
 def to_compute_device(state, t: torch.Tensor) -> torch.Tensor:
