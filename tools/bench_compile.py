@@ -284,17 +284,26 @@ def bench_gpu(args) -> dict:
         # time limit still reports what it measured
         alone = _interleaved_medians({"bf16": lambda: fns["bf16"](input_ids=ids, use_cache=False)}, 2, 10, sync)
         print(f"  bf16: compiled in {res['compile_s_bf16']:.1f} s, {1e3 * alone['bf16']:.2f} ms", flush=True)
-        variants = [("fp8_qpass", "qpass", None), ("fp8_fake_quant_inductor", "inductor", None)]
+        # (name, backend, torch.compile keywords, quantized)
+        variants = [("fp8_qpass", "qpass", {}, True), ("fp8_fake_quant_inductor", "inductor", {}, True)]
         if args.fp8_variants:  # the backend's options, A/B on the same machine
-            variants += [("fp8_qpass_fast_accum", "qpass", {"fp8_fast_accum": True}),
-                         ("fp8_qpass_fast_accum_unfused", "qpass", {"fp8_fast_accum": True, "fuse_shared_inputs": False})]
-        for name, backend, options in variants:
+            variants += [("fp8_qpass_fast_accum", "qpass", {"options": {"fp8_fast_accum": True}}, True),
+                         ("fp8_qpass_fast_accum_unfused", "qpass",
+                          {"options": {"fp8_fast_accum": True, "fuse_shared_inputs": False}}, True)]
+        if args.cudagraphs:  # launch overhead out of the way: both sides replay CUDA graphs
+            variants += [("bf16_cudagraphs", "inductor", {"mode": "reduce-overhead"}, False),
+                         ("fp8_qpass_fast_accum_cudagraphs", "qpass",
+                          {"options": {"fp8_fast_accum": True, "cudagraphs": True}}, True)]
+        for name, backend, kw, quantized in variants:
             q = copy.deepcopy(bf16)
-            qpass.quantize(q, qpass.FP8_DEFAULT_CFG, lambda m: m(input_ids=ids[:2]))
-            fake = q(input_ids=ids).logits.float()
-            fns[name] = torch.compile(q, backend=backend, dynamic=False, **({"options": options} if options else {}))
+            if quantized:
+                qpass.quantize(q, qpass.FP8_DEFAULT_CFG, lambda m: m(input_ids=ids[:2]))
+            call_kw = {} if quantized else {"use_cache": False}
+            fake = q(input_ids=ids, **call_kw).logits.float()
+            compiled = torch.compile(q, backend=backend, dynamic=False, **kw)
+            fns[name] = lambda c=compiled, ck=call_kw: c(input_ids=ids, **ck)
             t0 = time.perf_counter()
-            out = fns[name](input_ids=ids).logits.float()
+            out = fns[name]().logits.float()
             res[f"compile_s_{name}"] = time.perf_counter() - t0
             res[f"cos_{name}"] = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
             res[f"cos_to_fake_quant_{name}"] = torch.nn.functional.cosine_similarity(
@@ -302,19 +311,45 @@ def bench_gpu(args) -> dict:
             if name == "fp8_qpass":
                 rep = cb.report(q)
                 res["lowered"], res["fell_back"] = len(rep.lowered), len(rep.fell_back)
-            one = _interleaved_medians({name: lambda f=fns[name]: f(input_ids=ids)}, 2, 10, sync)[name]
+            one = _interleaved_medians({name: fns[name]}, 2, 10, sync)[name]
             print(f"  {name}: compiled in {res[f'compile_s_{name}']:.1f} s, {1e3 * one:.2f} ms "
                   f"({alone['bf16'] / one:.2f}x bf16 compiled), cosine to bf16 {res[f'cos_{name}']:.5f}", flush=True)
         calls = {"bf16": lambda: fns["bf16"](input_ids=ids, use_cache=False)}
-        calls.update({n: (lambda f=f: f(input_ids=ids)) for n, f in fns.items() if n != "bf16"})
+        calls.update({n: f for n, f in fns.items() if n != "bf16"})
         med = _interleaved_medians(calls, args.warmup, args.runs, sync)
+        if args.profile and not dry:
+            for n, f in calls.items():
+                print(f"  profile {n}: {_kernel_profile(f)}", flush=True)
     for n, s in med.items():
         res[f"ms_{n}"] = 1e3 * s
     for n in med:
         if n != "bf16":
             res[f"speedup_{n}"] = med["bf16"] / med[n]
+            if "cudagraphs" in n and "bf16_cudagraphs" in med and n != "bf16_cudagraphs":
+                res[f"speedup_vs_bf16_cudagraphs_{n}"] = med["bf16_cudagraphs"] / med[n]
     res["target"] = "fp8_qpass speedup >= 1.3x; fake quant compiled time <= 1.2x bf16 compiled"
     return res
+
+
+def _kernel_profile(fn, calls: int = 3) -> str:
+    """GPU kernels of ``calls`` calls under torch.profiler: kernels per call, kernel time per call
+    (against the wall time; a wall time well above the kernel time is launch overhead) and the
+    six kernels that took longest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / calls
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) / calls / 1e3  # ms
+    count = sum(e.count for e in kernels) / calls
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
+    tops = "; ".join(f"{e.key[:60]} x{e.count // calls} {e.self_device_time_total / calls / 1e3:.2f} ms" for e in top)
+    return f"{count:.0f} kernels, {total:.2f} ms kernel time, {1e3 * wall:.2f} ms wall (profiled) | {tops}"
 
 
 def _table(rows: list[dict]) -> str:
@@ -354,6 +389,9 @@ def main():
                         "zero points, as PT2E; INT8_SMOOTHQUANT_CFG)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--gpu-dry-run", action="store_true", help="the --gpu code path on the CPU, tiny (no timings)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="--gpu: bf16 and FP8 compiled with CUDA graphs too (mode='reduce-overhead')")
+    p.add_argument("--profile", action="store_true", help="--gpu: each variant's GPU kernels under torch.profiler")
     p.add_argument("--fp8-variants", action="store_true",
                    help="--gpu: also the qpass backend with options fp8_fast_accum (fused and unfused groups)")
     args = p.parse_args()

@@ -5,7 +5,8 @@
 # others' time; each writes its log to $OUT (default /tmp/qpass_gpu) and its tail to stdout.
 #
 #   bash tools/gpu_check.sh [steps...]     # steps: pytest bench compile layerwise (default), layerwise_awq,
-#                                          # compile_fp8 (compile plus the backend's FP8 options)
+#                                          # compile_fp8 (compile plus the backend's FP8 options, CUDA
+#                                          # graphs on both sides, and a kernel profile of each variant)
 #
 # On an H200 (2026-11-28): bench about 65 s without ModelOpt, pytest -m cuda about 105 s with 8
 # workers, layerwise about 100 s; bench_compile on the 30-layer model compiles three variants at
@@ -64,8 +65,8 @@ for s in $steps; do
         tests/export/test_compile_backend.py tests/export/test_tensorrt.py ;;
     bench) step bench "${BENCH_LIMIT:-240}" $PY tools/bench.py --gpu "${modelopt_flag[@]}" --profile --json "$OUT/bench_gpu.json" ;;
     compile) step compile "${COMPILE_LIMIT:-240}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" --runs 20 ;;
-    compile_fp8) step compile_fp8 "${COMPILE_LIMIT:-330}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" \
-        --runs 20 --fp8-variants ;;
+    compile_fp8) step compile_fp8 "${COMPILE_LIMIT:-420}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" \
+        --runs 20 --fp8-variants --cudagraphs --profile ;;
     layerwise) step layerwise "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \
         --config INT8_SMOOTHQUANT_CFG ;;
     layerwise_awq) step layerwise_awq "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \

@@ -340,7 +340,27 @@ def _install(root: nn.Module, target: str, value) -> None:
 BACKEND_OPTIONS = {
     "fp8_fast_accum": False,  # CUDA FP8 GEMMs with _scaled_mm's use_fast_accum
     "fuse_shared_inputs": True,  # one GEMM for the linears of a shared-input group (q/k/v, gate/up)
+    "cudagraphs": False,  # replay the compiled CUDA code as CUDA graphs (what mode="reduce-overhead" sets)
 }
+
+#: ``torch.compile(model, backend="qpass", mode=...)``: inductor's modes, passed on to inductor
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def inductor_patches(mode, opts: dict, freezing: bool = False) -> dict:
+    """The inductor settings for a compile: those of ``mode`` (see :data:`MODES`), CUDA graphs
+    when the ``cudagraphs`` option asks for them, and ``freezing`` (which the x86 int8 lowering
+    needs)."""
+    from qpass.errors import QuantConfigError
+
+    if mode is not None and mode not in MODES:
+        raise QuantConfigError(f"torch.compile backend 'qpass': unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if opts.get("cudagraphs"):
+        patches["triton.cudagraphs"] = True
+    if freezing:
+        patches["freezing"] = True
+    return patches
 
 
 def backend_options(options) -> dict:
@@ -359,15 +379,18 @@ def backend_options(options) -> dict:
     return out
 
 
-def qpass_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
+def qpass_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None, **kwargs):
     """The dynamo backend: lower quantizers with fast kernels, rewrite, compile with inductor.
-    ``options``: see :data:`BACKEND_OPTIONS`."""
+    ``options``: see :data:`BACKEND_OPTIONS`; ``mode``: one of :data:`MODES` (torch.compile
+    accepts a mode or options, not both: ``options={"cudagraphs": True}`` is reduce-overhead)."""
     from torch._inductor.compile_fx import compile_fx
 
     opts = backend_options(options)
+    inductor_patches(mode, opts)  # a bad mode is an error before anything is traced or compiled
     prepared = prepare(gm, example_inputs)
     if prepared is None:
-        return compile_fx(gm, example_inputs)
+        with torch._inductor.config.patch(inductor_patches(mode, opts)):
+            return compile_fx(gm, example_inputs)
     lowered, keep, const_outputs, device = prepared
     if device == "cpu":
         from qpass.export.compile_fuse import fuse_shared_input_linears
@@ -385,8 +408,7 @@ def qpass_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
 
     lowered.recompile()
     inputs = [example_inputs[i] for i in keep]
-    patches = {"freezing": True} if device == "cpu" else {}
-    with torch._inductor.config.patch(patches), no_inplace_qlinear_sum():
+    with torch._inductor.config.patch(inductor_patches(mode, opts, freezing=device == "cpu")), no_inplace_qlinear_sum():
         compiled = compile_fx(lowered, inputs)
     return _Adapter(compiled, keep, const_outputs)
 

@@ -539,7 +539,7 @@ def test_cuda_backend_options_reach_the_fp8_kernels(monkeypatch, options, fused,
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"fast_accum": True}, "unknown option 'fast_accum'; allowed: fp8_fast_accum, fuse_shared_inputs"),
+    ({"fast_accum": True}, "unknown option 'fast_accum'; allowed: cudagraphs, fp8_fast_accum, fuse_shared_inputs"),
     ({"fp8_fast_accum": 1}, "option 'fp8_fast_accum' must be True or False, got 1"),
 ])
 def test_bad_backend_options_are_named(options, match):
@@ -554,4 +554,52 @@ def test_bad_backend_options_are_named(options, match):
         with pytest.raises(Exception, match=match):
             torch.compile(model, backend="qpass", options=options)(x)
         assert torch.equal(model(x), want)  # the model is untouched
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kwargs, cudagraphs, autotune", [
+    ({}, False, False),
+    ({"mode": "reduce-overhead"}, True, False),
+    ({"options": {"cudagraphs": True}}, True, False),
+    ({"mode": "max-autotune-no-cudagraphs"}, False, True),
+])
+def test_compile_mode_and_cudagraphs_reach_inductor(monkeypatch, kwargs, cudagraphs, autotune):
+    """``mode=`` (inductor's modes) and ``options={"cudagraphs": True}`` set inductor's settings for
+    the compile of the lowered graph; the CPU keeps freezing on for its int8 lowering."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(gm, inputs, *a, **kw):
+        c = torch._inductor.config
+        seen.append((c.triton.cudagraphs, c.max_autotune, c.freezing))
+        # compile with the default settings: CPU max-autotune benchmarks every GEMM template
+        with torch._inductor.config.patch({"max_autotune": False, "triton.cudagraphs": False}):
+            return real(gm, inputs, *a, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    model = _quantized(MLP(16, 32).eval(), x)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="qpass", **kwargs)(x)
+    torch._dynamo.reset()
+    assert seen == [(cudagraphs, autotune, True)]
+    assert _cos(out, ref) >= 0.999
+
+
+def test_bad_compile_mode_is_named():
+    from qpass.errors import QuantConfigError
+
+    model = _quantized(MLP(16, 32).eval(), torch.randn(4, 16))
+    x = torch.randn(4, 16)
+    with pytest.raises(QuantConfigError, match="unknown mode 'fast'; allowed: default, reduce-overhead"):
+        cb.inductor_patches("fast", cb.backend_options(None))
+    with torch.no_grad():
+        want = model(x)
+        with pytest.raises(Exception, match="unknown mode 'fast'"):
+            torch.compile(model, backend="qpass", mode="fast")(x)
+        assert torch.equal(model(x), want)
     torch._dynamo.reset()
