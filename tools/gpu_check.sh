@@ -5,13 +5,16 @@
 # others' time; each writes its log to $OUT (default /tmp/qpass_gpu) and its tail to stdout.
 #
 #   bash tools/gpu_check.sh [steps...]     # steps: pytest bench compile layerwise (default), layerwise_awq,
-#                                          # compile_fp8 (compile plus the backend's FP8 options, CUDA
-#                                          # graphs on both sides, and a kernel profile of each variant)
+#                                          # compile_fp8. compile: bf16, FP8 qpass and FP8 fake quant,
+#                                          # each also with CUDA graphs, kernels profiled; compile_fp8:
+#                                          # the backend's FP8 options (no fast accumulation, unfused)
 #
-# On an H200 (2026-11-28): bench about 65 s without ModelOpt, pytest -m cuda about 105 s with 8
-# workers, layerwise about 100 s; bench_compile on the 30-layer model compiles three variants at
-# 30-70 s each (about 195 s in all), so its limit is 240 s (a run cut short still prints each
-# variant measured so far). bench + pytest + compile fit one 10-minute device call.
+# On an H200 (2026-11-28): bench about 50 s without ModelOpt, pytest -m cuda about 115 s with 8
+# workers, layerwise about 50 s; bench_compile on the 30-layer model compiles each variant in
+# 30-80 s (bf16 about 30-40 s, the quantized ones 50-80 s), so `compile` (six variants) has 360 s
+# and `compile_fp8` 420 s; a run cut short still prints each variant measured so far. The machine
+# takes about a minute to start: pytest + bench + layerwise fit one call (about 225 s) and
+# compile another.
 #
 # Runs from a source checkout with the machine's own python3 (torch, transformers, onnx,
 # onnxruntime, networkx); the model packages are not needed (random SmolLM2-shaped weights).
@@ -64,9 +67,10 @@ for s in $steps; do
         tests/test_cuda.py tests/test_cuda_algorithms.py tests/calib/test_layerwise.py tests/calib/test_histogram.py \
         tests/export/test_compile_backend.py tests/export/test_tensorrt.py ;;
     bench) step bench "${BENCH_LIMIT:-240}" $PY tools/bench.py --gpu "${modelopt_flag[@]}" --profile --json "$OUT/bench_gpu.json" ;;
-    compile) step compile "${COMPILE_LIMIT:-240}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" --runs 20 ;;
+    compile) step compile "${COMPILE_LIMIT:-360}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" --runs 20 \
+        --cudagraphs --profile ;;
     compile_fp8) step compile_fp8 "${COMPILE_LIMIT:-420}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" \
-        --runs 20 --fp8-variants --cudagraphs --profile ;;
+        --runs 20 --fp8-variants --profile ;;
     layerwise) step layerwise "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \
         --config INT8_SMOOTHQUANT_CFG ;;
     layerwise_awq) step layerwise_awq "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \

@@ -516,8 +516,8 @@ def test_cuda_rewrite_fuses_shared_input_projections(monkeypatch, cfg, kernel):
 
 
 @pytest.mark.parametrize("options, fused, fast", [
-    (None, True, False),
-    ({"fp8_fast_accum": True}, True, True),
+    (None, True, True),
+    ({"fp8_fast_accum": False}, True, False),
     ({"fp8_fast_accum": True, "fuse_shared_inputs": False}, False, True),
 ])
 def test_cuda_backend_options_reach_the_fp8_kernels(monkeypatch, options, fused, fast):
@@ -603,3 +603,36 @@ def test_bad_compile_mode_is_named():
             torch.compile(model, backend="qpass", mode="fast")(x)
         assert torch.equal(model(x), want)
     torch._dynamo.reset()
+
+
+def test_lowered_graph_reads_weights_as_static_inputs():
+    """The graph handed to inductor keeps only the inputs it reads (the lowered quantizers' amax
+    buffers are constants now), and AOT counts every installed parameter and buffer as a static
+    input - what CUDA graphs read in place instead of copying on every replay."""
+    import torch._inductor.compile_fx as cfx
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    model = _quantized(MLP(16, 32).eval(), x)
+    seen = {}
+
+    def inner(gm, inputs, **kw):
+        seen.update(n_inputs=len(inputs), static=list(kw.get("static_input_idxs", ())))
+        return cfx.compile_fx_inner(gm, inputs, **kw)
+
+    def backend(gm, example_inputs):
+        lowered, keep, const_outputs, device = cb.prepare(gm, example_inputs)
+        seen.update(dynamo_inputs=len(example_inputs), keep=len(keep),
+                    consts=len(list(lowered.parameters())) + len(list(lowered.buffers())))
+        with torch._inductor.config.patch({"freezing": False}):
+            compiled = cfx.compile_fx(lowered, [example_inputs[i] for i in keep], inner_compile=inner)
+        return cb._Adapter(compiled, keep, const_outputs)
+
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend=backend)(x)
+    torch._dynamo.reset()
+    assert _cos(out, ref) >= 0.999
+    assert seen["keep"] == 1 < seen["dynamo_inputs"]  # x alone; the quantizers' amax inputs are gone
+    assert seen["n_inputs"] == seen["consts"] + 1
+    assert seen["static"] == list(range(seen["consts"]))
