@@ -31,7 +31,10 @@ Path
      dequantized inside the graph, which inductor fuses into the matmul's prologue. Linears that
      read one quantized activation (q/k/v, gate/up) become one GEMM over their concatenated
      weights, with one activation quantization.
-5. **Inductor** (``compile_fx``) compiles the result.
+5. **Inductor** (``compile_fx``) compiles the result, with the settings of ``mode=`` (inductor's
+   modes: ``"reduce-overhead"`` replays CUDA graphs, ``"max-autotune"`` tunes the GEMMs) or of
+   ``options={"cudagraphs": True}``. The graph it gets reads only the inputs it uses, and AOT
+   treats its installed weights and constants as static inputs (CUDA graphs read them in place).
 
 Everything without a fast kernel keeps dynamo's fake-quant arithmetic, which inductor fuses
 into neighbouring kernels (*fused fake quant*); each such quantizer is logged on
@@ -57,6 +60,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+
+from qpass.export.compile_options import BACKEND_OPTIONS, MODES, backend_options, inductor_patches  # noqa: F401
 
 log = logging.getLogger("qpass.compile")
 
@@ -334,51 +339,6 @@ def _install(root: nn.Module, target: str, value) -> None:
     from qpass.passes.lower import _install as install
 
     install(root, target, value)
-
-
-#: ``torch.compile(model, backend="qpass", options={...})``: the backend's own options
-BACKEND_OPTIONS = {
-    # CUDA FP8 GEMMs with _scaled_mm's use_fast_accum: on an H200 (SmolLM2 shape, 8x512) the fused
-    # q/k/v and gate/up GEMMs took 0.85 vs 0.93 ms per forward, cosine to bf16 unchanged (0.9912)
-    "fp8_fast_accum": True,
-    "fuse_shared_inputs": True,  # one GEMM for the linears of a shared-input group (q/k/v, gate/up)
-    "cudagraphs": False,  # replay the compiled CUDA code as CUDA graphs (what mode="reduce-overhead" sets)
-}
-
-#: ``torch.compile(model, backend="qpass", mode=...)``: inductor's modes, passed on to inductor
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def inductor_patches(mode, opts: dict, freezing: bool = False) -> dict:
-    """The inductor settings for a compile: those of ``mode`` (see :data:`MODES`), CUDA graphs
-    when the ``cudagraphs`` option asks for them, and ``freezing`` (which the x86 int8 lowering
-    needs)."""
-    from qpass.errors import QuantConfigError
-
-    if mode is not None and mode not in MODES:
-        raise QuantConfigError(f"torch.compile backend 'qpass': unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if opts.get("cudagraphs"):
-        patches["triton.cudagraphs"] = True
-    if freezing:
-        patches["freezing"] = True
-    return patches
-
-
-def backend_options(options) -> dict:
-    """:data:`BACKEND_OPTIONS` updated with the caller's, checked (unknown keys and non-bool values
-    are errors naming them)."""
-    from qpass.errors import QuantConfigError
-
-    out = dict(BACKEND_OPTIONS)
-    for key, value in (options or {}).items():
-        if key not in BACKEND_OPTIONS:
-            raise QuantConfigError(f"torch.compile backend 'qpass': unknown option {key!r}; "
-                                   f"allowed: {', '.join(sorted(BACKEND_OPTIONS))}")
-        if not isinstance(value, bool):
-            raise QuantConfigError(f"torch.compile backend 'qpass': option {key!r} must be True or False, got {value!r}")
-        out[key] = value
-    return out
 
 
 def qpass_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None, **kwargs):
