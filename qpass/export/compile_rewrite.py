@@ -16,6 +16,7 @@ read those constants (never recompute them from amax):
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import fx
@@ -217,12 +218,15 @@ def no_inplace_qlinear_sum():
 # lowering. (As opaque custom ops they ran their Python bodies op by op on every call: on a
 # SmolLM2-shaped model at 8x512 on an H200 that was 41.7 ms against 13.6 ms for bf16 compiled.)
 def fp8_linear(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+               bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False,
+               ones_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (w * w_scale).T + bias`` with x quantized to E4M3 per tensor (``x_scale``: the
     dequantization step) on ``torch._scaled_mm``. ``w``: E4M3 weight [N, K] row-major, so
     ``w.t()`` is the column-major [K, N] operand _scaled_mm wants; ``w_scale``: 0-dim
     (tensor-wise) or [1, N] (row-wise). ``fast_accum``: _scaled_mm's ``use_fast_accum`` (Hopper
-    tensor cores accumulate without the periodic promotion to float32)."""
+    tensor cores accumulate without the periodic promotion to float32). ``ones_rows``: row-wise
+    only, a constant [M, 1] of ones to pass as ``scale_a`` when ``w_scale`` already holds
+    ``x_scale`` (no [M, 1] tensor is then made on every call)."""
     w_t = w.t()
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -231,8 +235,13 @@ def fp8_linear(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale:
     if w_scale.numel() == 1:
         out = torch._scaled_mm(xq, w_t, scale_a=x_scale.reshape(()).float(), scale_b=w_scale.reshape(()).float(),
                                bias=None, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    elif ones_rows is not None and ones_rows.shape[0] == m:  # row-wise, x_scale folded into w_scale
+        out = torch._scaled_mm(xq, w_t, scale_a=ones_rows, scale_b=w_scale.float().reshape(1, -1), bias=None,
+                               out_dtype=out_dtype, use_fast_accum=fast_accum)
     else:  # row-wise: scale_a [M, 1], scale_b [1, N]
         sa = x_scale.float().reshape(1, 1).expand(m, 1).contiguous()
+        if ones_rows is not None:  # w_scale holds x_scale already
+            sa = torch.ones_like(sa)
         out = torch._scaled_mm(xq, w_t, scale_a=sa, scale_b=w_scale.float().reshape(1, -1), bias=None,
                                out_dtype=out_dtype, use_fast_accum=fast_accum)
     if bias is not None:
@@ -383,16 +392,22 @@ def _fuse_shared_input(gm: fx.GraphModule) -> int:
             parts = [_const(gm, b).to(dtype) if b is not None else torch.zeros(n, dtype=dtype, device=scale.device)
                      for b, n in zip(biases, sizes)]
             bias_n = _new_const(gm, f"{base}_bias", torch.cat(parts))
+        kwargs = dict(first.kwargs)
         if fp8:
             w_n = _new_const(gm, f"{base}_codes", torch.cat(codes).view(torch.float8_e4m3fn))
-            s_n = _new_const(gm, f"{base}_scale_row", scale.reshape(1, -1))
+            rows = _static_rows(first)
+            if rows is not None:  # scale_a: one shared constant of ones, the activation scale in scale_b
+                s_n = _new_const(gm, f"{base}_scale_row", (scale * key[2]).reshape(1, -1))
+                kwargs["ones_rows"] = _ones_rows(gm, rows, scale.device)
+            else:
+                s_n = _new_const(gm, f"{base}_scale_row", scale.reshape(1, -1))
             args = (first.args[0], first.args[1], w_n, s_n, bias_n, first.args[5])
         else:
             w_n = _new_const(gm, f"{base}_codes_t", torch.cat(codes, dim=1))
             s_n = _new_const(gm, f"{base}_scale_n", scale)
             args = (first.args[0], first.args[1], first.args[2], w_n, s_n, bias_n, first.args[6])
         with g.inserting_before(first):
-            out = g.call_function(first.target, args, dict(first.kwargs))
+            out = g.call_function(first.target, args, kwargs)
             val = first.meta.get("val")
             if isinstance(val, torch.Tensor):
                 out.meta["val"] = val.new_empty((*val.shape[:-1], sum(sizes)))
@@ -401,6 +416,23 @@ def _fuse_shared_input(gm: fx.GraphModule) -> int:
             g.erase_node(m)
         fused += 1
     return fused
+
+
+def _static_rows(node: fx.Node) -> int | None:
+    """The row count M of a linear's flattened input, when the traced shape fixes it."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape[:-1]):
+        return None
+    return math.prod(val.shape[:-1])
+
+
+def _ones_rows(gm: fx.GraphModule, rows: int, device) -> fx.Node:
+    """A get_attr node for a [rows, 1] float32 constant of ones, one per graph and row count."""
+    target = f"_qpass_ones_rows_{rows}"
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == target:
+            return n
+    return _new_const(gm, target, torch.ones(rows, 1, dtype=torch.float32, device=device))
 
 
 def _int4_block_dequant(packed: torch.Tensor, scale: torch.Tensor, fmt: str, block: int, shape: list, dtype):

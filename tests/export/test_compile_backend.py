@@ -352,7 +352,7 @@ class _Spy:
         return self.fn(*args, **kwargs)
 
 
-def _compile_as_cuda(model, x, monkeypatch, options=None):
+def _compile_as_cuda(model, x, monkeypatch, options=None, call_kwargs=None):
     """The "qpass" backend's CUDA path (decisions, lowering, rewrite_cuda) on CPU tensors: the
     device is reported as cuda, the rewritten graph runs eagerly on the kernels' CPU versions."""
     from qpass.export.compile_rewrite import rewrite_cuda
@@ -368,7 +368,8 @@ def _compile_as_cuda(model, x, monkeypatch, options=None):
         return cb._Adapter(lowered, keep, const_outputs)
 
     with torch.no_grad():
-        out = torch.compile(model, backend=backend)(x)
+        compiled = torch.compile(model, backend=backend)
+        out = compiled(**call_kwargs) if call_kwargs is not None else compiled(x)
     return out, counts
 
 
@@ -509,9 +510,13 @@ def test_cuda_rewrite_fuses_shared_input_projections(monkeypatch, cfg, kernel):
     (a2, b2), _ = spy.calls[1]
     assert tuple(b2.shape) == (32, 32) and len(spy.calls) == 2
     if kernel == "_scaled_mm":
+        # the activation's scale is folded into the row-wise weight scales; scale_a is a constant
+        # of ones (no [M, 1] tensor made per call)
         assert tuple(kw["scale_b"].shape) == (1, 96) and tuple(kw["scale_a"].shape) == (32, 1)
+        assert torch.equal(kw["scale_a"], torch.ones(32, 1))
+        x_step = model.q_proj.input_quantizer.amax.float() / 448
         want = torch.cat([getattr(model, p).weight_quantizer.amax.float().reshape(1).expand(32)
-                          for p in ("q_proj", "k_proj", "v_proj")]) / 448
+                          for p in ("q_proj", "k_proj", "v_proj")]) / 448 * x_step
         assert torch.allclose(kw["scale_b"].reshape(-1), want)
 
 
@@ -636,3 +641,28 @@ def test_lowered_graph_reads_weights_as_static_inputs():
     assert seen["keep"] == 1 < seen["dynamo_inputs"]  # x alone; the quantizers' amax inputs are gone
     assert seen["n_inputs"] == seen["consts"] + 1
     assert seen["static"] == list(range(seen["consts"]))
+
+
+def test_cuda_fused_fp8_groups_share_one_ones_constant(monkeypatch):
+    """A Llama block's q/k/v and gate/up groups: every row-wise _scaled_mm gets the same [M, 1]
+    constant as scale_a (one per graph, none made per call), and the output still matches the
+    fake-quant model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    lm = LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16))
+    qpass.quantize(lm, qpass.FP8_DEFAULT_CFG, lambda m: m(input_ids=ids))
+    spy = _Spy(torch._scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    with torch.no_grad():
+        ref = lm(input_ids=ids).logits
+    out, counts = _compile_as_cuda(lambda **kw: lm(**kw).logits, None, monkeypatch, call_kwargs={"input_ids": ids})
+    assert counts["fused_groups"] == 4 and counts["fp8_linear"] == 14
+    row_wise = [kw["scale_a"] for _, kw in spy.calls if kw["scale_a"].dim() == 2]
+    assert len(row_wise) == 4 and all(a is row_wise[0] for a in row_wise)
+    assert torch.equal(row_wise[0], torch.ones(32, 1))
+    assert _cos(out, ref) >= 0.999
+    torch._dynamo.reset()
