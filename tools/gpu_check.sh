@@ -7,7 +7,8 @@
 #   bash tools/gpu_check.sh [steps...]     # steps: pytest bench compile layerwise (default), layerwise_awq,
 #                                          # compile_fp8. compile: bf16, FP8 qpass and FP8 fake quant,
 #                                          # each also with CUDA graphs, kernels profiled; compile_fp8:
-#                                          # the backend's FP8 options (no fast accumulation, unfused)
+#                                          # the backend's FP8 options (no fast accumulation, unfused);
+#                                          # compile_autotune: bf16 and FP8 with mode="max-autotune"
 #
 # On an H200 (2026-11-28): bench about 50 s without ModelOpt, pytest -m cuda about 115 s with 8
 # workers, layerwise about 50 s; bench_compile on the 30-layer model compiles each variant in
@@ -71,6 +72,8 @@ for s in $steps; do
         --cudagraphs --profile ;;
     compile_fp8) step compile_fp8 "${COMPILE_LIMIT:-420}" $PY tools/bench_compile.py --gpu --layers "${COMPILE_LAYERS:-30}" \
         --runs 20 --fp8-variants --profile ;;
+    compile_autotune) step compile_autotune "${COMPILE_LIMIT:-420}" $PY tools/bench_compile.py --gpu \
+        --layers "${COMPILE_LAYERS:-30}" --runs 20 --autotune --profile ;;
     layerwise) step layerwise "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \
         --config INT8_SMOOTHQUANT_CFG ;;
     layerwise_awq) step layerwise_awq "${LAYERWISE_LIMIT:-110}" $PY tools/bench_layerwise.py --gpu --random-weights \
