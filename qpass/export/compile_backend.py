@@ -348,10 +348,10 @@ def qpass_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None, *
     from torch._inductor.compile_fx import compile_fx
 
     opts = backend_options(options)
-    inductor_patches(mode, opts)  # a bad mode is an error before anything is traced or compiled
+    patches = inductor_patches(mode, opts)  # a bad mode is an error before anything is compiled
     prepared = prepare(gm, example_inputs)
     if prepared is None:
-        with torch._inductor.config.patch(inductor_patches(mode, opts)):
+        with torch._inductor.config.patch(patches):
             return compile_fx(gm, example_inputs)
     lowered, keep, const_outputs, device = prepared
     if device == "cpu":
@@ -370,7 +370,9 @@ def qpass_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None, *
 
     lowered.recompile()
     inputs = [example_inputs[i] for i in keep]
-    with torch._inductor.config.patch(inductor_patches(mode, opts, freezing=device == "cpu")), no_inplace_qlinear_sum():
+    if device == "cpu":
+        patches["freezing"] = True  # the x86 int8 lowering packs the weights at compile time
+    with torch._inductor.config.patch(patches), no_inplace_qlinear_sum():
         compiled = compile_fx(lowered, inputs)
     return _Adapter(compiled, keep, const_outputs)
 

@@ -18,10 +18,9 @@ BACKEND_OPTIONS = {
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def inductor_patches(mode, opts: dict, freezing: bool = False) -> dict:
-    """The inductor settings for a compile: those of ``mode`` (see :data:`MODES`), CUDA graphs
-    when the ``cudagraphs`` option asks for them, and ``freezing`` (which the x86 int8 lowering
-    needs)."""
+def inductor_patches(mode, opts: dict) -> dict:
+    """The inductor settings for a compile: those of ``mode`` (see :data:`MODES`) and CUDA graphs
+    when the ``cudagraphs`` option asks for them."""
     from qpass.errors import QuantConfigError
 
     if mode is not None and mode not in MODES:
@@ -29,8 +28,6 @@ def inductor_patches(mode, opts: dict, freezing: bool = False) -> dict:
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     if opts.get("cudagraphs"):
         patches["triton.cudagraphs"] = True
-    if freezing:
-        patches["freezing"] = True
     return patches
 
 
