@@ -171,20 +171,21 @@ def main(argv=None) -> int:
     print("| run | ppl | quantize s | forward_loop calls | eval s | notes |\n|---|---|---|---|---|---|", flush=True)
     results = []
     tokens = [t.strip() for t in args.runs.split(",") if t.strip()]
+
+    def write_json():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(layers=layers, calib=args.calib, eval=args.eval, seq=args.seq,
+                               threads=args.threads, results=results), f, indent=1)
+
     for token in tokens:
         res = run(token, base, loop, evaluate)
         results.append(res)
         print(fmt(res), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(layers=layers, calib=args.calib, eval=args.eval, seq=args.seq,
-                               threads=args.threads, results=results), f, indent=1)
+        write_json()
     if args.repeat > 1:
         repeat_times(results, base, loop, args.repeat)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(layers=layers, calib=args.calib, eval=args.eval, seq=args.seq,
-                               threads=args.threads, results=results), f, indent=1)
+        write_json()
     print_ratios(results)
     return 0
 

@@ -61,16 +61,12 @@ class Placement:
 _NOWHERE = Placement(None, None)
 
 
-def compute_device(state) -> torch.device | None:
-    return state.__dict__.get("compute_device")
-
-
 @contextlib.contextmanager
 def on_compute_device(model: nn.Module, state, paths: list[str], writes: bool = False):
     """The modules at ``paths`` on the calibration device within the block (see the module doc).
     Yields a :class:`Placement`. ``writes``: in-place changes made to their parameters within are
     copied home; otherwise the block must not change them."""
-    device = compute_device(state)
+    device = state.compute_device
     if device is None:
         yield _NOWHERE
         return
@@ -111,5 +107,5 @@ def on_compute_device(model: nn.Module, state, paths: list[str], writes: bool = 
 
 def to_compute_device(state, t: torch.Tensor) -> torch.Tensor:
     """``t`` on the calibration device (``t`` itself where there is none, or no state)."""
-    device = None if state is None else compute_device(state)
+    device = None if state is None else state.compute_device
     return t if device is None else _copy(t, device)

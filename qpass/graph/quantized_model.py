@@ -59,6 +59,7 @@ class QpassState:
         # calibration of an offloaded model): the algorithms' offline searches run there
         # (qpass.calib.compute_device)
         self.compute_device = None
+        self.weight_cache = True  # eval forwards keep each fake-quant weight (qpass.set_weight_cache)
         # while a calibration pass runs (qpass.graph.lazy_outputs.deferred_outputs): the
         # forwards' outputs not computed yet
         self.deferred = None
@@ -234,9 +235,8 @@ def make_quantizer(model: nn.Module, state: QpassState, owner_path: str, owner: 
         q = TensorQuantizer(attrs, name=name)
     if name in state.hard_disabled:
         q.disable()
-    keep_weights = state.__dict__.get("weight_cache", True)  # qpass.set_weight_cache
     for tq in iter_tensor_quantizers(q):
-        if not keep_weights:
+        if not state.weight_cache:
             tq._cache_weights = False
         if state.calibrating:
             tq.enable_calib()
