@@ -84,10 +84,12 @@ def smoothable_modules(model: nn.Module, need_input: bool) -> dict[str, nn.Linea
     return out
 
 
-def capture_pass(model, state, forward_loop, modules: dict, max_tokens: int, sums: bool = True) -> dict[str, InputStats]:
+def capture_pass(model, state, forward_loop, modules: dict, max_tokens: int, sums: bool = True,
+                 grow_to: int = 0) -> dict[str, InputStats]:
     """The one forward_loop pass: activation max statistics plus the modules' input captures
-    (``sums``: with the per-channel mean |x| AWQ needs)."""
-    with ActivationCapture(modules, max_tokens=max_tokens, seed=SEED, sums=sums) as capture:
+    (``sums``: with the per-channel mean |x| AWQ needs; ``grow_to``: a token sample that grows
+    with the data, see :class:`ActivationCapture`)."""
+    with ActivationCapture(modules, max_tokens=max_tokens, seed=SEED, sums=sums, grow_to=grow_to) as capture:
         collect_activations(model, state, forward_loop)
     load_activation_amax(model, state)
     return capture.stats

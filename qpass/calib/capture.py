@@ -21,7 +21,17 @@ first, lazy trace they are not).
 
 The subsample is a bottom-k sample on random keys: every token gets a uniform key from a
 seeded generator and the ``max_tokens`` smallest keys seen so far are kept, which is a
-uniform sample without replacement over all tokens of the pass. Each module path has its
+uniform sample without replacement over all tokens of the pass.
+
+With ``grow_to`` above ``max_tokens`` the sample grows with the data: it is the
+``clamp(tokens // GROW_EVERY, max_tokens, grow_to)`` smallest keys of the whole pass, a size
+known only at its end. The pass keeps what that sample can need and no more: the
+``max_tokens`` smallest keys so far, plus every key below ``GROW_KEY`` (a little above
+``1 / GROW_EVERY``), up to the ``grow_to`` smallest of those. On little data (``tokens <=
+GROW_EVERY * max_tokens``) the sample is exactly the fixed-size one and costs about the same;
+on more data the ``tokens // GROW_EVERY`` smallest keys all lie below ``GROW_KEY`` (the gap is
+six standard deviations of that order statistic at the smallest size where it matters, and
+grows with the data), so the sample is again exact. Each module path has its
 own generator (seeded from the seed and the path), so the keys a module draws depend only
 on its own sequence of calls, not on how calls of different modules interleave: a
 layer-by-layer pass (:mod:`qpass.calib.layerwise`), which runs block 0 over every batch
@@ -34,6 +44,7 @@ captured sample stays next to the weights the offline searches multiply it with.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 import zlib
@@ -47,6 +58,10 @@ from qpass.calib.max import channel_abs_max
 from qpass.errors import CalibrationError
 
 _MEMO_SIZE = 64
+#: a growing sample (``grow_to``) keeps one token in this many
+GROW_EVERY = 8
+#: keys below this may enter a growing sample (1.25 / GROW_EVERY: see the module docstring)
+GROW_KEY = 1.25 / GROW_EVERY
 
 
 @dataclass(frozen=True)
@@ -63,10 +78,18 @@ class InputStats:
     calls: int  # forward calls seen
     chunks: tuple  # ((keys [n], rows [n, C] float32), ...): candidate tokens, arrival order
     limit: int  # the subsample's size bound (max_tokens)
+    grow_to: int = 0  # above ``limit``: the sample grows with the data up to this many tokens
+
+    @property
+    def sample_size(self) -> int:
+        """How many tokens the sample holds once the pass is over (fewer if fewer were seen)."""
+        if self.grow_to <= self.limit:
+            return self.limit
+        return min(self.grow_to, max(self.limit, self.tokens // GROW_EVERY))
 
     @functools.cached_property
     def _kept(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _bottom_k(self.chunks, self.limit)
+        return _bottom_k(self.chunks, self.sample_size)
 
     @property
     def sample(self) -> torch.Tensor:
@@ -82,17 +105,38 @@ class InputStats:
         """The same statistics with every tensor passed through ``to`` (a device move)."""
         keys, rows = self._kept
         return InputStats(amax=to(self.amax), abs_sum=None if self.abs_sum is None else to(self.abs_sum),
-                          tokens=self.tokens, calls=self.calls, chunks=((to(keys), to(rows)),), limit=self.limit)
+                          tokens=self.tokens, calls=self.calls, chunks=((to(keys), to(rows)),), limit=self.limit,
+                          grow_to=self.grow_to)
 
     @property
     def candidates(self) -> int:
         return sum(k.numel() for k, _ in self.chunks)
 
-    def threshold(self) -> torch.Tensor | None:
-        """The largest key a token may have to be in the sample (None while it is not full)."""
+    def threshold(self) -> torch.Tensor | float | None:
+        """Only tokens with a key below this can still enter the sample (None: any token can)."""
         if self.limit <= 0 or self.candidates < self.limit:
             return None
-        return torch.kthvalue(torch.cat([k for k, _ in self.chunks]), self.limit).values
+        keys = torch.cat([k for k, _ in self.chunks])
+        cut = torch.kthvalue(keys, self.limit).values
+        if self.grow_to <= self.limit:
+            return cut
+        low = int((keys < GROW_KEY).sum())
+        if low <= self.limit:  # the fixed-size cut is the wider one
+            return cut
+        if low <= self.grow_to:
+            return GROW_KEY
+        return torch.kthvalue(keys, self.grow_to).values
+
+    def capacity(self) -> int:
+        """How many of the smallest candidate keys can still be needed (compaction keeps them)."""
+        if self.grow_to <= self.limit:
+            return self.limit
+        low = sum(int((k < GROW_KEY).sum()) for k, _ in self.chunks)
+        return max(self.limit, min(self.grow_to, low))
+
+    def compacted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every candidate the final sample can still need: (keys, rows), arrival order."""
+        return _bottom_k(self.chunks, self.capacity())
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -134,9 +178,10 @@ class ActivationCapture:
     """
 
     def __init__(self, modules: dict[str, nn.Module], max_tokens: int = 4096, seed: int = 0,
-                 sums: bool = True) -> None:
+                 sums: bool = True, grow_to: int = 0) -> None:
         self.modules = modules
         self.max_tokens = int(max_tokens)
+        self.grow_to = int(grow_to) if int(grow_to) > self.max_tokens > 0 else 0
         self.sums = sums
         self.seed = int(seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -170,9 +215,12 @@ class ActivationCapture:
         amax = comm.all_reduce_optional([None if h is None else h.amax for h in heads], op.MAX, devices, paths)
         sums = comm.all_reduce_optional([None if h is None else h.abs_sum for h in heads], op.SUM, devices, paths)
         counts = sum_counts(heads, comm)
-        kept = [None if h is None or self.max_tokens <= 0 else h._kept for h in heads]
-        keys = gather_rows([None if k is None else k[0] for k in kept], self.max_tokens, comm, devices)
-        rows = gather_rows([None if k is None else k[1] for k in kept], self.max_tokens, comm, devices)
+        # a growing sample's size depends on the tokens of all ranks: every rank sends all it kept
+        kept = [None if h is None or self.max_tokens <= 0 else h.compacted() if self.grow_to else h._kept
+                for h in heads]
+        bound = max(self.max_tokens, self.grow_to)
+        keys = gather_rows([None if k is None else k[0] for k in kept], bound, comm, devices)
+        rows = gather_rows([None if k is None else k[1] for k in kept], bound, comm, devices)
         out = []
         for a, total, n, k, r in zip(amax, sums, counts, keys, rows):
             if a is None:
@@ -181,7 +229,7 @@ class ActivationCapture:
             if k is None:
                 k, r = a.new_zeros(0), a.new_zeros(0, a.numel())
             out.append(InputStats(amax=a, abs_sum=total, tokens=int(n[0]), calls=int(n[1]), chunks=((k, r),),
-                                  limit=self.max_tokens))
+                                  limit=self.max_tokens, grow_to=self.grow_to))
         return out
 
     def _generator(self, path: str) -> torch.Generator:
@@ -257,13 +305,14 @@ class ActivationCapture:
         else:
             rows = x.to(home, copy=True)  # never a view of the live activation
         chunks = chunks + ((keys, rows),)
-        if self.max_tokens > 0 and sum(k.numel() for k, _ in chunks) > 2 * self.max_tokens:
-            chunks = (_bottom_k(chunks, self.max_tokens),)  # compact now and then
         if prev is not None:
             amax = torch.maximum(prev.amax.to(amax.device), amax)
             abs_sum = None if abs_sum is None else prev.abs_sum.to(abs_sum.device) + abs_sum
-        return InputStats(
+        new = InputStats(
             amax=amax.to(home), abs_sum=None if abs_sum is None else abs_sum.to(home),
             tokens=(prev.tokens if prev else 0) + tokens, calls=(prev.calls if prev else 0) + 1,
-            chunks=chunks, limit=self.max_tokens,
+            chunks=chunks, limit=self.max_tokens, grow_to=self.grow_to,
         )
+        if self.max_tokens > 0 and new.candidates > 2 * new.capacity():
+            new = dataclasses.replace(new, chunks=(new.compacted(),))  # compact now and then
+        return new

@@ -86,3 +86,42 @@ def test_subsample_is_the_bottom_k_of_all_tokens_in_arrival_order(mlp):
     torch.testing.assert_close(st.sample, flat[keep], rtol=0, atol=0)
     torch.testing.assert_close(st.keys, keys[keep], rtol=0, atol=0)
     assert st.candidates <= 2 * 64 + 200  # bounded between compactions
+
+
+def _bottom(keys: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.topk(keys, n, largest=False).indices.sort().values
+
+
+def test_growing_sample_is_the_bottom_tokens_div_8_of_the_pass(mlp):
+    """``grow_to``: the sample is the ``clamp(tokens // 8, max_tokens, grow_to)`` smallest keys of
+    the whole pass, exactly, though that size is known only at the end; on little data it is the
+    fixed-size sample, and the candidates kept in between stay bounded."""
+    import zlib
+
+    from qpass.calib.capture import GROW_EVERY
+
+    xs = [torch.randn(4, 100, 32) for _ in range(24)]  # 9600 tokens
+    _quantized(mlp, xs[0])
+    g = torch.Generator().manual_seed((5 << 32) ^ zlib.crc32(b"fc1"))
+    keys = torch.cat([torch.rand(400, generator=g) for _ in xs])
+    flat = torch.cat([x.reshape(-1, 32) for x in xs])
+    # 400 tokens: the fixed 64; 3200: 400; 9600: 1200, or grow_to=600 where that is smaller
+    for batches, grow_to, size in ((1, 2048, 64), (8, 2048, 400), (24, 2048, 1200), (24, 600, 600)):
+        with ActivationCapture({"fc1": mlp.fc1}, max_tokens=64, seed=5, grow_to=grow_to) as cap:
+            for x in xs[:batches]:
+                mlp(x)
+        st = cap.stats["fc1"]
+        n = batches * 400
+        assert size == min(grow_to, max(64, n // GROW_EVERY))
+        keep = _bottom(keys[:n], size)
+        assert st.sample.shape == (size, 32)
+        torch.testing.assert_close(st.sample, flat[:n][keep], rtol=0, atol=0)
+        torch.testing.assert_close(st.keys, keys[:n][keep], rtol=0, atol=0)
+        assert st.candidates <= 2 * st.capacity() + 400
+    # on little data the growing capture is the fixed-size one
+    with ActivationCapture({"fc1": mlp.fc1}, max_tokens=64, seed=5) as fixed:
+        mlp(xs[0])
+    with ActivationCapture({"fc1": mlp.fc1}, max_tokens=64, seed=5, grow_to=2048) as grown:
+        mlp(xs[0])
+    torch.testing.assert_close(grown.stats["fc1"].sample, fixed.stats["fc1"].sample, rtol=0, atol=0)
+    assert fixed.stats["fc1"].sample.shape == (64, 32)
