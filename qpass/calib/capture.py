@@ -79,6 +79,7 @@ class InputStats:
     chunks: tuple  # ((keys [n], rows [n, C] float32), ...): candidate tokens, arrival order
     limit: int  # the subsample's size bound (max_tokens)
     grow_to: int = 0  # above ``limit``: the sample grows with the data up to this many tokens
+    below: int = 0  # candidates with a key below GROW_KEY (counted only when the sample grows)
 
     @property
     def sample_size(self) -> int:
@@ -106,7 +107,7 @@ class InputStats:
         keys, rows = self._kept
         return InputStats(amax=to(self.amax), abs_sum=None if self.abs_sum is None else to(self.abs_sum),
                           tokens=self.tokens, calls=self.calls, chunks=((to(keys), to(rows)),), limit=self.limit,
-                          grow_to=self.grow_to)
+                          grow_to=self.grow_to, below=_below(keys, self.grow_to))
 
     @property
     def candidates(self) -> int:
@@ -116,23 +117,17 @@ class InputStats:
         """Only tokens with a key below this can still enter the sample (None: any token can)."""
         if self.limit <= 0 or self.candidates < self.limit:
             return None
+        if self.grow_to > self.limit and self.limit < self.below <= self.grow_to:
+            return GROW_KEY  # every key below it may be needed, and only those
         keys = torch.cat([k for k, _ in self.chunks])
-        cut = torch.kthvalue(keys, self.limit).values
-        if self.grow_to <= self.limit:
-            return cut
-        low = int((keys < GROW_KEY).sum())
-        if low <= self.limit:  # the fixed-size cut is the wider one
-            return cut
-        if low <= self.grow_to:
-            return GROW_KEY
-        return torch.kthvalue(keys, self.grow_to).values
+        # below <= limit: the fixed-size cut is the wider one; below > grow_to: the grow_to smallest
+        return torch.kthvalue(keys, self.capacity()).values
 
     def capacity(self) -> int:
         """How many of the smallest candidate keys can still be needed (compaction keeps them)."""
         if self.grow_to <= self.limit:
             return self.limit
-        low = sum(int((k < GROW_KEY).sum()) for k, _ in self.chunks)
-        return max(self.limit, min(self.grow_to, low))
+        return max(self.limit, min(self.grow_to, self.below))
 
     def compacted(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every candidate the final sample can still need: (keys, rows), arrival order."""
@@ -153,6 +148,10 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _below(keys: torch.Tensor, grow_to: int) -> int:
+    return int((keys < GROW_KEY).sum()) if grow_to else 0
 
 
 def _bottom_k(chunks, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +228,7 @@ class ActivationCapture:
             if k is None:
                 k, r = a.new_zeros(0), a.new_zeros(0, a.numel())
             out.append(InputStats(amax=a, abs_sum=total, tokens=int(n[0]), calls=int(n[1]), chunks=((k, r),),
-                                  limit=self.max_tokens, grow_to=self.grow_to))
+                                  limit=self.max_tokens, grow_to=self.grow_to, below=_below(k, self.grow_to)))
         return out
 
     def _generator(self, path: str) -> torch.Generator:
@@ -312,7 +311,9 @@ class ActivationCapture:
             amax=amax.to(home), abs_sum=None if abs_sum is None else abs_sum.to(home),
             tokens=(prev.tokens if prev else 0) + tokens, calls=(prev.calls if prev else 0) + 1,
             chunks=chunks, limit=self.max_tokens, grow_to=self.grow_to,
+            below=(prev.below if prev is not None else 0) + _below(keys, self.grow_to),
         )
         if self.max_tokens > 0 and new.candidates > 2 * new.capacity():
-            new = dataclasses.replace(new, chunks=(new.compacted(),))  # compact now and then
+            keys, rows = new.compacted()  # compact now and then
+            new = dataclasses.replace(new, chunks=((keys, rows),), below=_below(keys, self.grow_to))
         return new
