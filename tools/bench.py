@@ -12,7 +12,10 @@ evaluated on the same held-out pydoc text:
 
 Timed regions hold exactly what a user pays: ``quantize(model, config, forward_loop)`` (with
 the model copy made before the clock starts) and the evaluation forwards. Nothing is warmed up,
-so the first row of each library also carries its one-time, per-process costs.
+so the first row of each library also carries its one-time, per-process costs, except its import:
+the header gives each library's import time in a fresh process, and the notes add it to the first
+row (ModelOpt sets up most of its machinery when imported; qpass sets up torch.export on its first
+trace, inside the first quantize).
 A config written ``NAME:modelopt`` runs qpass with ``rules="modelopt"``; its ModelOpt columns
 repeat ModelOpt's run of NAME (marked *). ModelOpt failures (MXFP8/NVFP4 need CUDA) show
 "n/a (reason)"; qpass failures show "error (reason)" with the traceback after the table.
@@ -197,6 +200,12 @@ def run_cpu(args) -> int:
           "nothing is warmed up (graph capture and first-call costs are in the times)")
     if args.repeat > 1:
         print(f"  each cell run {args.repeat} times: fastest quantize and fastest eval time shown")
+    imports = {"qpass": bc.import_seconds("qpass", args.threads)}
+    if mtq is not None:
+        imports["modelopt"] = bc.import_seconds("modelopt.torch.quantization", args.threads)
+    print("  import time after torch, fresh process (not in the quantize times): "
+          + ", ".join(f"{k} {'?' if v is None else f'{v:.2f} s'}" for k, v in imports.items())
+          + "; qpass initialises torch.export on its first trace, inside the first quantize", flush=True)
     print(f"  load average at start {_loadavg()} on {os.cpu_count()} CPUs\n", flush=True)
 
     started = time.perf_counter()
@@ -231,9 +240,10 @@ def run_cpu(args) -> int:
     print(render(rows, with_modelopt=mtq is not None))
     print(f"\ntotal runtime {total_s:.1f} s (model loading and FP32 references included); "
           f"load average at end {_loadavg()}")
-    _print_notes(rows)
+    _print_notes(rows, imports)
     if args.json:
         doc = dict(mode="quick" if args.quick else "full", threads=torch.get_num_threads(), settings=s,
+                   import_s=imports,
                    repeat=args.repeat,
                    versions=dict(qpass=qpass.__version__, modelopt=bc.modelopt_version() if mtq else None,
                                  torch=torch.__version__),
@@ -294,7 +304,15 @@ def render(rows: list[dict], with_modelopt: bool = True) -> str:
     return bc.format_table(headers, out, right)
 
 
-def _print_notes(rows: list[dict]) -> None:
+def _print_notes(rows: list[dict], imports: dict | None = None) -> None:
+    first = rows[0] if rows else None
+    imports = imports or {}
+    if first and first["modelopt"] and None not in (first["qpass"]["quant_s"], first["modelopt"]["quant_s"],
+                                                   imports.get("qpass"), imports.get("modelopt")):
+        q = imports["qpass"] + first["qpass"]["quant_s"]
+        mo = imports["modelopt"] + first["modelopt"]["quant_s"]
+        print(f"first row with each library's import (what a fresh process pays): qpass {q:.2f} s, "
+              f"modelopt {mo:.2f} s, {bc.fmt_ratio(q, mo)}")
     if any(r["modelopt_repeated"] for r in rows):
         print("* modelopt columns repeat ModelOpt's own run of the same preset (ModelOpt has one rule set)")
     fp32 = {}

@@ -84,6 +84,31 @@ def import_modelopt():
     return _MTQ["mtq"]
 
 
+_IMPORT_TIMER = """
+import time, warnings, torch
+warnings.simplefilter("ignore")
+t = time.perf_counter()
+import {module}
+print(time.perf_counter() - t)
+"""
+
+
+def import_seconds(module: str, threads: int = 1) -> float | None:
+    """Seconds to import ``module`` in a fresh Python process that has already imported torch
+    (each library's one-time cost before its first quantize), or None if it does not import."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error")
+    try:
+        done = subprocess.run([sys.executable, "-c", _IMPORT_TIMER.format(module=module)], capture_output=True,
+                              text=True, timeout=300, env=env, check=True)
+        return float(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def modelopt_version() -> str:
     return _MTQ.get("version", "not installed")
 
