@@ -81,6 +81,33 @@ def test_tiny_llama_identical_to_whole_model(config, need):
     assert outs and all(o is None for o in outs)  # the layerwise pass only recorded the inputs
 
 
+def test_smoothquant_grown_sample_identical_to_whole_model(monkeypatch):
+    """On more than 4096 calibration tokens SmoothQuant's search sample grows (one token in eight):
+    the layerwise pass keeps exactly the whole-model sample, so the result is the same."""
+    import qpass.algorithms.smoothquant as sq
+
+    sizes = []
+    search = sq.search_alpha_clip
+
+    def recording(model, unit, stats, *a, **k):
+        sizes.append(stats.sample.shape[0])
+        return search(model, unit, stats, *a, **k)
+
+    monkeypatch.setattr(sq, "search_alpha_clip", recording)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 128, (4, 256), generator=g) for _ in range(6)]  # 6144 tokens
+
+    def loop(m, outs=None):
+        for b in batches:
+            out = m(input_ids=b)
+            if outs is not None:
+                outs.append(out)
+
+    whole, lw, _ = _both_modes(lambda: tiny_llama(layers=2), "INT8_SMOOTHQUANT_CFG", loop)
+    assert_identical(whole, lw, ("_amax", "_pre_quant_scale"))
+    assert sizes and set(sizes) == {6144 // 8}
+
+
 def test_tiny_bert_calibrate_keyword_and_mse_over_two_input_structures():
     """Batches with and without an attention mask: two traced graphs, scheduled block by block together."""
     g = torch.Generator().manual_seed(2)
