@@ -150,6 +150,13 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def key_seed(seed: int, path: str, rank: int = 0) -> int:
+    """The seed of module ``path``'s key generator. A CPU generator keeps only the low 32 bits of
+    its seed, so ``seed`` is mixed into those (seed 0 leaves the path's CRC as it is); data-parallel
+    ranks draw different keys (rank 0: the single-process ones)."""
+    return (((seed * 0x9E3779B1) ^ zlib.crc32(path.encode())) + 1_000_003 * rank) & 0xFFFFFFFF
+
+
 def _below(keys: torch.Tensor, grow_to: int) -> int:
     return int((keys < GROW_KEY).sum()) if grow_to else 0
 
@@ -233,8 +240,8 @@ class ActivationCapture:
 
     def _generator(self, path: str) -> torch.Generator:
         g = self._generators.get(path)
-        if g is None:  # data-parallel ranks draw different keys (rank 0: the single-process ones)
-            g = torch.Generator().manual_seed(((self.seed << 32) ^ zlib.crc32(path.encode())) + 1_000_003 * _rank())
+        if g is None:
+            g = torch.Generator().manual_seed(key_seed(self.seed, path, _rank()))
             self._generators[path] = g
         return g
 

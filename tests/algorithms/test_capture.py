@@ -4,7 +4,7 @@ import torch
 
 import qpass
 from qpass.algorithms.smoothing import smoothable_modules
-from qpass.calib.capture import ActivationCapture
+from qpass.calib.capture import ActivationCapture, key_seed
 
 
 def _quantized(model, x):
@@ -71,7 +71,6 @@ def test_hooks_are_removed(mlp):
 def test_subsample_is_the_bottom_k_of_all_tokens_in_arrival_order(mlp):
     """Copying only the tokens that can still enter (and compacting now and then) keeps exactly
     the tokens with the ``max_tokens`` smallest keys of the whole pass, in arrival order."""
-    import zlib
 
     xs = [torch.randn(4, 50, 32) for _ in range(7)]
     _quantized(mlp, xs[0])
@@ -79,7 +78,7 @@ def test_subsample_is_the_bottom_k_of_all_tokens_in_arrival_order(mlp):
         for x in xs:
             mlp(x)
     st = cap.stats["fc1"]
-    g = torch.Generator().manual_seed((3 << 32) ^ zlib.crc32(b"fc1"))
+    g = torch.Generator().manual_seed(key_seed(3, "fc1"))
     keys = torch.cat([torch.rand(200, generator=g) for _ in xs])
     keep = torch.topk(keys, 64, largest=False).indices.sort().values
     flat = torch.cat([x.reshape(-1, 32) for x in xs])
@@ -96,13 +95,12 @@ def test_growing_sample_is_the_bottom_tokens_div_8_of_the_pass(mlp):
     """``grow_to``: the sample is the ``clamp(tokens // 8, max_tokens, grow_to)`` smallest keys of
     the whole pass, exactly, though that size is known only at the end; on little data it is the
     fixed-size sample, and the candidates kept in between stay bounded."""
-    import zlib
 
     from qpass.calib.capture import GROW_EVERY
 
     xs = [torch.randn(4, 100, 32) for _ in range(24)]  # 9600 tokens
     _quantized(mlp, xs[0])
-    g = torch.Generator().manual_seed((5 << 32) ^ zlib.crc32(b"fc1"))
+    g = torch.Generator().manual_seed(key_seed(5, "fc1"))
     keys = torch.cat([torch.rand(400, generator=g) for _ in xs])
     flat = torch.cat([x.reshape(-1, 32) for x in xs])
     # 400 tokens: the fixed 64; 3200: 400; 9600: 1200, or grow_to=600 where that is smaller
@@ -125,3 +123,22 @@ def test_growing_sample_is_the_bottom_tokens_div_8_of_the_pass(mlp):
         mlp(xs[0])
     torch.testing.assert_close(grown.stats["fc1"].sample, fixed.stats["fc1"].sample, rtol=0, atol=0)
     assert fixed.stats["fc1"].sample.shape == (64, 32)
+
+
+def test_the_seed_changes_the_sample_and_rank_0_seed_0_keeps_the_paths_crc(mlp):
+    """A CPU generator keeps only 32 bits of its seed: the capture's seed must land in those."""
+    import zlib
+
+    xs = [torch.randn(4, 50, 32) for _ in range(3)]
+    _quantized(mlp, xs[0])
+
+    def sample(seed):
+        with ActivationCapture({"fc1": mlp.fc1}, max_tokens=64, seed=seed) as cap:
+            for x in xs:
+                mlp(x)
+        return cap.stats["fc1"].keys
+
+    assert not torch.equal(sample(0), sample(1))
+    torch.testing.assert_close(sample(2), sample(2), rtol=0, atol=0)
+    assert key_seed(0, "fc1") == zlib.crc32(b"fc1")
+    assert len({key_seed(s, "fc1", r) for s in range(4) for r in range(4)}) == 16
