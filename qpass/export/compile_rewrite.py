@@ -235,12 +235,13 @@ def fp8_linear(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale:
     if w_scale.numel() == 1:
         out = torch._scaled_mm(xq, w_t, scale_a=x_scale.reshape(()).float(), scale_b=w_scale.reshape(()).float(),
                                bias=None, out_dtype=out_dtype, use_fast_accum=fast_accum)
-    elif ones_rows is not None and ones_rows.shape[0] == m:  # row-wise, x_scale folded into w_scale
-        out = torch._scaled_mm(xq, w_t, scale_a=ones_rows, scale_b=w_scale.float().reshape(1, -1), bias=None,
-                               out_dtype=out_dtype, use_fast_accum=fast_accum)
     else:  # row-wise: scale_a [M, 1] (ones where w_scale holds x_scale already), scale_b [1, N]
-        sa = (torch.ones(m, 1, dtype=torch.float32, device=xq.device) if ones_rows is not None
-              else x_scale.float().reshape(1, 1).expand(m, 1).contiguous())
+        if ones_rows is None:
+            sa = x_scale.float().reshape(1, 1).expand(m, 1).contiguous()
+        elif ones_rows.shape[0] == m:
+            sa = ones_rows
+        else:
+            sa = torch.ones(m, 1, dtype=torch.float32, device=xq.device)
         out = torch._scaled_mm(xq, w_t, scale_a=sa, scale_b=w_scale.float().reshape(1, -1), bias=None,
                                out_dtype=out_dtype, use_fast_accum=fast_accum)
     if bias is not None:
