@@ -69,8 +69,8 @@ class InputStats:
     """Statistics of one module's input over the pass (never mutated: updates make new ones).
 
     The subsample is held as chunks of (keys, rows) in arrival order, each chunk's rows a copy of
-    only the tokens that could still enter; :attr:`sample` keeps the ``limit`` smallest keys of
-    all of them, in arrival order (built once, on first use)."""
+    only the tokens that could still enter; :attr:`sample` keeps the :attr:`sample_size` smallest
+    keys of all of them, in arrival order (built once, on first use)."""
 
     amax: torch.Tensor  # [C] float32: per-channel abs-max over all tokens
     abs_sum: torch.Tensor | None  # [C] float64: per-channel sum of |x| over all tokens (None: not kept)
@@ -94,12 +94,12 @@ class InputStats:
 
     @property
     def sample(self) -> torch.Tensor:
-        """[<= max_tokens, C] float32: a uniform subsample of the tokens, in arrival order."""
+        """[<= sample_size, C] float32: a uniform subsample of the tokens, in arrival order."""
         return self._kept[1]
 
     @property
     def keys(self) -> torch.Tensor:
-        """[<= max_tokens] the subsample's random keys."""
+        """[<= sample_size] the subsample's random keys."""
         return self._kept[0]
 
     def moved(self, to) -> "InputStats":
