@@ -96,9 +96,7 @@ print(time.perf_counter() - t)
 def import_seconds(module: str, threads: int = 1) -> float | None:
     """Seconds to import ``module`` in a fresh Python process that has already imported torch
     (each library's one-time cost before its first quantize), or None if it does not import."""
-    import os
     import subprocess
-    import sys
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error")
     try:
