@@ -18,6 +18,18 @@ row by row, on ``EXACT_ROWS`` evenly spaced output rows per member, weighted up 
 same candidates, with the matmul cut 2-12x on SmolLM2), and the best wins. Clip
 1.0 with any alpha is always part of the exact round, so the search can only pick a clip when
 it measurably beats the unclipped amax on the unit's output.
+
+Both rounds add a leave-one-out term for the tokens the model will see after calibration
+(:func:`_holdout_errors`). Every candidate's static ranges (the per-channel scale ``s`` from the
+channel maxima, the per-tensor amax from the smoothed maxima) are fitted on the calibration tokens,
+and scoring them on the same tokens favours the candidates that fit those maxima tightest: alpha
+near 1 leaves every channel exactly at the clip, so a later token above a channel's calibration
+maximum is clipped in every channel. The jackknife estimate of the error on a new token fits each
+channel's range without its largest token (its second largest |x| instead) and charges that token's
+clipping error, once per channel, spread over all tokens. On SmolLM2 INT8_SMOOTHQUANT_CFG (16
+windows) held-out perplexity went from 15.626 to 15.43 with it (FP32 14.850, ModelOpt 16.585), and on
+small random transformers with 80 calibration tokens the search no longer ends below a fixed
+alpha of 0.5 (Gemma2 mean output cosine 0.980 -> 0.998, T5 0.992 -> 0.9995).
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ EXACT_ROWS = 128
 class SearchResult:
     alpha: float
     clip: float
-    loss: float  # exact output MSE of the winner on the scoring tokens
+    loss: float  # exact output MSE of the winner on the scoring tokens, plus its held-out term
     estimates: dict  # (alpha, clip) -> estimated output MSE
 
 
@@ -152,6 +164,41 @@ def _unseen_errors(unseen: torch.Tensor, s: torch.Tensor, thresholds, col: torch
     return ((over.pow(2) * col[:, None]).sum(0) / total).tolist()
 
 
+def _holdout_errors(amax: torch.Tensor, second: torch.Tensor, s_all: torch.Tensor, alphas, clips,
+                    col: torch.Tensor, total: int) -> torch.Tensor:
+    """Leave-one-out output error, per token, added to each (alpha, clip) candidate: [A, K].
+
+    For channel c, drop its largest token (|x| = ``amax``; the next is ``second``) from the fit:
+    its scale becomes ``s' = s (second / amax) ** alpha``, its smoothed maximum
+    ``amax / s * (second / amax) ** (1 - alpha)``, and the per-tensor clip ``clip * max`` of that
+    and the other channels' smoothed maxima. The dropped token, at ``amax / s'``, is clipped there;
+    its error (in x's units, times ``|W_c|^2``) replaces the error the in-sample fit gives it, and
+    the difference is spread over ``total`` tokens. The weights' quantization is left as fitted."""
+    dev = s_all.device
+    al = torch.tensor([float(a) for a in alphas], dtype=torch.float32, device=dev)[:, None]  # [A, 1]
+    x1 = amax.float().to(dev)[None]
+    x2 = second.float().to(dev)[None]
+    held = (x2 > 0) & (x1 > x2)  # channels whose top value stands alone above the next
+    ratio = torch.where(held, x1 / x2.clamp(min=torch.finfo(torch.float32).tiny), torch.ones_like(x1))
+    top = x1 / s_all.float()  # [A, C] smoothed channel maxima, fitted on every token
+    refit = top * ratio.pow(al - 1)  # the channel's smoothed maximum without it
+    dropped = refit * ratio  # the left-out token, smoothed by the refitted scale
+    if top.shape[1] > 1:
+        two = top.topk(2, dim=1)
+        own = torch.arange(top.shape[1], device=dev)[None] == two.indices[:, :1]
+        others = torch.where(own, two.values[:, 1:2], two.values[:, :1])  # max over the other channels
+    else:
+        others = torch.zeros_like(top)
+    r = torch.tensor([float(v) for v in clips], dtype=torch.float32, device=dev)  # [K]
+    # (s' / s)^2 = ratio^(-2 alpha) takes the refitted error back to the fitted scale's units
+    w = (held * col.float()).double()
+    loo = (dropped[:, :, None] - torch.maximum(others, refit)[:, :, None] * r).clamp_(min=0).square_()
+    fitted = (top[:, :, None] - top.amax(1)[:, None, None] * r).clamp_(min=0).square_()
+    loo = torch.einsum("ack,ac->ak", loo.double(), w * ratio.double().pow(-2 * al.double()))
+    fitted = torch.einsum("ack,ac->ak", fitted.double(), w)
+    return (loo - fitted) / max(total, 1)
+
+
 def _row_local(q, w: torch.Tensor) -> bool:
     """True when every stage of weight quantizer ``q`` quantizes row by row (a per-row amax,
     blocks within a row, or no amax), so a row's result depends on that row alone."""
@@ -192,7 +239,8 @@ def _weight_errors(mods, sampled, picks, s: torch.Tensor) -> torch.Tensor:
 def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLIP_RATIOS,
                       shortlist: int = SHORTLIST, exact_tokens: int = EXACT_TOKENS) -> SearchResult:
     """Best (alpha, clip) for one smoothing unit; ``scale_fn(alpha)`` gives its scale ``s``."""
-    fmt = _int_spec(model, unit) if clippable(model, unit) else None
+    static = clippable(model, unit)  # static per-tensor input ranges: fitted, so held out below
+    fmt = _int_spec(model, unit) if static else None
     if fmt is None:
         clips = (1.0,)
     x = stats.sample
@@ -219,9 +267,13 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
     t = base.double()[:, None] * torch.tensor(clips, dtype=torch.float64, device=base.device)[None]
     over = ((unseen[None] / s_all).double()[:, :, None] - t[:, None, :]).clamp(min=0)  # [A, C, K]
     unseen_errs = ((over.pow(2) * col[:, :, None]).sum(1) / total).tolist()
+    if static and stats.second is not None:
+        held_errs = _holdout_errors(stats.amax, stats.second, s_all, alphas, clips, col, total).tolist()
+    else:
+        held_errs = [[0.0] * len(clips) for _ in alphas]
     if profile is not None:
         a_errs = ((profile.grid_errors(s_all, t, fmt.max_bound) * col.t()[:, :, None]).sum(0) / profile.n).tolist()
-    est, scales = {}, {}
+    est, scales, held = {}, {}, {}
     for a, alpha in enumerate(alphas):
         s = s_all[a]
         scales[alpha] = (s, base[a], col[a])
@@ -232,7 +284,8 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
                 xs = xa / s
                 dx = input_fake_quant(mods[0].input_quantizer, xs, base[a] * r) - xs
                 a_err = float((dx.pow(2).sum(0) * col[a]).sum()) / max(xa.shape[0], 1)
-            est[(alpha, r)] = w_err[a] + a_err + unseen_errs[a][i]
+            held[(alpha, r)] = held_errs[a][i]
+            est[(alpha, r)] = w_err[a] + a_err + unseen_errs[a][i] + held[(alpha, r)]
     ranked = sorted(est, key=est.get)
     chosen = ranked[:shortlist]
     if (ranked[0][0], 1.0) not in chosen:
@@ -260,6 +313,7 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
                 quantized[key] = input_fake_quant(q, xs, base * r)
             outs.append(quantized[key] @ wq.t())
         per_token = float(((torch.cat(outs, -1) - ref).pow(2) * row_weight).sum(-1).mean())
-        exact[(alpha, r)] = (per_token + _unseen_errors(unseen, s, [float(base) * r], col, total)[0]) / n_out
+        unseen_err = _unseen_errors(unseen, s, [float(base) * r], col, total)[0]
+        exact[(alpha, r)] = (per_token + unseen_err + held[(alpha, r)]) / n_out
     best = min(exact, key=exact.get)
     return SearchResult(alpha=best[0], clip=best[1], loss=exact[best], estimates=est)

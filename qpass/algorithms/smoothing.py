@@ -85,11 +85,12 @@ def smoothable_modules(model: nn.Module, need_input: bool) -> dict[str, nn.Linea
 
 
 def capture_pass(model, state, forward_loop, modules: dict, max_tokens: int, sums: bool = True,
-                 grow_to: int = 0) -> dict[str, InputStats]:
+                 grow_to: int = 0, second: bool = False) -> dict[str, InputStats]:
     """The one forward_loop pass: activation max statistics plus the modules' input captures
     (``sums``: with the per-channel mean |x| AWQ needs; ``grow_to``: a token sample that grows
-    with the data, see :class:`ActivationCapture`)."""
-    with ActivationCapture(modules, max_tokens=max_tokens, seed=SEED, sums=sums, grow_to=grow_to) as capture:
+    with the data; ``second``: each channel's second largest |x|; see :class:`ActivationCapture`)."""
+    with ActivationCapture(modules, max_tokens=max_tokens, seed=SEED, sums=sums, grow_to=grow_to,
+                           second=second) as capture:
         collect_activations(model, state, forward_loop)
     load_activation_amax(model, state)
     return capture.stats

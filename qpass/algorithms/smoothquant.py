@@ -95,7 +95,8 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
     modules = smoothable_modules(model, need_input=True)
     tokens = GPTQ_TOKENS if gptq else AUTO_SEARCH_TOKENS if alpha == "auto" else 0
     grow = AUTO_SEARCH_TOKENS_MAX if alpha == "auto" and not gptq else 0
-    stats = capture_pass(model, state, forward_loop, modules, tokens, sums=False, grow_to=grow)
+    stats = capture_pass(model, state, forward_loop, modules, tokens, sums=False, grow_to=grow,
+                         second=alpha == "auto")
     plan = []
     for unit in smoothing_units(state, modules, stats):
         with on_compute_device(model, state, unit) as dev:

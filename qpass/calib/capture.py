@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qpass.calib.max import channel_abs_max
+from qpass.calib.max import channel_abs_max, channel_abs_top2
 from qpass.errors import CalibrationError
 
 _MEMO_SIZE = 64
@@ -80,6 +80,9 @@ class InputStats:
     limit: int  # the subsample's size bound (max_tokens)
     grow_to: int = 0  # above ``limit``: the sample grows with the data up to this many tokens
     below: int = 0  # candidates with a key below GROW_KEY (counted only when the sample grows)
+    # [C] float32: per-channel second largest |x| over all tokens, a lower bound (see
+    # :func:`qpass.calib.max.channel_abs_top2`); None: not kept
+    second: torch.Tensor | None = None
 
     @property
     def sample_size(self) -> int:
@@ -107,7 +110,8 @@ class InputStats:
         keys, rows = self._kept
         return InputStats(amax=to(self.amax), abs_sum=None if self.abs_sum is None else to(self.abs_sum),
                           tokens=self.tokens, calls=self.calls, chunks=((to(keys), to(rows)),), limit=self.limit,
-                          grow_to=self.grow_to, below=_below(keys, self.grow_to))
+                          grow_to=self.grow_to, below=_below(keys, self.grow_to),
+                          second=None if self.second is None else to(self.second))
 
     @property
     def candidates(self) -> int:
@@ -180,12 +184,15 @@ class ActivationCapture:
     ``modules`` maps a module path to the module; its ``input_quantizer`` submodule is
     observed. The tensor recorded is the one the quantizer quantizes, i.e. after an
     existing ``pre_quant_scale``. ``max_tokens=0`` keeps only the per-channel statistics;
-    ``sums=False`` leaves out the per-channel sums (``abs_mean``), which only AWQ reads.
+    ``sums=False`` leaves out the per-channel sums (``abs_mean``), which only AWQ reads;
+    ``second=True`` also keeps each channel's second largest |x| (:attr:`InputStats.second`), which
+    SmoothQuant's search reads.
     """
 
     def __init__(self, modules: dict[str, nn.Module], max_tokens: int = 4096, seed: int = 0,
-                 sums: bool = True, grow_to: int = 0) -> None:
+                 sums: bool = True, grow_to: int = 0, second: bool = False) -> None:
         self.modules = modules
+        self.second = bool(second)
         self.max_tokens = int(max_tokens)
         self.grow_to = int(grow_to) if int(grow_to) > self.max_tokens > 0 else 0
         self.sums = sums
@@ -224,18 +231,24 @@ class ActivationCapture:
         # a growing sample's size depends on the tokens of all ranks: every rank sends all it kept
         kept = [None if h is None or self.max_tokens <= 0 else h.compacted() if self.grow_to else h._kept
                 for h in heads]
+        seconds = [None] * len(heads)
+        if self.second:  # the union's two largest of every rank's two largest
+            tops = gather_rows([None if h is None else torch.stack([h.amax, h.second]) for h in heads], 2, comm,
+                               devices)
+            seconds = [None if t is None else t.topk(2, dim=0).values[1] for t in tops]
         bound = max(self.max_tokens, self.grow_to)
         keys = gather_rows([None if k is None else k[0] for k in kept], bound, comm, devices)
         rows = gather_rows([None if k is None else k[1] for k in kept], bound, comm, devices)
         out = []
-        for a, total, n, k, r in zip(amax, sums, counts, keys, rows):
+        for a, total, n, k, r, sec in zip(amax, sums, counts, keys, rows, seconds):
             if a is None:
                 out.append(None)
                 continue
             if k is None:
                 k, r = a.new_zeros(0), a.new_zeros(0, a.numel())
             out.append(InputStats(amax=a, abs_sum=total, tokens=int(n[0]), calls=int(n[1]), chunks=((k, r),),
-                                  limit=self.max_tokens, grow_to=self.grow_to, below=_below(k, self.grow_to)))
+                                  limit=self.max_tokens, grow_to=self.grow_to, below=_below(k, self.grow_to),
+                                  second=sec))
         return out
 
     def _generator(self, path: str) -> torch.Generator:
@@ -290,7 +303,12 @@ class ActivationCapture:
         x = self._rows(path, prev, quantizer, x)
         tokens = x.shape[0]
         # the quantizer's own per-tensor statistic of the same input reuses this reduction
-        amax = channel_abs_max(seen if getattr(quantizer, "pre_quant_scale", None) is None else x)
+        source = seen if getattr(quantizer, "pre_quant_scale", None) is None else x
+        second = None
+        if self.second:
+            amax, second = channel_abs_top2(source)
+        else:
+            amax = channel_abs_max(source)
         if not bool(torch.isfinite(amax).all()):  # max reductions propagate NaN, and Inf is its own max
             raise CalibrationError(
                 f"the input of '{path}' holds NaN or Inf during calibration (shape {tuple(x.shape)}); "
@@ -311,6 +329,9 @@ class ActivationCapture:
         else:
             rows = x.to(home, copy=True)  # never a view of the live activation
         chunks = chunks + ((keys, rows),)
+        if second is not None and prev is not None:  # the second largest of the union of both top-2s
+            p1 = prev.amax.to(amax.device)
+            second = torch.maximum(torch.minimum(p1, amax), torch.maximum(prev.second.to(amax.device), second))
         if prev is not None:
             amax = torch.maximum(prev.amax.to(amax.device), amax)
             abs_sum = None if abs_sum is None else prev.abs_sum.to(abs_sum.device) + abs_sum
@@ -319,6 +340,7 @@ class ActivationCapture:
             tokens=(prev.tokens if prev else 0) + tokens, calls=(prev.calls if prev else 0) + 1,
             chunks=chunks, limit=self.max_tokens, grow_to=self.grow_to,
             below=(prev.below if prev is not None else 0) + _below(keys, self.grow_to),
+            second=None if second is None else second.to(home),
         )
         if self.max_tokens > 0 and new.candidates > 2 * new.capacity():
             keys, rows = new.compacted()  # compact now and then

@@ -142,3 +142,48 @@ def test_the_seed_changes_the_sample_and_rank_0_seed_0_keeps_the_paths_crc(mlp):
     torch.testing.assert_close(sample(2), sample(2), rtol=0, atol=0)
     assert key_seed(0, "fc1") == zlib.crc32(b"fc1")
     assert len({key_seed(s, "fc1", r) for s in range(4) for r in range(4)}) == 16
+
+
+def test_channel_abs_top2_is_exact_across_groups_and_a_lower_bound_within_one():
+    from qpass.calib import max as cmax
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 67, 24)  # 335 tokens: 20 full rounds of the 16 groups, then 15 loose tokens
+    flat = x.reshape(-1, 24)
+    amax, second = cmax.channel_abs_top2(x)
+    srt = flat.abs().sort(0, descending=True).values
+    assert torch.equal(amax, srt[0])
+    assert torch.equal(cmax.channel_abs_max(x), amax)  # the memo holds the same max
+    assert bool((second <= srt[1]).all())
+    # the two largest 16 tokens apart (one group): the bound is the next value in another group
+    y = torch.zeros(64, 2)
+    y[:, 0] = torch.arange(64.0)
+    y[3, 1], y[19, 1], y[20, 1] = 9.0, -8.0, 7.0  # tokens 3 and 19 share group 3
+    a, b = cmax.channel_abs_top2(y)
+    assert a.tolist() == [63.0, 9.0] and b.tolist() == [62.0, 7.0]
+    # fewer tokens than groups, one token, and NaN (it must stay visible to the NaN check)
+    a, b = cmax.channel_abs_top2(torch.tensor([[1.0, -5.0], [3.0, 2.0]]))
+    assert a.tolist() == [3.0, 5.0] and b.tolist() == [1.0, 2.0]
+    a, b = cmax.channel_abs_top2(torch.tensor([[4.0, -2.0]]))
+    assert a.tolist() == [4.0, 2.0] and b.tolist() == [0.0, 0.0]
+    a, _ = cmax.channel_abs_top2(torch.tensor([[1.0], [float("nan")], [2.0]]))
+    assert torch.isnan(a).all()
+
+
+def test_second_largest_merges_over_calls(mlp):
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 40, 32) for _ in range(4)]
+    xs[2][1, 5, 3] = 50.0  # channel 3: its two largest values in different calls
+    xs[0][0, 9, 3] = -40.0
+    _quantized(mlp, xs[0])
+    with ActivationCapture({"fc1": mlp.fc1}, max_tokens=16, second=True) as cap:
+        for x in xs:
+            mlp(x)
+    st = cap.stats["fc1"]
+    srt = torch.cat([x.reshape(-1, 32) for x in xs]).abs().sort(0, descending=True).values
+    assert torch.equal(st.amax, srt[0]) and bool((st.second <= srt[1]).all())
+    assert st.second[3].item() == 40.0
+    assert st.moved(lambda t: t.clone()).second is not None
+    with ActivationCapture({"fc1": mlp.fc1}, max_tokens=16) as cap:  # kept only when asked for
+        mlp(xs[0])
+    assert cap.stats["fc1"].second is None

@@ -215,20 +215,26 @@ def test_tied_embedding_is_never_changed(algorithm, weight):
     torch.testing.assert_close(_float_output(model, ids).logits, ref, rtol=1e-3, atol=1e-4)
 
 
-def test_auto_alpha_never_worse_than_fixed():
-    torch.manual_seed(0)
-    base = OneLinear(64, 32).eval()
-    x = torch.randn(512, 64)
-    x[:, :3] *= 40.0
-    ref = base(x)
-    errs = {}
-    for alpha in (1.0, 0.5, "auto"):
-        m = copy.deepcopy(base)
-        qpass.quantize(m, sq_cfg(alpha), lambda mm: mm(x))
-        errs[alpha] = (m(x) - ref).pow(2).mean().item()
-        if alpha == "auto":
-            assert state_of(m).smoothing[0].alpha in [round(0.1 * i, 10) for i in range(11)]
-    assert errs["auto"] <= min(errs[1.0], errs[0.5]) * 1.05
+def test_auto_alpha_on_fresh_data_is_near_the_best_fixed_alpha_and_beats_modelopts():
+    """The search scores its candidates for tokens it has not seen (a leave-one-out term for the
+    calibrated ranges), so it is judged on fresh tokens of the same distribution: over four
+    draws, near alpha 0.5 (the best fixed alpha here) and far better than ModelOpt's 1.0."""
+    errs = {1.0: 0.0, 0.5: 0.0, "auto": 0.0}
+    for seed in range(4):
+        torch.manual_seed(seed)
+        base = OneLinear(64, 32).eval()
+        x, fresh = torch.randn(512, 64), torch.randn(8192, 64)
+        x[:, :3] *= 40.0
+        fresh[:, :3] *= 40.0
+        ref = base(fresh)
+        for alpha in errs:
+            m = copy.deepcopy(base)
+            qpass.quantize(m, sq_cfg(alpha), lambda mm: mm(x))
+            errs[alpha] += (m(fresh) - ref).pow(2).mean().item()
+            if alpha == "auto":
+                assert state_of(m).smoothing[0].alpha in [round(0.1 * i, 10) for i in range(11)]
+    assert errs["auto"] <= 1.1 * errs[0.5]
+    assert errs["auto"] <= 0.6 * errs[1.0]
 
 
 def test_bad_alpha_is_refused_and_model_untouched():
