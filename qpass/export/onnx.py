@@ -71,25 +71,11 @@ def _split_inputs(example_inputs) -> tuple[tuple, dict]:
         f"(args, kwargs); got {type(example_inputs).__name__}")
 
 
-def _input_names(args: tuple, kwargs: dict) -> list[str] | None:
-    """Names of the flat tensor inputs: kwargs keys (input_ids, ...), positional ``input_N``."""
-    leaves, _ = pytree.tree_flatten_with_path((args, dict(sorted(kwargs.items()))))
-    names = []
-    for path, leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
-            continue
-        parts = []
-        for k in path[1:]:
-            key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
-            parts.append(str(key))
-        name = "_".join(parts) if path and getattr(path[0], "idx", None) == 1 else "input_" + "_".join(parts)
-        names.append(name)
-    return names if len(set(names)) == len(names) else None
-
-
 def select_graph(model, example_inputs=None):
     """(TracedGraph, flat example tensors, input names or None) of the graph to export."""
-    from qpass.graph.quantized_model import _input_key, _takes_use_cache, matches_static_dims, state_of
+    from qpass.graph.quantized_model import (
+        INPUT_NAMES_META, _input_key, _takes_use_cache, input_names, matches_static_dims, state_of,
+    )
 
     try:
         state = state_of(model)
@@ -103,12 +89,13 @@ def select_graph(model, example_inputs=None):
             if ex is None:
                 ex = _inputs_from_meta(g.gm)
             if ex is not None:
-                return g, list(ex), _names_from_key(key, len(ex))
+                names = g.gm.meta.get(INPUT_NAMES_META)  # recorded when it was traced
+                return g, list(ex), names if names is not None and len(names) == len(ex) else None
         raise ExportError(
             f"{type(model).__name__} has no traced graph yet (quantize ran no forward pass, e.g. a "
             "weight-only config or one that needs no calibration): pass example_inputs to export_onnx")
     args, kwargs = _split_inputs(example_inputs)
-    names = _input_names(args, kwargs)
+    names = input_names(args, kwargs)
     if "use_cache" not in kwargs and _takes_use_cache(type(model)):
         kwargs["use_cache"] = False  # as the quantized model's forward does
     key, tensors = _input_key(model.training, args, kwargs)
@@ -119,25 +106,6 @@ def select_graph(model, example_inputs=None):
         with torch.no_grad():  # trace this input structure (the quantized model's own dispatch)
             model(*args, **kwargs)
     raise ExportError("could not find or trace a graph for example_inputs")  # pragma: no cover
-
-
-def _names_from_key(key, n: int) -> list[str] | None:
-    """Keyword names of a graph traced from keyword tensors only (``model(**batch)``)."""
-    import re
-
-    try:
-        spec, leaves = key[1], key[2]
-        m = re.fullmatch(r"TreeSpec\(tuple, None, \[TreeSpec\(tuple, None, \[\]\),\s*TreeSpec\(dict, \[(.*?)\],.*",
-                         spec, flags=re.S)
-        if m is None:
-            return None
-        keys = [k.strip().strip("'\"") for k in m.group(1).split(",")]
-        if len(keys) != len(leaves):  # a kwarg that is not a single leaf
-            return None
-        names = [k for k, leaf in zip(keys, leaves) if leaf[0] == "T"]
-        return names if len(names) == n and all(k.isidentifier() for k in names) else None
-    except Exception:  # noqa: BLE001 - names are cosmetic
-        return None
 
 
 def _inputs_from_meta(gm):

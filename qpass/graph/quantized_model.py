@@ -159,6 +159,25 @@ def _input_key(training: bool, args, kwargs):
     return (training, structure, tuple([_leaf_key(x) for x in flat])), tensors
 
 
+#: ``gm.meta`` key: the names of a traced graph's flat tensor inputs (ONNX input names)
+INPUT_NAMES_META = "qpass_input_names"
+
+
+def input_names(args: tuple, kwargs: dict) -> list[str] | None:
+    """Names of the flat tensor inputs, in :func:`_input_key`'s order: the keyword (``input_ids``,
+    ``attention_mask``; ``past_0_1`` inside containers), positional ``input_N``; None if two
+    would be the same."""
+    leaves, _ = pytree.tree_flatten_with_path((args, {k: kwargs[k] for k in sorted(kwargs)}))
+    names = []
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))) for k in path[1:]]
+        name = "_".join(parts) if path and getattr(path[0], "idx", None) == 1 else "input_" + "_".join(parts)
+        names.append(name)
+    return names if len(set(names)) == len(names) else None
+
+
 def graph_for(model: nn.Module, args: tuple, kwargs: dict) -> tuple[TracedGraph, list]:
     """The graph for this input structure (traced now if new) and its flat input tensors."""
     state = state_of(model)
@@ -292,6 +311,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, input_key=None) -> Trac
         remove_created(model, state, since)
         raise
     traced.placed = frozenset(insert.placed)
+    traced.gm.meta.setdefault(INPUT_NAMES_META, input_names(args, kwargs))
     state.placed.update(insert.placed)
     state.edges.append(input_reader_edges(traced.gm))
     if not state.calibrating:

@@ -344,3 +344,24 @@ def test_matmul_weights_are_stored_transposed_per_channel_on_axis_1(tmp_path, cf
     assert any(np.allclose(g.value(d.input[0]).astype(np.float32) * g.value(d.input[1]), wq, rtol=0, atol=1e-6)
                for d in g.weight_dqs())
     assert _min_cosine(compare(model, path, x)) >= 0.9999
+
+
+def test_inputs_are_named_after_the_forward_loops_keywords(tmp_path):
+    """A model calibrated as ``m(**batch)`` exports with the batch's keys as its ONNX input names,
+    and its outputs named after the output structure; positional inputs are input_N."""
+    from conftest import tiny_bert
+
+    model = tiny_bert(layers=1)
+    batch = {"input_ids": torch.randint(0, 128, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(**batch))
+    g = onnx.load(qpass.export_onnx(model, str(tmp_path / "bert.onnx")))
+    assert [i.name for i in g.graph.input] == ["attention_mask", "input_ids"]
+    assert [o.name for o in g.graph.output] == ["last_hidden_state", "pooler_output"]
+    sess = onnxruntime.InferenceSession(str(tmp_path / "bert.onnx"))
+    got = sess.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+    assert np.abs(got - want.numpy()).max() < 1e-3
+    mlp, x = _quantized(MLP, (4, 32), "INT8_DEFAULT_CFG")
+    g = onnx.load(qpass.export_onnx(mlp, str(tmp_path / "mlp.onnx")))
+    assert [i.name for i in g.graph.input] == ["input_0"]
