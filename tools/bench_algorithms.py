@@ -11,6 +11,9 @@ finish, then qpass/ModelOpt ratios (perplexity, quantize time) for presets run b
 qpass's smoothquant default is ``alpha="auto"`` (ModelOpt's: 1.0); ``alpha=1.0`` runs ModelOpt's
 algorithm in qpass. ``--repeat N`` quantizes every row N times, the rows taking turns, and reports
 median quantize times (every qpass run starts from an empty graph cache, so each pays its trace).
+``--val N`` also reports perplexity on N validation windows from the middle of the calibration
+text (disjoint from the calibration windows and from the held-out end): choose options there, not
+on the held-out numbers. ``--seed S`` sets qpass's capture seed (``qpass.algorithms.smoothing.SEED``).
 Not a test: ModelOpt's smoothquant/AWQ on the full model take minutes on the CPU.
 """
 
@@ -103,7 +106,7 @@ def quantize_once(lib: str, preset: str, options: dict, base, loop):
     return model, secs, calls[0]
 
 
-def run(token: str, base, loop, evaluate) -> dict:
+def run(token: str, base, loop, evaluate, validate=None) -> dict:
     lib, preset, options = parse_run(token)
     res = dict(run=token, ppl=None, quant_s=None, eval_s=None, error=None, loop_calls=None)
     model = base
@@ -116,6 +119,8 @@ def run(token: str, base, loop, evaluate) -> dict:
             t0 = time.perf_counter()
             res["ppl"] = float(evaluate(model))
             res["eval_s"] = time.perf_counter() - t0
+            if validate is not None:
+                res["val_ppl"] = float(validate(model))
         if lib == "qpass" and preset and ("SMOOTH" in preset or "AWQ" in preset):
             from qpass.graph.quantized_model import state_of
 
@@ -140,6 +145,8 @@ def fmt(res: dict) -> str:
         return f"| {res['run']} | error: {res['error']} | | | | |"
     q = "" if res["quant_s"] is None else f"{res['quant_s']:.1f}"
     extra = []
+    if "val_ppl" in res:
+        extra.append(f"validation ppl {res['val_ppl']:.3f}")
     if "units" in res:
         extra.append(f"{res['folded']}/{res['units']} folded")
     if "alphas" in res:
@@ -156,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--repeat", type=int, default=1,
                    help="quantize every row this many times, rows taking turns; report median times")
+    p.add_argument("--val", type=int, default=0, help="validation windows from the middle of the calibration text")
+    p.add_argument("--seed", type=int, default=None, help="qpass's capture seed (default: qpass's, 0)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     bc.import_modelopt()
@@ -164,6 +173,15 @@ def main(argv=None) -> int:
     base, tok, calib, evals, loop = bc.smollm2_case(args.layers, args.calib, args.eval, args.seq)
 
     evaluate = lambda m: zoo.perplexity(m, evals)  # noqa: E731
+    validate = None
+    if args.val:
+        split = zoo.text_split()
+        val = zoo.token_windows(tok, split.calib[len(split.calib) // 2:], args.val, args.seq)
+        validate = lambda m: zoo.perplexity(m, val)  # noqa: E731
+    if args.seed is not None:
+        import qpass.algorithms.smoothing as smoothing
+
+        smoothing.SEED = args.seed
     layers = len(base.model.layers)
     print(f"SmolLM2-135M, {layers} layers; calib {args.calib}x{args.seq} tokens, eval {args.eval}x{args.seq} "
           f"held-out tokens; torch {torch.__version__}, {args.threads} threads, modelopt {bc.modelopt_version()}",
@@ -179,7 +197,7 @@ def main(argv=None) -> int:
                                threads=args.threads, results=results), f, indent=1)
 
     for token in tokens:
-        res = run(token, base, loop, evaluate)
+        res = run(token, base, loop, evaluate, validate)
         results.append(res)
         print(fmt(res), flush=True)
         write_json()
