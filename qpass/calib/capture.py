@@ -329,9 +329,9 @@ class ActivationCapture:
         else:
             rows = x.to(home, copy=True)  # never a view of the live activation
         chunks = chunks + ((keys, rows),)
-        if second is not None and prev is not None:  # the second largest of the union of both top-2s
-            p1 = prev.amax.to(amax.device)
-            second = torch.maximum(torch.minimum(p1, amax), torch.maximum(prev.second.to(amax.device), second))
+        if second is not None and prev is not None:  # the second largest of both top-2s together
+            both = torch.stack([prev.amax.to(amax.device), prev.second.to(amax.device), amax, second])
+            second = both.topk(2, dim=0).values[1]
         if prev is not None:
             amax = torch.maximum(prev.amax.to(amax.device), amax)
             abs_sum = None if abs_sum is None else prev.abs_sum.to(abs_sum.device) + abs_sum
