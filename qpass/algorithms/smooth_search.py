@@ -181,8 +181,6 @@ def _holdout_errors(amax: torch.Tensor, second: torch.Tensor, s_all: torch.Tenso
     held = (x2 > 0) & (x1 > x2)  # channels whose top value stands alone above the next
     ratio = torch.where(held, x1 / x2.clamp(min=torch.finfo(torch.float32).tiny), torch.ones_like(x1))
     top = x1 / s_all.float()  # [A, C] smoothed channel maxima, fitted on every token
-    refit = top * ratio.pow(al - 1)  # the channel's smoothed maximum without it
-    dropped = refit * ratio  # the left-out token, smoothed by the refitted scale
     if top.shape[1] > 1:
         two = top.topk(2, dim=1)
         own = torch.arange(top.shape[1], device=dev)[None] == two.indices[:, :1]
@@ -190,11 +188,14 @@ def _holdout_errors(amax: torch.Tensor, second: torch.Tensor, s_all: torch.Tenso
     else:
         others = torch.zeros_like(top)
     r = torch.tensor([float(v) for v in clips], dtype=torch.float32, device=dev)  # [K]
-    # (s' / s)^2 = ratio^(-2 alpha) takes the refitted error back to the fitted scale's units
-    w = (held * col.float()).double()
-    loo = (dropped[:, :, None] - torch.maximum(others, refit)[:, :, None] * r).clamp_(min=0).square_()
+    # in the fitted scale's units (x / s): the left-out token sits at ``top``, and the refitted clip
+    # (the refitted scale is s * shrink, shrink = (second / amax) ** alpha <= 1) at
+    # clip * max(others * shrink, top / ratio); no factor above 1 appears, so nothing overflows
+    shrink = ratio.pow(-al)
+    loo = (top[:, :, None] - torch.maximum(others * shrink, top / ratio)[:, :, None] * r).clamp_(min=0).square_()
     fitted = (top[:, :, None] - top.amax(1)[:, None, None] * r).clamp_(min=0).square_()
-    loo = torch.einsum("ack,ac->ak", loo.double(), w * ratio.double().pow(-2 * al.double()))
+    w = (held * col.float()).double()
+    loo = torch.einsum("ack,ac->ak", loo.double(), w)
     fitted = torch.einsum("ack,ac->ak", fitted.double(), w)
     return (loo - fitted) / max(total, 1)
 

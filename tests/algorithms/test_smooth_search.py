@@ -144,6 +144,10 @@ def test_holdout_term_is_the_left_out_tokens_clipping_error():
     s = torch.ones(1, 3)
     got = _holdout_errors(amax, second, s, [0.0], (1.0,), torch.ones(1, 3, dtype=torch.float64), 10)
     torch.testing.assert_close(got, torch.tensor([[(8.0 - 6.0) ** 2 - 0.0]], dtype=torch.float64) / 10)
+    # a top value far above the next (a ratio of 1e31) stays finite: (x1 - 0)^2 at alpha 1, clip 1
+    got = _holdout_errors(torch.tensor([10.0]), torch.tensor([1e-30]), torch.tensor([[10.0]]), [1.0], (1.0,),
+                          torch.tensor([[100.0]], dtype=torch.float64), 1)
+    torch.testing.assert_close(got, torch.tensor([[100.0]], dtype=torch.float64))
 
 
 def test_auto_generalizes_from_few_calibration_tokens():
