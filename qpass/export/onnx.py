@@ -92,8 +92,9 @@ def select_graph(model, example_inputs=None):
                 names = g.gm.meta.get(INPUT_NAMES_META)  # recorded when it was traced
                 return g, list(ex), names if names is not None and len(names) == len(ex) else None
         raise ExportError(
-            f"{type(model).__name__} has no traced graph yet (quantize ran no forward pass, e.g. a "
-            "weight-only config or one that needs no calibration): pass example_inputs to export_onnx")
+            f"{type(model).__name__} has no traced graph yet (no forward pass since quantize or restore: "
+            "a weight-only config, one that needs no calibration, or a restored checkpoint not run "
+            "yet): pass example_inputs to export_onnx, or run the model once")
     args, kwargs = _split_inputs(example_inputs)
     names = input_names(args, kwargs)
     if "use_cache" not in kwargs and _takes_use_cache(type(model)):
