@@ -289,9 +289,31 @@ def _torch_onnx_export(lowered, args: tuple, table: dict, kwargs: dict):
     registry.functions = {k: list(v) for k, v in base.functions.items()}
     for torch_op, onnx_op in table.items():
         registry.register_op(torch_op, onnx_op, is_complex=False)
+    _check_custom_ops(lowered, registry)
     return _core.export(lowered, args, None, registry=registry, dynamic_shapes=kwargs["dynamic_shapes"],
                         input_names=kwargs.get("input_names"), output_names=kwargs.get("output_names"), report=False, verify=False,
                         verbose=False, optimize=kwargs["optimize"], opset_version=opset)
+
+
+def _check_custom_ops(lowered, registry) -> None:
+    """Name the node, op and module of a custom op (another library's ``torch.library`` op, e.g.
+    ``transformers::grouped_mm_fallback`` of fused MoE experts) that no ONNX translation covers:
+    torch.onnx would fail on it at its last step with no pointer to the model."""
+    for node in lowered.graph.nodes:
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+            continue
+        if op.namespace in ("aten", "prims", "qpass") or registry.is_registered(op):
+            continue
+        if op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
+            continue  # torch.onnx decomposes it into ops it knows
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()))[0] if stack else ""
+        owner = f"module '{owner}'" if owner else "the model's own forward"
+        hint = (" (fused mixture-of-experts layers are not supported by qpass yet)" if "grouped_mm" in op._opname
+                else "; register one with torch.onnx, or keep that module out of the exported model")
+        raise ExportError(f"node '{node.name}' in {owner} calls {op.namespace}::{op._opname}, which has no "
+                          f"ONNX translation{hint}")
 
 
 def _fold_weight_transposes(model) -> None:

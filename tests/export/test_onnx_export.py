@@ -365,3 +365,29 @@ def test_inputs_are_named_after_the_forward_loops_keywords(tmp_path):
     mlp, x = _quantized(MLP, (4, 32), "INT8_DEFAULT_CFG")
     g = onnx.load(qpass.export_onnx(mlp, str(tmp_path / "mlp.onnx")))
     assert [i.name for i in g.graph.input] == ["input_0"]
+
+
+@torch.library.custom_op("qpass_test::double_it", mutates_args=())
+def _double_it(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_double_it.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _CustomOpMLP(MLP):
+    def forward(self, x):
+        return super().forward(torch.ops.qpass_test.double_it(x))
+
+
+def test_custom_op_without_onnx_translation_is_named_and_writes_nothing(tmp_path):
+    torch.manual_seed(0)
+    model = _CustomOpMLP().eval()
+    x = torch.randn(4, 32)
+    qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(x))
+    with pytest.raises(ExportError, match=r"node 'double_it' in the model's own forward calls qpass_test::double_it, which has no "
+                                          r"ONNX translation; register one"):
+        qpass.export_onnx(model, str(tmp_path / "custom.onnx"))
+    assert os.listdir(tmp_path) == []
