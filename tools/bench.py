@@ -16,6 +16,12 @@ so the first row of each library also carries its one-time, per-process costs, e
 the header gives each library's import time in a fresh process, and the notes add it to the first
 row (ModelOpt sets up most of its machinery when imported; qpass sets up torch.export on its first
 trace, inside the first quantize).
+A config written ``NAME+gptq`` runs preset NAME with algorithm ``gptq`` in both libraries, and
+``INT8_DEFAULT_CFG+percentile`` (``+entropy``, ``+mse``) gives the input quantizers a histogram
+calibrator with that method (as ``tools/bench_calibrators.py`` does), so one run can print the
+algorithm table: e.g. ``--configs INT8_SMOOTHQUANT_CFG,INT4_AWQ_CFG,W4A8_AWQ_BETA_CFG,
+NVFP4_AWQ_LITE_CFG,INT4_BLOCKWISE_WEIGHT_ONLY_CFG+gptq,INT8_DEFAULT_CFG+percentile,
+INT8_DEFAULT_CFG+entropy,INT8_DEFAULT_CFG+mse``.
 A config written ``NAME:modelopt`` runs qpass with ``rules="modelopt"``; its ModelOpt columns
 repeat ModelOpt's run of NAME (marked *). ModelOpt failures (MXFP8/NVFP4 need CUDA) show
 "n/a (reason)"; qpass failures show "error (reason)" with the traceback after the table.
@@ -39,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import bench_calibrators
 import bench_common as bc
 import torch
 
@@ -130,29 +137,51 @@ def run_best(lib: str, task: Task, cfg_name: str, rules: str, repeat: int) -> di
     return best
 
 
+#: ``NAME+VARIANT`` configs: histogram calibration of the input quantizers, or another algorithm
+HISTOGRAM = ("percentile", "entropy", "mse")
+VARIANTS = HISTOGRAM + ("gptq",)
+
+
+def _with_variant(cfg: dict, variant: str) -> dict:
+    if variant == "gptq":
+        cfg["algorithm"] = "gptq"
+    return cfg
+
+
 def run_one(lib: str, task: Task, cfg_name: str, rules: str) -> dict:
     """Quantize a fresh copy with one library, evaluate it; never raises."""
     res = dict(metric=None, quant_s=None, eval_s=None, trace_s=None, error=None, traceback=None, warnings=[])
     model = copy.deepcopy(task.model)
     gc.collect()
+    name, _, variant = cfg_name.partition("+")
     try:
+        if variant and variant not in VARIANTS:
+            raise ValueError(f"unknown config variant '+{variant}'; choose from {sorted(VARIANTS)}")
+        if variant in HISTOGRAM and name != "INT8_DEFAULT_CFG":
+            raise ValueError(f"'+{variant}' (histogram calibration) is measured on INT8_DEFAULT_CFG only")
         if lib == "qpass":
             import qpass
 
-            cfg = copy.deepcopy(getattr(qpass, cfg_name))
+            cfg = copy.deepcopy(getattr(qpass, name))
             with bc.quiet(res["warnings"]):
                 t0 = time.perf_counter()
-                qpass.quantize(model, cfg, task.forward_loop, rules=rules)
+                if variant in HISTOGRAM:
+                    bench_calibrators.qpass_run(model, f"hist:{variant}", task.forward_loop, rules)
+                else:
+                    qpass.quantize(model, _with_variant(cfg, variant), task.forward_loop, rules=rules)
                 res["quant_s"] = time.perf_counter() - t0
             from qpass.graph.quantized_model import state_of
 
             res["trace_s"] = state_of(model).trace_s  # of quant_s: torch.export, or a graph-cache hit
         else:
             mtq = bc.import_modelopt()
-            cfg = copy.deepcopy(getattr(mtq, cfg_name))
+            cfg = copy.deepcopy(getattr(mtq, name))
             with bc.quiet():
                 t0 = time.perf_counter()
-                mtq.quantize(model, cfg, task.forward_loop)
+                if variant in HISTOGRAM:
+                    bench_calibrators.modelopt_run(model, f"hist:{variant}", task.forward_loop)
+                else:
+                    mtq.quantize(model, _with_variant(cfg, variant), task.forward_loop)
                 res["quant_s"] = time.perf_counter() - t0
         with bc.quiet(res["warnings"] if lib == "qpass" else None):
             t0 = time.perf_counter()

@@ -58,7 +58,7 @@ def _config(lib_module, row: str):
     return cfg
 
 
-def _qpass_run(model, row, loop, rules):
+def qpass_run(model, row, loop, rules):
     import qpass
     from qpass.calib.histogram import calibrate_histogram
 
@@ -68,7 +68,7 @@ def _qpass_run(model, row, loop, rules):
         calibrate_histogram(model, loop, method, **options)
 
 
-def _modelopt_run(model, row, loop):
+def modelopt_run(model, row, loop):
     mtq = bc.import_modelopt()
     from modelopt.torch.quantization.calib.histogram import HistogramCalibrator
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -103,9 +103,9 @@ def run_cell(lib, task, row, rules) -> dict:
         with bc.quiet():
             t0 = time.perf_counter()
             if lib == "qpass":
-                _qpass_run(model, row, task.forward_loop, rules)
+                qpass_run(model, row, task.forward_loop, rules)
             else:
-                _modelopt_run(model, row, task.forward_loop)
+                modelopt_run(model, row, task.forward_loop)
             res["quant_s"] = time.perf_counter() - t0
             res["metric"] = float(task.evaluate(model))
     except Exception as e:  # noqa: BLE001 - one cell, never the whole table
