@@ -162,26 +162,25 @@ def run_one(lib: str, task: Task, cfg_name: str, rules: str) -> dict:
         if lib == "qpass":
             import qpass
 
-            cfg = copy.deepcopy(getattr(qpass, name))
             with bc.quiet(res["warnings"]):
                 t0 = time.perf_counter()
                 if variant in HISTOGRAM:
                     bench_calibrators.qpass_run(model, f"hist:{variant}", task.forward_loop, rules)
                 else:
-                    qpass.quantize(model, _with_variant(cfg, variant), task.forward_loop, rules=rules)
+                    cfg = _with_variant(copy.deepcopy(getattr(qpass, name)), variant)
+                    qpass.quantize(model, cfg, task.forward_loop, rules=rules)
                 res["quant_s"] = time.perf_counter() - t0
             from qpass.graph.quantized_model import state_of
 
             res["trace_s"] = state_of(model).trace_s  # of quant_s: torch.export, or a graph-cache hit
         else:
             mtq = bc.import_modelopt()
-            cfg = copy.deepcopy(getattr(mtq, name))
             with bc.quiet():
                 t0 = time.perf_counter()
                 if variant in HISTOGRAM:
                     bench_calibrators.modelopt_run(model, f"hist:{variant}", task.forward_loop)
                 else:
-                    mtq.quantize(model, _with_variant(cfg, variant), task.forward_loop)
+                    mtq.quantize(model, _with_variant(copy.deepcopy(getattr(mtq, name)), variant), task.forward_loop)
                 res["quant_s"] = time.perf_counter() - t0
         with bc.quiet(res["warnings"] if lib == "qpass" else None):
             t0 = time.perf_counter()
