@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qpass.errors import QpassError
-from qpass.nn.tensor_quantizer import is_quantizer
+from qpass.nn.tensor_quantizer import is_quantizer_slot
 
 FORMAT = "qpass.checkpoint"
 FORMAT_VERSION = 1
@@ -76,7 +76,7 @@ def model_modules(model: nn.Module):
     for name, module in model.named_modules(remove_duplicate=False):
         if skip is not None and name.startswith(skip):
             continue
-        if is_quantizer(module):
+        if is_quantizer_slot(module):
             skip = name + "."
             continue
         yield name, module

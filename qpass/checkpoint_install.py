@@ -16,7 +16,7 @@ from qpass.checkpoint_format import class_path, unplain
 from qpass.errors import QpassError
 from qpass.graph.quantized_model import STATE_ATTR, QpassState, is_quantized, remove_created, wrapped_class
 from qpass.nn.packed_weight import PACKED_KEYS, PackedWeightQuantizer, install_packed, release_weight
-from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer, is_quantizer
+from qpass.nn.tensor_quantizer import ExpertQuantizers, SequentialQuantizer, TensorQuantizer, is_quantizer
 from qpass.passes.lora_branch import set_lora
 
 
@@ -52,10 +52,30 @@ def _find_owner(model: nn.Module, owner_path: str):
         return None
 
 
+def _expert_container(model: nn.Module, spec: QuantizerSpec):
+    """(parent path, container slot, expert index, experts) when ``spec`` is one expert's weight
+    quantizer of a fused MoE parameter (``<param>_weight_quantizers.{e}``), else None."""
+    from qpass.passes.rules import EXPERTS, fused_expert_params
+
+    parent_path, _, container = spec.owner_path.rpartition(".")
+    if not container.endswith(EXPERTS.weight_suffix) or not spec.slot.isdigit():
+        return None
+    parent = _find_owner(model, parent_path)
+    param = container[: -len(EXPERTS.weight_suffix)]
+    if parent is None or param not in fused_expert_params(parent):
+        return None
+    return parent_path, container, int(spec.slot), getattr(parent, param).shape[0]
+
+
 def check_specs(model: nn.Module, specs: list[QuantizerSpec]) -> list[str]:
     """Every reason ``specs`` cannot be installed on ``model`` (empty if they can)."""
     problems = []
+    experts: dict[tuple, set] = {}
     for s in specs:
+        where = _expert_container(model, s)
+        if where is not None and not isinstance(_find_owner(model, s.owner_path), ExpertQuantizers):
+            experts.setdefault(where[:2] + (where[3],), set()).add(where[2])
+            continue
         owner = _find_owner(model, s.owner_path)
         if owner is None or is_quantizer(owner):
             problems.append(f"'{s.path}': owner module '{s.owner_path}' does not exist in this model")
@@ -71,6 +91,10 @@ def check_specs(model: nn.Module, specs: list[QuantizerSpec]) -> list[str]:
             )
         if s.slot in owner._modules or s.slot in owner._parameters or s.slot in owner._buffers:
             problems.append(f"'{s.path}': '{s.owner_path}' already has a member named '{s.slot}'")
+    for (parent_path, container, count), seen in experts.items():
+        if seen != set(range(count)):
+            problems.append(f"'{parent_path}.{container}': the checkpoint has weight quantizers for experts "
+                            f"{sorted(seen)}, this model's parameter has {count} experts")
     return problems
 
 
@@ -131,11 +155,20 @@ def install(model: nn.Module, rule_set, rules: list, algorithm, specs: list[Quan
     model.__dict__[STATE_ATTR] = state
     model.__class__ = wrapped_class(state.original_cls)
     try:
+        containers: dict[tuple, list] = {}  # fused MoE parameters: members by expert index
         for spec, q in zip(specs, built):
+            where = _expert_container(model, spec)
+            if where is not None:
+                containers.setdefault(where[:2] + (where[3],), [None] * where[3])[where[2]] = q
+                continue
             owner = model.get_submodule(spec.owner_path)
             q.to(_device_of(owner, root_device))
             owner.add_module(spec.slot, q)
             state.created.append((spec.owner_path, spec.slot))
+        for (parent_path, container, _), members in containers.items():
+            parent = model.get_submodule(parent_path)
+            parent.add_module(container, ExpertQuantizers(members).to(_device_of(parent, root_device)))
+            state.created.append((parent_path, container))
     except BaseException:
         remove_created(model, state)
         model.__class__ = state.original_cls

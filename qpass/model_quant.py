@@ -13,7 +13,7 @@ from torch import nn
 
 from qpass.algorithms import get_algorithm
 from qpass.calib.max_calibrate import (
-    named_tensor_quantizers, restore_amax, snapshot_amax, weight_quantizer_owners,
+    expert_weight_quantizers, named_tensor_quantizers, restore_amax, snapshot_amax, weight_quantizer_owners,
 )
 from qpass.errors import QpassError, QuantConfigError
 from qpass.graph.quantized_model import (
@@ -21,7 +21,7 @@ from qpass.graph.quantized_model import (
 )
 from qpass.nn.tensor_quantizer import is_quantizer
 from qpass.passes.insert_quantizers import SLOT_META, quantizer_nodes
-from qpass.passes.rules import get_rule_set
+from qpass.passes.rules import EXPERTS, fused_expert_params, get_rule_set
 
 __all__ = [
     "quantize", "calibrate", "disable_quantizer", "enable_quantizer", "print_quant_summary",
@@ -39,6 +39,11 @@ def _register_module_quantizers(model: nn.Module, state: QpassState) -> None:
                     if slot in rule.hard_disabled:
                         state.hard_disabled.add(f"{path}.{slot}" if path else slot)
                     make_quantizer(model, state, path, module, slot)
+        experts = state.rule_set.expert_rule
+        if experts is not None:
+            for param in fused_expert_params(module):
+                make_quantizer(model, state, path, module, param + experts.input_suffix)
+                make_quantizer(model, state, path, module, experts.weight_slot(module, param))
 
 
 _GC_FROZEN = [0]
@@ -300,10 +305,18 @@ def fold_weight(model: nn.Module) -> None:
             untie_weight(model, graphs, path)  # a tied weight's other users keep their values
             module.weight.copy_(folded)
             q.disable()
+        for _, module, param, experts in expert_weight_quantizers(model):  # fused MoE parameters
+            if experts.is_enabled:
+                weight = getattr(module, param)
+                if EXPERTS.transposed(module):
+                    weight.copy_(experts(weight.mT).mT)
+                else:
+                    weight.copy_(experts(weight))
+                experts.disable()
     for traced_list in state.graphs.values():
         for traced in traced_list:
             for node in quantizer_nodes(traced.gm):
-                if node.meta[SLOT_META] == "weight_quantizer":
+                if node.meta[SLOT_META] == "weight_quantizer" or EXPERTS.is_weight_slot(node.meta[SLOT_META]):
                     node.replace_all_uses_with(node.args[0])
                     traced.gm.graph.erase_node(node)
             traced.gm.recompile()

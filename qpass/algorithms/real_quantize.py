@@ -20,7 +20,7 @@ from torch import nn
 from qpass.algorithms import get_algorithm, register_algorithm
 from qpass.algorithms.fold import is_shared_parameter
 from qpass.algorithms.smoothing import graphs_of
-from qpass.calib.max_calibrate import weight_quantizer_owners
+from qpass.calib.max_calibrate import expert_weight_quantizers, weight_quantizer_owners
 from qpass.errors import QuantConfigError
 from qpass.nn.packed_weight import PackedWeightQuantizer, pack_weight
 from qpass.nn.tensor_quantizer import SequentialQuantizer
@@ -73,6 +73,11 @@ def real_quantize(model, state, forward_loop, additional_algorithm="max"):
     if shared:
         warnings.warn(f"real_quantize: the weights of {', '.join(shared)} are shared with another module; "
                       "they stay unpacked (fake-quantized)", stacklevel=3)
+    experts = [f"{path}.{param}" for path, _, param, q in expert_weight_quantizers(model) if q.is_enabled]
+    if experts:
+        warnings.warn(f"real_quantize: fused MoE expert weights ({', '.join(experts[:4])}"
+                      f"{', ...' if len(experts) > 4 else ''}) are not packed yet; they stay fake-quantized",
+                      stacklevel=3)
     before = after = 0
     for path, module in modules.items():
         b, a = pack_weight(module, path)

@@ -22,7 +22,8 @@ from qpass.errors import CalibrationError
 from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.lazy_outputs import deferred_outputs
 from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
-from qpass.nn.tensor_quantizer import TensorQuantizer, is_quantizer
+from qpass.nn.tensor_quantizer import ExpertQuantizers, TensorQuantizer, is_quantizer
+from qpass.passes.rules import EXPERTS, fused_expert_params
 
 
 def named_tensor_quantizers(model: nn.Module):
@@ -39,9 +40,26 @@ def weight_quantizer_owners(model: nn.Module):
     return out
 
 
+def expert_weight_quantizers(model: nn.Module):
+    """(owner path, owner, parameter name, quantizer) for every fused MoE parameter with a weight
+    quantizer: an :class:`ExpertQuantizers` (one per expert), or one TensorQuantizer on the whole
+    parameter (GPT-OSS's transposed layout)."""
+    out = []
+    for path, module in model.named_modules():
+        for param in fused_expert_params(module):
+            q = module._modules.get(EXPERTS.weight_slot(module, param))
+            if q is not None and (is_quantizer(q) or isinstance(q, ExpertQuantizers)):
+                out.append((path, module, param, q))
+    return out
+
+
 def is_weight_quantizer(name: str) -> bool:
+    """``a.weight_quantizer``, a sequence member ``a.weight_quantizer.1``, or a fused MoE
+    parameter's per-expert ``a.gate_up_proj_weight_quantizers[.3[.1]]``."""
     parts = name.split(".")
-    return parts[-1] == "weight_quantizer" or (len(parts) > 1 and parts[-2] == "weight_quantizer")
+    if parts[-1].endswith("weight_quantizer") or (len(parts) > 1 and parts[-2].endswith("weight_quantizer")):
+        return True
+    return any(p.endswith("_weight_quantizers") for p in parts[-3:])
 
 
 def calibrate_weights(model: nn.Module, groups=()) -> None:
@@ -57,6 +75,18 @@ def calibrate_weights(model: nn.Module, groups=()) -> None:
                 tq.reset_amax()
                 tq.collect(module.weight)
                 tq.load_calib_amax()
+        for _, module, param, q in expert_weight_quantizers(model):
+            weight = getattr(module, param)
+            if EXPERTS.transposed(module):
+                weight = weight.mT
+            parts = enumerate(q) if isinstance(q, ExpertQuantizers) else [(None, q)]
+            for e, member in parts:
+                for tq in iter_tensor_quantizers(member):
+                    if not tq.needs_calibration:
+                        continue
+                    tq.reset_amax()
+                    tq.collect(weight if e is None else weight[e])
+                    tq.load_calib_amax()
     set_global_amax(model, groups)
 
 

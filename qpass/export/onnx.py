@@ -310,7 +310,9 @@ def _check_custom_ops(lowered, registry) -> None:
         stack = node.meta.get("nn_module_stack") or {}
         owner = next(reversed(stack.values()))[0] if stack else ""
         owner = f"module '{owner}'" if owner else "the model's own forward"
-        hint = (" (fused mixture-of-experts layers are not supported by qpass yet)" if "grouped_mm" in op._opname
+        hint = (" (the grouped matmul of fused mixture-of-experts layers: such models quantize, calibrate and "
+                "run in PyTorch and under torch.compile, but qpass cannot export them to ONNX yet)"
+                if "grouped_mm" in op._opname
                 else "; register one with torch.onnx, or keep that module out of the exported model")
         raise ExportError(f"node '{node.name}' in {owner} calls {op.namespace}::{op._opname}, which has no "
                           f"ONNX translation{hint}")

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from qpass.graph.block_export import export_with_blocks
 from qpass.graph.trace import TracedGraph, TracedGraphModule, export_graph, fetch_attr, matches_static_dims
-from qpass.nn.tensor_quantizer import is_quantizer
+from qpass.nn.tensor_quantizer import is_quantizer_slot
 
 MAX_ENTRIES = 8
 _SCALARS = (bool, int, float, str, type(None))
@@ -62,7 +62,7 @@ def structure_fingerprint(model: nn.Module, original_cls: type, ignore: frozense
         if owner != name:
             h.update(f"|tie:{name}={owner}".encode())
     for name, module in model.named_modules(remove_duplicate=False):
-        if is_quantizer(module):
+        if is_quantizer_slot(module):
             continue
         h.update(f"|{name}:{type(module).__qualname__}".encode())
         for key, value in sorted(module.__dict__.items()):

@@ -24,7 +24,9 @@ from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.execution import execution_graph
 from qpass.graph.graph_cache import cached_export
 from qpass.graph.trace import TracedGraph, matches_static_dims
-from qpass.nn.tensor_quantizer import TensorQuantizer, SequentialQuantizer, is_quantizer, iter_tensor_quantizers
+from qpass.nn.tensor_quantizer import (
+    ExpertQuantizers, SequentialQuantizer, TensorQuantizer, is_quantizer, iter_tensor_quantizers,
+)
 from qpass.passes.insert_quantizers import InsertQuantizers
 from qpass.passes.rules import RuleSet
 from qpass.passes.lora_branch import sync_graph
@@ -237,12 +239,31 @@ def _run(model: nn.Module, state: QpassState, key, fn, tensors: list):
 # ---------------------------------------------------------------------- quantizers
 def make_quantizer(model: nn.Module, state: QpassState, owner_path: str, owner: nn.Module, slot: str):
     """Return the (owner, slot) quantizer, creating and configuring it if new."""
-    from qpass.config import default_attributes
-
     existing = owner._modules.get(slot)
-    if existing is not None and is_quantizer(existing):
+    if existing is not None and (is_quantizer(existing) or isinstance(existing, ExpertQuantizers)):
         return existing
     name = f"{owner_path}.{slot}" if owner_path else slot
+    rule = state.rule_set.expert_rule
+    if rule is not None and slot.endswith(rule.weight_suffix):
+        # one weight quantizer per expert of a fused MoE parameter, each configured by its own name
+        experts = getattr(owner, slot[: -len(rule.weight_suffix)]).shape[0]
+        q = ExpertQuantizers(_new_quantizer(state, f"{name}.{e}", slot, owner) for e in range(experts))
+    else:
+        q = _new_quantizer(state, name, slot, owner)
+    for tq in iter_tensor_quantizers(q):
+        if not state.weight_cache:
+            tq._cache_weights = False
+        if state.calibrating:
+            tq.enable_calib()
+            tq.disable_quant()
+    owner.add_module(slot, q)
+    state.created.append((owner_path, slot))
+    return q
+
+
+def _new_quantizer(state: QpassState, name: str, slot: str, owner: nn.Module):
+    from qpass.config import default_attributes
+
     attrs = _resolved_attributes(state, name, slot, owner)
     if isinstance(attrs, list):
         q = SequentialQuantizer(*(TensorQuantizer(a, name=f"{name}.{i}") for i, a in enumerate(attrs)))
@@ -254,14 +275,6 @@ def make_quantizer(model: nn.Module, state: QpassState, owner_path: str, owner: 
         q = TensorQuantizer(attrs, name=name)
     if name in state.hard_disabled:
         q.disable()
-    for tq in iter_tensor_quantizers(q):
-        if not state.weight_cache:
-            tq._cache_weights = False
-        if state.calibrating:
-            tq.enable_calib()
-            tq.disable_quant()
-    owner.add_module(slot, q)
-    state.created.append((owner_path, slot))
     return q
 
 

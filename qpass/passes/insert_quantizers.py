@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from qpass.passes.rules import OUT, REGISTER_ONLY, OpRule, RuleSet
+from qpass.passes.rules import OUT, REGISTER_ONLY, OpRule, RuleSet, fused_expert_params
 from qpass.nn.tensor_quantizer import bump_quantizer_epoch
 
 aten = torch.ops.aten
@@ -24,6 +24,7 @@ aten = torch.ops.aten
 _PASSTHROUGH = {
     aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
     aten.type_as.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+    aten.slice.Tensor,  # GPT-OSS drops its attention-sink column from the probabilities
 }
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 
@@ -139,10 +140,59 @@ class InsertQuantizers(PassBase):
                 self._place(graph, node, slot.arg, target, slot.name)
                 self.placed.append(target)
                 modified = True
+        if self.rule_set.expert_rule is not None:
+            modified |= self._place_experts(gm)
         if modified:
             graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
+
+    def _place_experts(self, gm: fx.GraphModule) -> bool:
+        """Fused MoE expert parameters: the per-expert weight quantizers on the parameter, the input
+        quantizer on the activation of each matmul the parameter reaches (see :class:`ExpertRule`)."""
+        rule = self.rule_set.expert_rule
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "get_attr":
+                continue
+            path, _, leaf = node.target.rpartition(".")
+            try:
+                owner = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if leaf not in fused_expert_params(owner) or _fetch_attr(gm, node.target) is not getattr(owner, leaf):
+                continue
+            matmuls = _expert_matmuls(node, rule)
+            if not matmuls:
+                continue  # read for something else (a norm of the weights, say): nothing to quantize
+            for slot in (rule.weight_slot(owner, leaf), leaf + rule.input_suffix):
+                quantizer = self.get_quantizer(path, owner, slot)
+                if quantizer is None:
+                    continue
+                target = f"{path}.{slot}" if path else slot
+                _register(gm, target, quantizer)
+                if rule.is_weight_slot(slot):
+                    # before the first reader, not after the get_attr (export hoists those to the top,
+                    # outside the block that owns the parameter)
+                    first = min(node.users, key=_order)
+                    users = list(node.users)
+                    with gm.graph.inserting_before(first):
+                        src = node
+                        if rule.transposed(owner):  # the quantizer sees [E, out, in]
+                            src = gm.graph.call_function(aten.transpose.int, (node, -2, -1))
+                        q = gm.graph.call_module(target, (src,))
+                        out = q if src is node else gm.graph.call_function(aten.transpose.int, (q, -2, -1))
+                    for user in users:
+                        user.replace_input_with(node, out)
+                    q.meta.update({QUANTIZER_META: target, SLOT_META: slot, READS_META: matmuls[0][0],
+                                   "nn_module_stack": matmuls[0][0].meta.get("nn_module_stack", {})},
+                                  val=node.meta.get("val"))
+                else:
+                    for mm, act in matmuls:
+                        self._place(gm.graph, mm, act, target, slot)
+                self.placed.append(target)
+                modified = True
+        return modified
 
     @staticmethod
     def _place(graph: fx.Graph, node: fx.Node, arg: int, target: str, slot: str) -> None:
@@ -159,6 +209,39 @@ class InsertQuantizers(PassBase):
                 q = graph.call_module(target, (src,))
             q.meta.update(meta, val=getattr(src, "meta", {}).get("val"))
             node.update_arg(arg, q)
+
+
+def _op_name(target) -> str:
+    name = getattr(target, "name", None)
+    return name() if callable(name) else ""
+
+
+def _expert_matmuls(param: fx.Node, rule) -> list[tuple[fx.Node, int]]:
+    """(matmul, index of its activation operand) for every matmul-like op that ``param`` reaches
+    through layout ops only."""
+    out, frontier, seen = [], [param], set()
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            if user.target in rule.matmul_ops or _op_name(user.target) in rule.matmul_op_names:
+                weight_args = [i for i, a in enumerate(user.args[:2]) if a is node]
+                acts = [i for i in range(min(2, len(user.args))) if i not in weight_args
+                        and isinstance(user.args[i], fx.Node)]
+                if weight_args and acts:
+                    out.append((user, acts[0]))
+            elif user.target in rule.layout_ops and user.args and user.args[0] is node:
+                frontier.append(user)
+    return sorted(out, key=lambda pair: _order(pair[0]))
+
+
+def _order(node: fx.Node) -> int:
+    for i, n in enumerate(node.graph.nodes):
+        if n is node:
+            return i
+    return -1
 
 
 def quantizer_nodes(gm: fx.GraphModule):

@@ -51,6 +51,7 @@ from qpass.formats import QuantSpec
 from qpass.formats.floating import E2M1, E4M3, E5M2
 from qpass.formats.integer import IntFormat
 from qpass.passes.insert_quantizers import QUANTIZER_META, SLOT_META
+from qpass.passes.rules import EXPERTS
 
 __all__ = ["LOWERED_META", "OPS", "format_token", "lower_graph", "spec_of_token"]
 
@@ -281,7 +282,7 @@ def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
     buffers named ``<quantizer path>.codes`` / ``.scale`` / ...; the calling convention
     (flat input tensors, the model's output structure) is the traced graph's.
     """
-    from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer, iter_tensor_quantizers
+    from qpass.nn.tensor_quantizer import ExpertQuantizers, SequentialQuantizer, TensorQuantizer, iter_tensor_quantizers
 
     b = _Builder(gm)
     for node in gm.graph.nodes:
@@ -289,6 +290,23 @@ def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
             if node.target == "_guards_fn" or not node.users:
                 continue  # torch.export's input-guard check; the back end re-derives guards
             raise ExportError(f"node '{node.name}' calls module '{node.target}', which lowering cannot inline")
+        if _is_quantizer_node(node) and (isinstance(gm.get_submodule(node.target), ExpertQuantizers)
+                                         or EXPERTS.is_weight_slot(node.meta.get(SLOT_META, ""))):
+            # fused MoE experts' weights: their fake-quant values, as a float constant (no lowered op
+            # covers a per-expert format; the grouped matmul that reads them has no ONNX form either)
+            q = gm.get_submodule(node.target)
+            src, transposed = node.args[0], False
+            if src.op == "call_function" and src.target is torch.ops.aten.transpose.int:  # [E, in, out] experts
+                src, transposed = src.args[0], True
+            if src.op != "get_attr":
+                raise ExportError(f"node '{node.name}': expert weight quantizer '{node.target}' does not read a parameter")
+            if q.is_enabled:
+                with torch.no_grad():
+                    w = _fetch(gm, src.target)
+                    b.env[node] = b.constant(node.target, "weight", q(w.mT) if transposed else q(w))
+            else:
+                b.env[node] = b.env[node.args[0]] if transposed else _LazyAttr(src.target)
+            continue
         if _is_quantizer_node(node):
             q = gm.get_submodule(node.target)
             src = b.env[node.args[0]]

@@ -11,6 +11,8 @@ Two rule sets ship:
   ``v_bmm_quantizer`` and ``softmax_quantizer`` on its owning module; an explicit
   attention (matmul/bmm of two activations) gets ``q_bmm``/``k_bmm`` on the score
   matmul and ``softmax``/``v_bmm`` on the output matmul.
+* both: fused mixture-of-experts parameters get ``<param>_input_quantizer`` and per-expert
+  ``<param>_weight_quantizers.{e}`` (:class:`ExpertRule`);
 * ``"modelopt"``: the default plus ModelOpt's input-only quantizers on LayerNorm,
   BatchNorm, InstanceNorm, pooling and LeakyReLU modules and Embedding's three
   slots, and ModelOpt's name ``p_bmm_quantizer`` for the attention
@@ -116,11 +118,66 @@ def _attention_rules(probs_slot: str) -> tuple:
 
 
 @dataclass(frozen=True)
+class ExpertRule:
+    """Fused mixture-of-experts parameters (transformers 5: ``experts.gate_up_proj [E, 2I, H]``,
+    ``experts.down_proj [E, H, I]``), found on any module with an integer ``num_experts`` whose
+    3-D parameters lead with that many experts (:func:`fused_expert_params`).
+
+    Each such parameter ``p`` gets ``p_input_quantizer`` on the activation it multiplies and, on
+    the parameter itself, ``p_weight_quantizers``: one weight quantizer per expert, each on expert
+    ``e``'s ``[out, in]`` matrix (ModelOpt 0.47's ``_QuantFusedExperts``). A module with
+    ``is_transposed=True`` (GPT-OSS: ``[E, in, out]``) gets one ``p_weight_quantizer`` on the whole
+    3-D parameter instead, transposed to ``[E, out, in]`` around it, as ModelOpt's GPT-OSS experts
+    do (``axis=0`` is then one amax per expert; INT4/NVFP4 blocks run along the input dim). In the graph the parameter reaches a matmul through ``layout_ops`` (transpose,
+    per-token expert gather, ...); the matmul's other tensor operand is the activation."""
+
+    matmul_ops: tuple  # aten ops multiplying activations by expert weights
+    matmul_op_names: tuple  # custom ops, by qualified name (their library may not be loaded)
+    layout_ops: tuple
+    input_suffix: str = "_input_quantizer"
+    weight_suffix: str = "_weight_quantizers"  # per expert
+    whole_weight_suffix: str = "_weight_quantizer"  # transposed layout: one quantizer, whole parameter
+
+    def weight_slot(self, module: nn.Module, param: str) -> str:
+        return param + (self.whole_weight_suffix if self.transposed(module) else self.weight_suffix)
+
+    @staticmethod
+    def transposed(module: nn.Module) -> bool:
+        """``[E, in, out]`` parameters: their one weight quantizer sees ``[E, out, in]`` (the
+        parameter transposed), so blocks and channels run as for every other weight."""
+        return getattr(module, "is_transposed", False) is True
+
+    def is_weight_slot(self, slot: str) -> bool:
+        """An expert parameter's weight slot (either layout); not a Linear's ``weight_quantizer``."""
+        return slot.endswith(self.weight_suffix) or (slot.endswith(self.whole_weight_suffix)
+                                                      and slot != "weight_quantizer")
+
+
+EXPERTS = ExpertRule(
+    matmul_ops=(aten.bmm.default, aten.matmul.default, aten.mm.default, aten.linear.default),
+    matmul_op_names=("transformers::grouped_mm_fallback", "aten::_grouped_mm", "aten::grouped_mm"),
+    layout_ops=(aten.transpose.int, aten.permute.default, aten.t.default, aten.view.default, aten.reshape.default,
+                aten.index.Tensor, aten.select.int, aten.contiguous.default, aten.expand.default,
+                aten.unsqueeze.default, aten.to.dtype, aten._to_copy.default, aten.alias.default,
+                aten.clone.default),
+)
+
+
+def fused_expert_params(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own fused expert parameters: 3-D, first dim ``module.num_experts``."""
+    n = getattr(module, "num_experts", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return []
+    return [name for name, p in module._parameters.items() if p is not None and p.dim() == 3 and p.shape[0] == n]
+
+
+@dataclass(frozen=True)
 class RuleSet:
     name: str
     module_rules: tuple  # of ModuleRule
     op_rules: tuple  # of OpRule
     attention_probs_slot: str
+    expert_rule: ExpertRule | None = EXPERTS
 
     @property
     def attention_slots(self) -> tuple:

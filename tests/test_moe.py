@@ -1,0 +1,249 @@
+"""Fused mixture-of-experts layers (transformers 5: ``experts.gate_up_proj [E, 2I, H]`` and
+``experts.down_proj [E, H, I]``, run through a grouped matmul): per-expert weight quantizers and
+one input quantizer per parameter, with ModelOpt 0.47's names, amax values and outputs."""
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+import qpass
+from qpass.errors import ExportError
+from qpass.graph.quantized_model import state_of
+from qpass.nn.tensor_quantizer import ExpertQuantizers, TensorQuantizer
+from qpass.passes.insert_quantizers import QUANTIZER_META
+
+from conftest import has_package
+
+pytestmark = pytest.mark.skipif(not has_package("transformers"), reason="transformers not installed")
+
+EXPERTS = 4
+
+
+def tiny_mixtral(layers=2):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS,
+                        num_experts_per_tok=2, max_position_embeddings=128)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def tiny_gpt_oss(layers=2):
+    """GPT-OSS keeps its experts transposed (``[E, in, out]``, ``is_transposed=True``), with biases,
+    and its attention drops a sink column from the probabilities."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS,
+                       num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * layers)
+    return GptOssForCausalLM(cfg).eval()
+
+
+BATCHES = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+def loop(m):
+    for x in BATCHES:
+        m(x)
+
+
+def logits(m, x=BATCHES[0]):
+    with torch.no_grad():
+        return m(x).logits
+
+
+def cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def quantized(cfg=None, **kw):
+    m = tiny_mixtral()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(m, copy.deepcopy(cfg or qpass.INT8_DEFAULT_CFG), loop, **kw)
+    return m
+
+
+@pytest.mark.skipif(not has_package("modelopt"), reason="nvidia-modelopt not installed")
+@pytest.mark.parametrize("arch,preset", [
+    ("mixtral", "INT8_DEFAULT_CFG"), ("mixtral", "FP8_DEFAULT_CFG"), ("mixtral", "INT8_WEIGHT_ONLY_CFG"),
+    ("mixtral", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"), ("gpt_oss", "INT8_DEFAULT_CFG"),
+    ("gpt_oss", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"),
+])
+def test_fused_experts_match_modelopt(arch, preset):
+    """Same quantizer names and enabled flags as ModelOpt 0.47 (its fused-experts plugins), equal
+    max-calibrated amax (per expert for the weights; GPT-OSS's transposed experts blocked along their
+    input dim), equal outputs."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer as ModelOptQuantizer
+
+    base = tiny_mixtral() if arch == "mixtral" else tiny_gpt_oss()
+    theirs, ours = copy.deepcopy(base), copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(theirs, copy.deepcopy(getattr(mtq, preset)), loop)
+    qpass.quantize(ours, copy.deepcopy(getattr(qpass, preset)), loop, rules="modelopt")
+    logits(ours)  # weight-only configs trace on the first forward (attention's bmm slots appear then)
+    a = {n: q for n, q in theirs.named_modules() if isinstance(q, ModelOptQuantizer)}
+    b = {n: q for n, q in ours.named_modules() if isinstance(q, TensorQuantizer)}
+    assert {n: q.is_enabled for n, q in b.items()} == {n: q.is_enabled for n, q in a.items()}
+    experts = [n for n in b if ".experts." in n]
+    if arch == "mixtral":
+        assert len(experts) == 2 * 2 * (1 + EXPERTS)  # layers x (gate_up, down) x (input + one per expert)
+        assert "model.layers.1.mlp.experts.down_proj_weight_quantizers.3" in experts
+    else:
+        assert len(experts) == 2 * 2 * 2  # one weight quantizer on the whole [E, in, out] parameter
+        assert "model.layers.1.mlp.experts.down_proj_weight_quantizer" in experts
+    checked = 0
+    for n, q in a.items():
+        if q.is_enabled and getattr(q, "amax", None) is not None:
+            want = q.amax.float()
+            got = b[n].amax.float().reshape(want.shape)
+            assert torch.allclose(got, want, rtol=1e-6, atol=0), n
+            checked += n in experts
+    assert checked == sum(1 for n in experts if b[n].is_enabled and b[n].amax is not None) > 0
+    assert cosine(logits(ours), logits(theirs)) > 0.9999
+
+
+def test_each_expert_is_quantized_with_its_own_amax():
+    m = quantized()
+    experts = m.model.layers[0].mlp.experts
+    quantizers = experts.gate_up_proj_weight_quantizers
+    assert isinstance(quantizers, ExpertQuantizers) and len(quantizers) == EXPERTS
+    w = experts.gate_up_proj.detach()
+    fq = quantizers(experts.gate_up_proj)
+    for e, q in enumerate(quantizers):
+        amax = w[e].abs().amax(1, keepdim=True)  # INT8 weights: per output row, per expert
+        assert torch.equal(q.amax, amax)
+        scale = amax / 127
+        torch.testing.assert_close(fq[e], (w[e] / scale).round().clamp(-127, 127) * scale, rtol=0, atol=1e-7)
+    # the graph: the weight quantizer reads the parameter, the input quantizer feeds the grouped matmul
+    gm = next(iter(state_of(m).graphs.values()))[0].gm
+    placed = {n.meta[QUANTIZER_META]: n for n in gm.graph.nodes if QUANTIZER_META in n.meta}
+    w_node = placed["model.layers.0.mlp.experts.gate_up_proj_weight_quantizers"]
+    assert w_node.args[0].op == "get_attr" and w_node.args[0].target.endswith("experts.gate_up_proj")
+    x_node = placed["model.layers.0.mlp.experts.gate_up_proj_input_quantizer"]
+    assert any("grouped_mm" in str(u.target) for u in x_node.users)
+    assert float(experts.gate_up_proj_input_quantizer.amax) > 0 and float(experts.down_proj_input_quantizer.amax) > 0
+    # quantizing the experts changes the output; switching their quantizers off gives it back
+    ref = logits(tiny_mixtral())
+    off = copy.deepcopy(m)
+    qpass.disable_quantizer(off, "*")
+    assert torch.allclose(logits(off), ref, atol=1e-6)
+    qpass.disable_quantizer(m, lambda n: ".experts." not in n)
+    assert not torch.allclose(logits(m), ref, atol=1e-4)
+    assert cosine(logits(m), ref) > 0.999
+
+
+def test_expert_wildcards_follow_modelopt():
+    """ModelOpt 0.47 matches a per-expert quantizer by its full name and by the name with the
+    expert index dropped: ``*gate_up_proj_weight_quantizer`` selects every expert of that
+    parameter, ``*weight_quantizers.1`` one expert of each, ``*gate_up_proj_weight_quantizers`` none."""
+    def enabled(pattern):
+        cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+        cfg["quant_cfg"].append({"quantizer_name": pattern, "enable": False})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = quantized(cfg)
+        ex = m.model.layers[0].mlp.experts
+        return ([q.is_enabled for q in ex.gate_up_proj_weight_quantizers],
+                [q.is_enabled for q in ex.down_proj_weight_quantizers])
+
+    on, off = [True] * EXPERTS, [False] * EXPERTS
+    assert enabled("*gate_up_proj_weight_quantizer") == (off, on)
+    assert enabled("*gate_up_proj_weight_quantizers") == (on, on)
+    assert enabled("*weight_quantizers.1") == ([True, False, True, True], [True, False, True, True])
+    assert enabled("*gate_up_proj_weight_quantizers*") == (off, on)
+
+
+def test_fold_weight_folds_expert_weights():
+    m = quantized()
+    before = logits(m, BATCHES[1])
+    experts = m.model.layers[1].mlp.experts
+    want = experts.down_proj_weight_quantizers(experts.down_proj).clone()
+    qpass.fold_weight(m)
+    assert torch.equal(experts.down_proj.detach(), want)
+    assert not experts.down_proj_weight_quantizers.is_enabled
+    gm = next(iter(state_of(m).graphs.values()))[0].gm
+    assert not any(str(n.meta.get(QUANTIZER_META, "")).endswith("_weight_quantizers") for n in gm.graph.nodes)
+    assert torch.allclose(logits(m, BATCHES[1]), before, atol=1e-6)
+
+
+def test_checkpoint_roundtrip_restores_expert_quantizers(tmp_path):
+    m = quantized()
+    path = str(tmp_path / "q.pt")
+    qpass.save(m, path)
+    fresh = tiny_mixtral()
+    qpass.restore(fresh, path)
+    q = fresh.model.layers[0].mlp.experts.gate_up_proj_weight_quantizers
+    assert isinstance(q, ExpertQuantizers) and len(q) == EXPERTS
+    assert torch.equal(q[2].amax, m.model.layers[0].mlp.experts.gate_up_proj_weight_quantizers[2].amax)
+    assert torch.equal(logits(fresh, BATCHES[1]), logits(m, BATCHES[1]))
+
+
+def test_layerwise_calibration_matches_whole_model_with_experts():
+    whole = quantized()
+    cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+    cfg["algorithm"] = {"method": "max", "layerwise": True}
+    layerwise = quantized(cfg)
+    assert torch.equal(logits(whole, BATCHES[1]), logits(layerwise, BATCHES[1]))
+
+
+@pytest.mark.parametrize("preset", ["INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG", "NVFP4_DEFAULT_CFG"])
+def test_algorithms_run_on_models_with_experts(preset):
+    """Experts are not smoothing units (no Linear): they keep max calibration, the rest of the model
+    gets the algorithm."""
+    m = quantized(getattr(qpass, preset))
+    ex = m.model.layers[0].mlp.experts
+    assert all(q.amax is not None for q in ex.gate_up_proj_weight_quantizers)
+    for q in (ex.gate_up_proj_input_quantizer, ex.down_proj_input_quantizer):
+        assert not q.is_enabled or (q.is_dynamic or q.amax is not None)
+    assert cosine(logits(m), logits(tiny_mixtral())) > 0.98
+
+
+def test_onnx_export_of_experts_is_refused_by_name(tmp_path):
+    m = quantized()
+    with pytest.raises(ExportError, match=r"node 'grouped_mm_fallback' in module 'model.layers.0.mlp.experts' calls "
+                                          r"transformers::grouped_mm_fallback, which has no ONNX translation"):
+        qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs=BATCHES[0])
+    assert os.listdir(tmp_path) == []
+
+
+def test_real_quantize_says_expert_weights_stay_unpacked():
+    cfg = copy.deepcopy(qpass.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    cfg["algorithm"] = {"method": "real_quantize", "additional_algorithm": "max"}
+    m = tiny_mixtral()
+    with pytest.warns(UserWarning, match=r"fused MoE expert weights \(model.layers.0.mlp.experts.gate_up_proj, .*"
+                                         r"are not packed yet"):
+        qpass.quantize(m, cfg, loop)
+    assert m.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    assert m.model.layers[0].self_attn.q_proj.weight_quantizer.__class__.__name__ == "PackedWeightQuantizer"
+    assert cosine(logits(m), logits(tiny_mixtral())) > 0.98
+
+
+def test_transposed_experts_fold_and_restore(tmp_path):
+    """GPT-OSS's ``[E, in, out]`` experts: the weight quantizer sees ``[E, out, in]`` (blocks along the
+    input dim); folding writes the quantized values back in the parameter's own layout."""
+    cfg = copy.deepcopy(qpass.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    m = tiny_gpt_oss()
+    qpass.quantize(m, cfg, loop)
+    experts = m.model.layers[0].mlp.experts
+    q = experts.down_proj_weight_quantizer
+    w = experts.down_proj.detach()  # [E, in=32, out=64]
+    assert q.amax.numel() == EXPERTS * 64  # one block of 32 inputs per (expert, output)
+    want = q(w.mT.contiguous()).mT
+    path = str(tmp_path / "q.pt")
+    qpass.save(m, path)
+    before = logits(m, BATCHES[1])
+    qpass.fold_weight(m)
+    torch.testing.assert_close(experts.down_proj.detach(), want, rtol=0, atol=0)
+    torch.testing.assert_close(logits(m, BATCHES[1]), before, rtol=0, atol=1e-6)
+    fresh = tiny_gpt_oss()
+    qpass.restore(fresh, path)
+    assert torch.equal(logits(fresh, BATCHES[1]), before)
