@@ -247,3 +247,30 @@ def test_transposed_experts_fold_and_restore(tmp_path):
     fresh = tiny_gpt_oss()
     qpass.restore(fresh, path)
     assert torch.equal(logits(fresh, BATCHES[1]), before)
+
+
+@pytest.mark.skipif(not has_package("modelopt"), reason="nvidia-modelopt not installed")
+def test_restore_modelopt_checkpoint_with_experts(tmp_path):
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+
+    theirs = tiny_mixtral()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(theirs, copy.deepcopy(mtq.INT8_DEFAULT_CFG), loop)
+        mto.save(theirs, str(tmp_path / "mo.pt"))
+        ours = qpass.restore_modelopt(tiny_mixtral(), str(tmp_path / "mo.pt"))
+    q = ours.model.layers[1].mlp.experts.gate_up_proj_weight_quantizers
+    assert isinstance(q, ExpertQuantizers) and torch.equal(
+        q[3].amax, theirs.model.layers[1].mlp.experts.gate_up_proj_weight_quantizers[3].amax)
+    torch.testing.assert_close(logits(ours, BATCHES[1]), logits(theirs, BATCHES[1]), rtol=0, atol=1e-6)
+
+
+def test_auto_quantize_names_the_experts_it_leaves_out():
+    m = tiny_mixtral()
+    with pytest.warns(UserWarning, match=r"fused MoE expert weights \(model.layers.0.mlp.experts.gate_up_proj, .*"
+                                         r"are not search candidates yet"):
+        qpass.auto_quantize(m, constraints={"effective_bits": 6.0}, quantization_formats=["INT4_AWQ_CFG", "INT8_DEFAULT_CFG"],
+                            data_loader=BATCHES, forward_step=lambda mod, x: mod(x),
+                            loss_func=lambda out, x: out.logits.float().pow(2).mean())
+    assert not m.model.layers[0].mlp.experts.gate_up_proj_weight_quantizers.is_enabled
