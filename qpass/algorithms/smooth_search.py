@@ -236,6 +236,38 @@ def _weight_errors(mods, sampled, picks, s: torch.Tensor) -> torch.Tensor:
     return d2
 
 
+#: threads that search units side by side (None: torch's intra-op thread count, at most 4)
+SEARCH_THREADS = None
+
+
+def in_parallel(fn, items: list) -> list:
+    """``[fn(x) for x in items]``, run by a few threads, each with one intra-op thread.
+
+    Each unit's search is small (a few hundred tokens by a few hundred channels): its kernels
+    parallelise poorly, and much of its time is spent between kernels. On SmolLM2 (120 units, two
+    cores) the searches took 1.73-1.91 s side by side against 1.99-2.34 s one after another with two
+    intra-op threads (both timed on the same statistics, three times each, in one run), with identical
+    results: every search reads only its own unit's statistics and weights."""
+    threads = torch.get_num_threads()
+    n = SEARCH_THREADS or min(4, threads)
+    if n <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    grad = torch.is_grad_enabled()
+
+    def run(x):
+        with torch.set_grad_enabled(grad):  # grad mode is per thread
+            return fn(x)
+
+    torch.set_num_threads(1)  # each search single-threaded, the searches side by side
+    try:
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="qpass-search") as pool:
+            return list(pool.map(run, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLIP_RATIOS,
                       shortlist: int = SHORTLIST, exact_tokens: int = EXACT_TOKENS) -> SearchResult:

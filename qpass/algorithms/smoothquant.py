@@ -36,7 +36,7 @@ from qpass.algorithms.smoothing import (
 )
 from qpass.algorithms.awq_search import sample_grams
 from qpass.algorithms.gptq import check_gptq_flag, round_smoothed
-from qpass.algorithms.smooth_search import search_alpha_clip
+from qpass.algorithms.smooth_search import in_parallel, search_alpha_clip
 from qpass.calib.compute_device import on_compute_device
 from qpass.errors import QuantConfigError
 from qpass.formats.layout import abs_amax
@@ -97,8 +97,7 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
     grow = AUTO_SEARCH_TOKENS_MAX if alpha == "auto" and not gptq else 0
     stats = capture_pass(model, state, forward_loop, modules, tokens, sums=False, grow_to=grow,
                          second=alpha == "auto")
-    plan = []
-    for unit in smoothing_units(state, modules, stats):
+    def plan_unit(unit):
         with on_compute_device(model, state, unit) as dev:
             st = dev.stats(stats[unit[0]])
             weight_amax = abs_amax(group_weight(model, unit), (0,))[0]
@@ -108,7 +107,11 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
                                           alpha_grid(AUTO_GRID_STEP))
                 a, clip = found.alpha, found.clip
             s = dev.home(smoothquant_scale(st.amax, weight_amax, a))
-        plan.append((unit, s, a, clip))
+        return unit, s, a, clip
+
+    units = list(smoothing_units(state, modules, stats))
+    plan = in_parallel(plan_unit, units) if alpha == "auto" and state.compute_device is None else \
+        [plan_unit(u) for u in units]
     applied = []
     for unit, s, a, clip in plan:
         done = apply_scale(model, state, unit, s, changes)

@@ -213,3 +213,25 @@ def test_exact_scoring_on_sampled_rows_estimates_the_full_output_error(monkeypat
     assert 600 > ss.ESTIMATE_ROWS and (sampled.alpha, sampled.clip) == (full.alpha, full.clip)
     assert sampled.alpha > 0.0  # an outlier channel: smoothing wins clearly
     torch.testing.assert_close(sampled.loss, full.loss, rtol=0.15, atol=0)
+
+
+def test_units_searched_side_by_side_give_the_serial_result(monkeypatch):
+    """The per-unit searches run on a few threads (each single-threaded); the choices, scales and
+    amax equal a one-after-another search, and torch's thread count is restored."""
+    from conftest import tiny_llama
+    import qpass.algorithms.smooth_search as ss
+
+    base = tiny_llama(layers=3)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 128, (2, 32), generator=g) for _ in range(2)]
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, 3):
+        monkeypatch.setattr(ss, "SEARCH_THREADS", n)
+        m = copy.deepcopy(base)
+        qpass.quantize(m, copy.deepcopy(qpass.INT8_SMOOTHQUANT_CFG), lambda mm: [mm(input_ids=c) for c in calib])
+        assert torch.get_num_threads() == threads
+        results.append({k: v.clone() for k, v in m.state_dict().items()})
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
