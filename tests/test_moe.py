@@ -274,3 +274,21 @@ def test_auto_quantize_names_the_experts_it_leaves_out():
                             data_loader=BATCHES, forward_step=lambda mod, x: mod(x),
                             loss_func=lambda out, x: out.logits.float().pow(2).mean())
     assert not m.model.layers[0].mlp.experts.gate_up_proj_weight_quantizers.is_enabled
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="torch without grouped_mm")
+def test_bfloat16_experts_through_aten_grouped_mm():
+    """In bfloat16 transformers runs the experts through torch's own grouped matmul
+    (``aten._grouped_mm``, as on GPUs) instead of its fallback op: the same quantizers apply."""
+    m = tiny_mixtral().to(torch.bfloat16)
+    ref = copy.deepcopy(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(m, copy.deepcopy(qpass.INT8_DEFAULT_CFG), loop)
+    gm = next(iter(state_of(m).graphs.values()))[0].gm
+    mms = [n for n in gm.graph.nodes if n.target is torch.ops.aten._grouped_mm.default]
+    assert len(mms) == 4  # 2 layers x (gate_up, down)
+    assert all(n.args[0].meta.get(QUANTIZER_META, "").endswith("_input_quantizer") for n in mms)
+    ex = m.model.layers[1].mlp.experts
+    assert ex.down_proj_input_quantizer.amax is not None and ex.down_proj_weight_quantizers[3].amax.shape == (64, 1)
+    assert cosine(logits(m).float(), logits(ref).float()) > 0.999
