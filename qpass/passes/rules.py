@@ -126,10 +126,12 @@ class ExpertRule:
     Each such parameter ``p`` gets ``p_input_quantizer`` on the activation it multiplies and, on
     the parameter itself, ``p_weight_quantizers``: one weight quantizer per expert, each on expert
     ``e``'s ``[out, in]`` matrix (ModelOpt 0.47's ``_QuantFusedExperts``). A module with
-    ``is_transposed=True`` (GPT-OSS: ``[E, in, out]``) gets one ``p_weight_quantizer`` on the whole
-    3-D parameter instead, transposed to ``[E, out, in]`` around it, as ModelOpt's GPT-OSS experts
-    do (``axis=0`` is then one amax per expert; INT4/NVFP4 blocks run along the input dim). In the graph the parameter reaches a matmul through ``layout_ops`` (transpose,
-    per-token expert gather, ...); the matmul's other tensor operand is the activation."""
+    ``is_transposed=True`` (GPT-OSS: ``[E, in, out]``) or without that attribute (Llama 4) gets one
+    ``p_weight_quantizer`` on the whole 3-D parameter instead, transposed to ``[E, out, in]`` around
+    it, as ModelOpt's GPT-OSS and Llama 4 experts do (``axis=0`` is then one amax per expert;
+    INT4/NVFP4 blocks run along the input dim). In the graph the parameter reaches a matmul through
+    ``layout_ops`` (transpose, per-token expert gather, ...); the matmul's other tensor operand is
+    the activation."""
 
     matmul_ops: tuple  # aten ops multiplying activations by expert weights
     matmul_op_names: tuple  # custom ops, by qualified name (their library may not be loaded)
@@ -144,8 +146,12 @@ class ExpertRule:
     @staticmethod
     def transposed(module: nn.Module) -> bool:
         """``[E, in, out]`` parameters: their one weight quantizer sees ``[E, out, in]`` (the
-        parameter transposed), so blocks and channels run as for every other weight."""
-        return getattr(module, "is_transposed", False) is True
+        parameter transposed), so blocks and channels run as for every other weight.
+
+        transformers 5's experts (``@use_experts_implementation``) say so in ``is_transposed``;
+        the older fused modules without it (Llama 4's ``Llama4TextExperts``: ``bmm(x, W)`` with
+        ``W [E, in, out]``) keep the transposed layout, as ModelOpt assumes for them."""
+        return getattr(module, "is_transposed", True) is True
 
     def is_weight_slot(self, slot: str) -> bool:
         """An expert parameter's weight slot (either layout); not a Linear's ``weight_quantizer``."""
