@@ -308,10 +308,7 @@ def fold_weight(model: nn.Module) -> None:
         for _, module, param, experts in expert_weight_quantizers(model):  # fused MoE parameters
             if experts.is_enabled:
                 weight = getattr(module, param)
-                if EXPERTS.transposed(module):
-                    weight.copy_(experts(weight.mT).mT)
-                else:
-                    weight.copy_(experts(weight))
+                EXPERTS.quantized_view(module, weight).copy_(experts(EXPERTS.quantized_view(module, weight)))
                 experts.disable()
     for traced_list in state.graphs.values():
         for traced in traced_list:

@@ -240,16 +240,17 @@ def _weight_errors(mods, sampled, picks, s: torch.Tensor) -> torch.Tensor:
 SEARCH_THREADS = None
 
 
-def in_parallel(fn, items: list) -> list:
-    """``[fn(x) for x in items]``, run by a few threads, each with one intra-op thread.
+def in_parallel(fn, items: list, threads: int | None = None) -> list:
+    """``[fn(x) for x in items]``, run by ``threads`` threads (default :data:`SEARCH_THREADS`), each
+    with one intra-op thread.
 
     Each unit's search is small (a few hundred tokens by a few hundred channels): its kernels
     parallelise poorly, and much of its time is spent between kernels. On SmolLM2 (120 units, two
     cores) the searches took 1.73-1.91 s side by side against 1.99-2.34 s one after another with two
     intra-op threads (both timed on the same statistics, three times each, in one run), with identical
     results: every search reads only its own unit's statistics and weights."""
-    threads = torch.get_num_threads()
-    n = SEARCH_THREADS or min(4, threads)
+    intra = torch.get_num_threads()
+    n = threads or SEARCH_THREADS or min(4, intra)
     if n <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
     from concurrent.futures import ThreadPoolExecutor
@@ -265,7 +266,7 @@ def in_parallel(fn, items: list) -> list:
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="qpass-search") as pool:
             return list(pool.map(run, items))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(intra)
 
 
 @torch.no_grad()

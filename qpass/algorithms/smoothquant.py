@@ -109,9 +109,9 @@ def _smooth(model, state, forward_loop, alpha, changes, gptq):
             s = dev.home(smoothquant_scale(st.amax, weight_amax, a))
         return unit, s, a, clip
 
-    units = list(smoothing_units(state, modules, stats))
-    plan = in_parallel(plan_unit, units) if alpha == "auto" and state.compute_device is None else \
-        [plan_unit(u) for u in units]
+    # the searches (alpha="auto") side by side; a calibration device moves weights per unit
+    parallel = alpha == "auto" and state.compute_device is None
+    plan = in_parallel(plan_unit, list(smoothing_units(state, modules, stats)), threads=None if parallel else 1)
     applied = []
     for unit, s, a, clip in plan:
         done = apply_scale(model, state, unit, s, changes)

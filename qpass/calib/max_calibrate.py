@@ -22,7 +22,7 @@ from qpass.errors import CalibrationError
 from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.lazy_outputs import deferred_outputs
 from qpass.graph.quantized_model import QpassState, iter_tensor_quantizers
-from qpass.nn.tensor_quantizer import ExpertQuantizers, TensorQuantizer, is_quantizer
+from qpass.nn.tensor_quantizer import ExpertQuantizers, TensorQuantizer, is_quantizer, is_quantizer_slot
 from qpass.passes.rules import EXPERTS, fused_expert_params
 
 
@@ -48,7 +48,7 @@ def expert_weight_quantizers(model: nn.Module):
     for path, module in model.named_modules():
         for param in fused_expert_params(module):
             q = module._modules.get(EXPERTS.weight_slot(module, param))
-            if q is not None and (is_quantizer(q) or isinstance(q, ExpertQuantizers)):
+            if q is not None and is_quantizer_slot(q):
                 out.append((path, module, param, q))
     return out
 
@@ -76,9 +76,7 @@ def calibrate_weights(model: nn.Module, groups=()) -> None:
                 tq.collect(module.weight)
                 tq.load_calib_amax()
         for _, module, param, q in expert_weight_quantizers(model):
-            weight = getattr(module, param)
-            if EXPERTS.transposed(module):
-                weight = weight.mT
+            weight = EXPERTS.quantized_view(module, getattr(module, param))
             parts = enumerate(q) if isinstance(q, ExpertQuantizers) else [(None, q)]
             for e, member in parts:
                 for tq in iter_tensor_quantizers(member):

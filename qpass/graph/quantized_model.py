@@ -25,7 +25,7 @@ from qpass.graph.execution import execution_graph
 from qpass.graph.graph_cache import cached_export
 from qpass.graph.trace import TracedGraph, matches_static_dims
 from qpass.nn.tensor_quantizer import (
-    ExpertQuantizers, SequentialQuantizer, TensorQuantizer, is_quantizer, iter_tensor_quantizers,
+    ExpertQuantizers, SequentialQuantizer, TensorQuantizer, is_quantizer, is_quantizer_slot, iter_tensor_quantizers,
 )
 from qpass.passes.insert_quantizers import InsertQuantizers
 from qpass.passes.rules import RuleSet
@@ -240,7 +240,7 @@ def _run(model: nn.Module, state: QpassState, key, fn, tensors: list):
 def make_quantizer(model: nn.Module, state: QpassState, owner_path: str, owner: nn.Module, slot: str):
     """Return the (owner, slot) quantizer, creating and configuring it if new."""
     existing = owner._modules.get(slot)
-    if existing is not None and (is_quantizer(existing) or isinstance(existing, ExpertQuantizers)):
+    if existing is not None and is_quantizer_slot(existing):
         return existing
     name = f"{owner_path}.{slot}" if owner_path else slot
     rule = state.rule_set.expert_rule

@@ -152,6 +152,7 @@ class InsertQuantizers(PassBase):
         quantizer on the activation of each matmul the parameter reaches (see :class:`ExpertRule`)."""
         rule = self.rule_set.expert_rule
         modified = False
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for node in list(gm.graph.nodes):
             if node.op != "get_attr":
                 continue
@@ -162,7 +163,7 @@ class InsertQuantizers(PassBase):
                 continue
             if leaf not in fused_expert_params(owner) or _fetch_attr(gm, node.target) is not getattr(owner, leaf):
                 continue
-            matmuls = _expert_matmuls(node, rule)
+            matmuls = sorted(_expert_matmuls(node, rule), key=lambda pair: order[pair[0]])
             if not matmuls:
                 continue  # read for something else (a norm of the weights, say): nothing to quantize
             for slot in (rule.weight_slot(owner, leaf), leaf + rule.input_suffix):
@@ -174,7 +175,7 @@ class InsertQuantizers(PassBase):
                 if rule.is_weight_slot(slot):
                     # before the first reader, not after the get_attr (export hoists those to the top,
                     # outside the block that owns the parameter)
-                    first = min(node.users, key=_order)
+                    first = min(node.users, key=order.__getitem__)
                     users = list(node.users)
                     with gm.graph.inserting_before(first):
                         src = node
@@ -234,14 +235,7 @@ def _expert_matmuls(param: fx.Node, rule) -> list[tuple[fx.Node, int]]:
                     out.append((user, acts[0]))
             elif user.target in rule.layout_ops and user.args and user.args[0] is node:
                 frontier.append(user)
-    return sorted(out, key=lambda pair: _order(pair[0]))
-
-
-def _order(node: fx.Node) -> int:
-    for i, n in enumerate(node.graph.nodes):
-        if n is node:
-            return i
-    return -1
+    return out
 
 
 def quantizer_nodes(gm: fx.GraphModule):

@@ -153,6 +153,10 @@ class ExpertRule:
         ``W [E, in, out]``) keep the transposed layout, as ModelOpt assumes for them."""
         return getattr(module, "is_transposed", True) is True
 
+    def quantized_view(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as the parameter's weight quantizer sees it (``[E, out, in]``)."""
+        return weight.mT if self.transposed(module) else weight
+
     def is_weight_slot(self, slot: str) -> bool:
         """An expert parameter's weight slot (either layout); not a Linear's ``weight_quantizer``."""
         return slot.endswith(self.weight_suffix) or (slot.endswith(self.whole_weight_suffix)
