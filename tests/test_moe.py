@@ -22,13 +22,13 @@ pytestmark = pytest.mark.skipif(not has_package("transformers"), reason="transfo
 EXPERTS = 4
 
 
-def tiny_mixtral(layers=2):
+def tiny_mixtral(layers=2, **kw):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS,
-                        num_experts_per_tok=2, max_position_embeddings=128)
+                        num_experts_per_tok=2, max_position_embeddings=128, **kw)
     return MixtralForCausalLM(cfg).eval()
 
 
@@ -308,3 +308,35 @@ def test_bfloat16_experts_through_aten_grouped_mm():
     ex = m.model.layers[1].mlp.experts
     assert ex.down_proj_input_quantizer.amax is not None and ex.down_proj_weight_quantizers[3].amax.shape == (64, 1)
     assert cosine(logits(m).float(), logits(ref).float()) > 0.999
+
+
+def test_batched_mm_experts_get_the_same_quantizers():
+    """experts_implementation='batched_mm' gathers each token's expert weights (``W[expert_ids]``) and
+    multiplies them by bmm: the same quantizers, the same amax as the grouped matmul, and that bmm is
+    not mistaken for an attention product (the gathered weights are a parameter, not an activation)."""
+    grouped = quantized()
+    batched = tiny_mixtral(experts_implementation="batched_mm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(batched, copy.deepcopy(qpass.INT8_DEFAULT_CFG), loop)
+    names = {n for n, _ in batched.named_modules()}
+    assert not any(".experts." in n and "bmm_quantizer" in n for n in names)
+    for i in range(2):
+        a, b = grouped.model.layers[i].mlp.experts, batched.model.layers[i].mlp.experts
+        for slot in ("gate_up_proj_input_quantizer", "down_proj_input_quantizer"):
+            torch.testing.assert_close(getattr(b, slot).amax, getattr(a, slot).amax, rtol=1e-6, atol=0)
+        for qa, qb in zip(a.down_proj_weight_quantizers, b.down_proj_weight_quantizers):
+            assert torch.equal(qa.amax, qb.amax)
+    assert cosine(logits(batched), logits(grouped)) > 0.99999
+
+
+def test_eager_experts_are_refused_with_the_implementation_to_use():
+    from qpass.errors import TraceError
+
+    m = tiny_mixtral(experts_implementation="eager")
+    ref = logits(m)
+    with pytest.raises(TraceError, match=r"module 'model.layers.0.mlp.experts' \(MixtralExperts\) failed .* "
+                                         r"experts_implementation='grouped_mm'"):
+        qpass.quantize(m, copy.deepcopy(qpass.INT8_DEFAULT_CFG), loop)
+    assert not hasattr(m.model.layers[0].mlp.experts, "gate_up_proj_input_quantizer")
+    assert torch.equal(logits(m), ref)

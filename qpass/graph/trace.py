@@ -158,7 +158,7 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
             f"torch.export could not trace the model: module '{where}' "
             f"({_type_of(model, where)}) failed with {type(e).__name__}: {cause}. "
             "The model was left unchanged. Make its forward traceable (no data-dependent "
-            "Python control flow), or pass inputs that avoid the failing branch."
+            f"Python control flow), or pass inputs that avoid the failing branch.{_hint(model, where)}"
         ) from e
     exported = ep.module()
     recover_causal_masks(exported.graph)
@@ -212,6 +212,22 @@ def original_class(model: nn.Module, original_cls: type):
         yield model
     finally:
         model.__class__ = wrapped
+
+
+def _hint(model: nn.Module, path: str) -> str:
+    """What to change for a module known to be untraceable as configured."""
+    from qpass.passes.rules import fused_expert_params
+
+    try:
+        module = model.get_submodule("" if path == "<root>" else path)
+    except AttributeError:
+        return ""
+    config = getattr(model, "config", None)
+    if fused_expert_params(module) and getattr(config, "_experts_implementation", None) == "eager":
+        return (" Its fused experts run the 'eager' implementation, a Python loop over the experts each "
+                "batch routes to; load the model with experts_implementation='grouped_mm' (transformers' "
+                "default) or 'batched_mm' to quantize it.")
+    return ""
 
 
 def _type_of(model: nn.Module, path: str) -> str:

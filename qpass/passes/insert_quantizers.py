@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from qpass.passes.rules import OUT, REGISTER_ONLY, OpRule, RuleSet, fused_expert_params
+from qpass.passes.rules import EXPERTS, OUT, REGISTER_ONLY, OpRule, RuleSet, fused_expert_params
 from qpass.nn.tensor_quantizer import bump_quantizer_epoch
 
 aten = torch.ops.aten
@@ -63,6 +63,19 @@ def _is_param(gm: fx.GraphModule, node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
+def _from_param(node, layout_ops) -> bool:
+    """A parameter, or a view/gather/transpose of one (MoE experts' weights picked per token):
+    not an activation, whatever the op reading it."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 8:
+        if node.op == "get_attr":
+            return True
+        if node.op != "call_function" or node.target not in layout_ops or not node.args:
+            return False
+        node, seen = node.args[0], seen + 1
+    return False
+
+
 def _fetch_attr(gm: fx.GraphModule, target: str):
     obj = gm
     for part in target.split("."):
@@ -103,7 +116,7 @@ class InsertQuantizers(PassBase):
                 w = node.args[rule.weight_arg] if len(node.args) > rule.weight_arg else None
                 if not _is_param(gm, w) or _fetch_attr(gm, w.target) is not getattr(owner, "weight", None):
                     continue
-            if any(_is_param(gm, node.args[i]) for i in rule.activation_args if i < len(node.args)):
+            if any(_from_param(node.args[i], EXPERTS.layout_ops) for i in rule.activation_args if i < len(node.args)):
                 continue
             if rule.after_softmax is not None and _from_softmax(node.args[0]) != rule.after_softmax:
                 continue
