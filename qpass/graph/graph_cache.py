@@ -80,7 +80,23 @@ def structure_fingerprint(model: nn.Module, original_cls: type, ignore: frozense
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         h.update(config.to_json_string(use_diff=False).encode())
+        h.update(repr(_implementations(config)).encode())
     return h.hexdigest()
+
+
+def _implementations(config, depth: int = 0) -> list:
+    """The kernels an HF config selects (``_attn_implementation``: sdpa or eager attention,
+    ``_experts_implementation``: grouped_mm, batched_mm or eager experts), its sub-configs' too:
+    private attributes its JSON leaves out, which change the traced graph."""
+    out = []
+    for key, value in sorted(vars(config).items()):
+        name = key.removesuffix("_internal")  # transformers 5 keeps them behind properties
+        if name.endswith("_implementation"):
+            chosen = getattr(config, name, value)
+            out.append((name, chosen if isinstance(chosen, (str, type(None))) else repr(chosen)))
+        elif hasattr(value, "to_json_string") and depth < 3:
+            out.append((key, _implementations(value, depth + 1)))
+    return out
 
 
 def _copy_graph(source: fx.Graph) -> fx.Graph:

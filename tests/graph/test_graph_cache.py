@@ -53,6 +53,30 @@ def test_different_scalar_attribute_is_traced_again(monkeypatch):
     torch.testing.assert_close(b(x), ref_b, rtol=0, atol=0)
 
 
+def test_hf_kernel_choice_is_part_of_the_architecture():
+    """transformers keeps the attention/experts implementation in private config attributes its
+    JSON leaves out: an eager-attention Llama after an SDPA one must get a graph of its own (only
+    there is the softmax a separate op that softmax_quantizer can read)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(impl):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, attn_implementation=impl)
+        return LlamaForCausalLM(cfg).eval()
+
+    sdpa, eager = llama("sdpa"), llama("eager")
+    assert (graph_cache.structure_fingerprint(sdpa, type(sdpa))
+            != graph_cache.structure_fingerprint(eager, type(eager)))
+    graph_cache.clear()
+    cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+    cfg["quant_cfg"].append({"quantizer_name": "*softmax_quantizer", "cfg": {"num_bits": 8, "axis": None}})
+    x = torch.randint(0, 128, (2, 8))
+    qpass.quantize(sdpa, copy.deepcopy(cfg), lambda m: m(x))
+    qpass.quantize(eager, copy.deepcopy(cfg), lambda m: m(x))
+    assert eager.model.layers[0].self_attn.softmax_quantizer.amax is not None
+
+
 def test_export_restores_tracing_settings_even_when_it_fails():
     """export_graph switches off the fake-tensor cache and stack traces for its own trace only."""
     import torch._dynamo.config as dynamo_config
