@@ -174,10 +174,27 @@ def install(model: nn.Module, rule_set, rules: list, algorithm, specs: list[Quan
         model.__class__ = state.original_cls
         del model.__dict__[STATE_ATTR]
         raise
+    released = set()
     for spec, q in zip(specs, built):
-        if isinstance(q, PackedWeightQuantizer):
-            release_weight(model.get_submodule(spec.owner_path))
+        if isinstance(q, PackedWeightQuantizer):  # the weight lives in the quantizer: drop the FP32 copy
+            owner, name = _packed_weight_of(model, spec)
+            if (id(owner), name) not in released:
+                release_weight(owner, name)
+                released.add((id(owner), name))
     return model
+
+
+def _packed_weight_of(model: nn.Module, spec: QuantizerSpec) -> tuple[nn.Module, str]:
+    """(module, tensor name) of the weight a packed quantizer holds: a layer's ``weight``, or a
+    fused MoE parameter (per-expert members, or GPT-OSS/Llama 4's one quantizer per parameter)."""
+    from qpass.passes.rules import EXPERTS
+
+    where = _expert_container(model, spec)
+    if where is not None:
+        return model.get_submodule(where[0]), where[1][: -len(EXPERTS.weight_suffix)]
+    if EXPERTS.is_weight_slot(spec.slot):
+        return model.get_submodule(spec.owner_path), spec.slot[: -len(EXPERTS.whole_weight_suffix)]
+    return model.get_submodule(spec.owner_path), "weight"
 
 
 def _listing(title: str, problems: list[str], limit: int = 20) -> str:

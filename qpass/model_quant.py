@@ -19,7 +19,7 @@ from qpass.errors import QpassError, QuantConfigError
 from qpass.graph.quantized_model import (
     STATE_ATTR, QpassState, is_quantized, make_quantizer, realize_code, remove_created, state_of, wrapped_class,
 )
-from qpass.nn.tensor_quantizer import is_quantizer
+from qpass.nn.tensor_quantizer import is_quantizer, iter_tensor_quantizers
 from qpass.passes.insert_quantizers import SLOT_META, quantizer_nodes
 from qpass.passes.rules import EXPERTS, fused_expert_params, get_rule_set
 
@@ -290,7 +290,7 @@ def fold_weight(model: nn.Module) -> None:
     parameter holding its dequantized values again.
     """
     from qpass.algorithms.fold import untie_weight
-    from qpass.nn.packed_weight import PackedWeightQuantizer, unpack_weight
+    from qpass.nn.packed_weight import PackedWeightQuantizer, unpack_experts, unpack_weight
 
     state = state_of(model)
     graphs = [t.gm for ts in state.graphs.values() for t in ts]
@@ -306,7 +306,9 @@ def fold_weight(model: nn.Module) -> None:
             module.weight.copy_(folded)
             q.disable()
         for _, module, param, experts in expert_weight_quantizers(model):  # fused MoE parameters
-            if experts.is_enabled:
+            if isinstance(iter_tensor_quantizers(experts)[0], PackedWeightQuantizer):
+                unpack_experts(module, param, experts, EXPERTS.transposed(module))
+            elif experts.is_enabled:
                 weight = getattr(module, param)
                 EXPERTS.quantized_view(module, weight).copy_(experts(EXPERTS.quantized_view(module, weight)))
                 experts.disable()

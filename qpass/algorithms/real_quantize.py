@@ -3,8 +3,9 @@
 The additional algorithm (``max`` when absent; any qpass algorithm, e.g. ``awq_lite`` or
 ``gptq``) calibrates first. Then every Linear/Conv whose weight quantizer is enabled keeps
 its weight as codes and scales (:mod:`qpass.nn.packed_weight`): INT8 codes, INT4/FP4 two per
-byte, FP8 codes, NVFP4/MX block scales. Its FP32 weight is released; the forward dequantizes
-on the fly and gives the fake-quantized model's outputs bit for bit.
+byte, FP8 codes, NVFP4/MX block scales; so does every fused MoE expert parameter, one set of
+codes and scales per expert. The FP32 weight is released; the forward dequantizes on the fly
+and gives the fake-quantized model's outputs bit for bit.
 
 A weight shared with another module (tied embeddings) is left as it is, fake-quantized
 (packing it would take it from the other user), with a warning. ModelOpt 0.47 spells this
@@ -22,8 +23,9 @@ from qpass.algorithms.fold import is_shared_parameter
 from qpass.algorithms.smoothing import graphs_of
 from qpass.calib.max_calibrate import expert_weight_quantizers, weight_quantizer_owners
 from qpass.errors import QuantConfigError
-from qpass.nn.packed_weight import PackedWeightQuantizer, pack_weight
-from qpass.nn.tensor_quantizer import SequentialQuantizer
+from qpass.nn.packed_weight import PackedWeightQuantizer, pack_experts, pack_weight
+from qpass.nn.tensor_quantizer import ExpertQuantizers, SequentialQuantizer, TensorQuantizer, iter_tensor_quantizers
+from qpass.passes.rules import EXPERTS
 
 _PACKABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -48,9 +50,25 @@ def packable_modules(model: nn.Module) -> tuple[dict, list[str]]:
     return out, shared
 
 
-def _rebind_graphs(state, modules: dict) -> None:
-    """Point every graph's ``get_attr`` of a packed weight at its placeholder, dropping the FP32 weight."""
-    targets = {f"{path}.weight": module.weight for path, module in modules.items()}
+def packable_experts(model: nn.Module) -> tuple[list, list[str]]:
+    """Fused MoE parameters to pack, as (path, module, parameter, quantizer), and those left
+    fake-quantized: some expert's quantizer disabled, or a sequence of formats."""
+    out, left = [], []
+    for path, module, param, q in expert_weight_quantizers(model):
+        members = iter_tensor_quantizers(q)
+        if all(isinstance(m, PackedWeightQuantizer) for m in members) or not q.is_enabled:
+            continue
+        plain = list(q) if isinstance(q, ExpertQuantizers) else [q]
+        if all(type(m) is TensorQuantizer and m.is_enabled for m in plain):
+            out.append((path, module, param, q))
+        else:
+            left.append(f"{path}.{param}")
+    return out, left
+
+
+def _rebind_graphs(state, targets: dict) -> None:
+    """Point every graph's ``get_attr`` of a packed weight (``targets``: get_attr target -> its
+    placeholder) at the placeholder, dropping the FP32 weight."""
     for gm in graphs_of(state):
         for node in gm.graph.nodes:
             if node.op == "get_attr" and node.target in targets:
@@ -73,14 +91,19 @@ def real_quantize(model, state, forward_loop, additional_algorithm="max"):
     if shared:
         warnings.warn(f"real_quantize: the weights of {', '.join(shared)} are shared with another module; "
                       "they stay unpacked (fake-quantized)", stacklevel=3)
-    experts = [f"{path}.{param}" for path, _, param, q in expert_weight_quantizers(model) if q.is_enabled]
-    if experts:
-        warnings.warn(f"real_quantize: fused MoE expert weights ({', '.join(experts[:4])}"
-                      f"{', ...' if len(experts) > 4 else ''}) are not packed yet; they stay fake-quantized",
-                      stacklevel=3)
+    experts, unpacked = packable_experts(model)
+    if unpacked:
+        warnings.warn(f"real_quantize: fused MoE expert weights ({', '.join(unpacked[:4])}"
+                      f"{', ...' if len(unpacked) > 4 else ''}) have disabled or sequential expert quantizers; "
+                      "they stay unpacked (fake-quantized)", stacklevel=3)
     before = after = 0
     for path, module in modules.items():
         b, a = pack_weight(module, path)
         before, after = before + b, after + a
-    _rebind_graphs(state, modules)
+    targets = {f"{path}.weight": module.weight for path, module in modules.items()}
+    for path, module, param, q in experts:
+        b, a = pack_experts(module, param, q, EXPERTS.transposed(module), path)
+        before, after = before + b, after + a
+        targets[f"{path}.{param}"] = getattr(module, param)
+    _rebind_graphs(state, targets)
     state.packed_bytes = (before, after)

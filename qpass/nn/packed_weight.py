@@ -18,7 +18,7 @@ from torch import nn
 
 from qpass.errors import QpassError
 from qpass.formats import packed as packing
-from qpass.nn.tensor_quantizer import TensorQuantizer
+from qpass.nn.tensor_quantizer import ExpertQuantizers, TensorQuantizer
 
 PACKED_KEYS = ("codes", "scale", "block_scale", "global_scale")
 
@@ -84,39 +84,58 @@ def install_packed(q: TensorQuantizer, packed: dict, shape, dtype) -> PackedWeig
     return q
 
 
-@torch.no_grad()
-def pack_weight(module: nn.Module, path: str) -> tuple[int, int]:
-    """Pack ``module.weight`` into its weight quantizer; returns (bytes before, bytes after)."""
-    q = module.weight_quantizer
-    w = module.weight
+def _pack_into(q: TensorQuantizer, w: torch.Tensor, name: str) -> int:
+    """Make ``q`` hold ``w`` packed; returns the bytes it now stores."""
     if not isinstance(q, TensorQuantizer) or type(q) is not TensorQuantizer:
-        raise QpassError(f"'{path}.weight_quantizer' is {type(q).__name__}; only a single TensorQuantizer packs")
+        raise QpassError(f"'{name}' is {type(q).__name__}; only a single TensorQuantizer packs")
     spec = q.spec
     amax = q.amax if spec.needs_amax and not q._attrs.get("type") == "dynamic" else None
     packed = packing.pack(spec, w, spec.with_global(amax, q.global_amax))
-    before = w.numel() * w.element_size()
     install_packed(q, packed, w.shape, w.dtype)
-    release_weight(module)
-    return before, q.packed_bytes
-
-
-def release_weight(module: nn.Module) -> None:
-    """Replace ``module.weight`` by its placeholder, a non-persistent buffer: not a parameter any
-    more, and not in the state_dict (the quantizer's codes and scales are)."""
-    w = module.weight
-    module._parameters.pop("weight", None)
-    module._buffers.pop("weight", None)
-    module.register_buffer("weight", placeholder_like(w), persistent=False)
+    return q.packed_bytes
 
 
 @torch.no_grad()
-def unpack_weight(module: nn.Module) -> torch.Tensor:
-    """Undo :func:`pack_weight` for ``fold_weight``: ``module.weight`` becomes a parameter holding
-    the dequantized values again, and its quantizer a plain disabled one (codes and scales dropped)."""
-    q = module.weight_quantizer
+def pack_weight(module: nn.Module, path: str) -> tuple[int, int]:
+    """Pack ``module.weight`` into its weight quantizer; returns (bytes before, bytes after)."""
+    w = module.weight
+    after = _pack_into(module.weight_quantizer, w, f"{path}.weight_quantizer")
+    release_weight(module)
+    return w.numel() * w.element_size(), after
+
+
+def _expert_parts(q, view: torch.Tensor) -> tuple[list, list]:
+    """(quantizers, the tensors they quantize): expert ``e``'s ``[out, in]`` matrix per member of an
+    :class:`ExpertQuantizers`, else the whole ``[E, out, in]`` view for one quantizer."""
+    if isinstance(q, ExpertQuantizers):
+        return list(q), [view[e] for e in range(view.shape[0])]
+    return [q], [view]
+
+
+@torch.no_grad()
+def pack_experts(module: nn.Module, param: str, q, transposed: bool, path: str) -> tuple[int, int]:
+    """Pack a fused MoE parameter into its weight quantizer(s) (``transposed``: the parameter is
+    ``[E, in, out]`` and its quantizer sees it as ``[E, out, in]``); the parameter becomes a
+    placeholder. Returns (bytes before, bytes after)."""
+    w = getattr(module, param)
+    members, views = _expert_parts(q, w.mT if transposed else w)
+    after = sum(_pack_into(m, v.contiguous(), f"{path}.{param} weight quantizer") for m, v in zip(members, views))
+    release_weight(module, param)
+    return w.numel() * w.element_size(), after
+
+
+def release_weight(module: nn.Module, name: str = "weight") -> None:
+    """Replace ``module.<name>`` by its placeholder, a non-persistent buffer: not a parameter any
+    more, and not in the state_dict (the quantizer's codes and scales are)."""
+    w = getattr(module, name)
+    module._parameters.pop(name, None)
+    module._buffers.pop(name, None)
+    module.register_buffer(name, placeholder_like(w), persistent=False)
+
+
+def _unpacked(q: PackedWeightQuantizer) -> torch.Tensor:
+    """``q``'s dequantized weight; ``q`` becomes a plain disabled quantizer (codes and scales dropped)."""
     folded = q.dequantized()
-    module._buffers.pop("weight", None)
-    module.weight = nn.Parameter(folded)
     for k in PACKED_KEYS:
         q._buffers.pop(f"_{k}", None)
     for k in ("_weight_shape", "_weight_dtype"):
@@ -125,3 +144,23 @@ def unpack_weight(module: nn.Module) -> torch.Tensor:
     q.disable()
     return folded
 
+
+@torch.no_grad()
+def unpack_weight(module: nn.Module) -> torch.Tensor:
+    """Undo :func:`pack_weight` for ``fold_weight``: ``module.weight`` becomes a parameter holding
+    the dequantized values again, and its quantizer a plain disabled one (codes and scales dropped)."""
+    folded = _unpacked(module.weight_quantizer)
+    module._buffers.pop("weight", None)
+    module.weight = nn.Parameter(folded)
+    return folded
+
+
+@torch.no_grad()
+def unpack_experts(module: nn.Module, param: str, q, transposed: bool) -> torch.Tensor:
+    """Undo :func:`pack_experts`: the parameter holds the dequantized values again."""
+    parts = [_unpacked(m) for m in (q if isinstance(q, ExpertQuantizers) else [q])]
+    folded = torch.stack(parts) if isinstance(q, ExpertQuantizers) else parts[0]
+    folded = (folded.mT if transposed else folded).contiguous()
+    module._buffers.pop(param, None)
+    setattr(module, param, nn.Parameter(folded))
+    return folded

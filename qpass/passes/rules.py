@@ -174,11 +174,14 @@ EXPERTS = ExpertRule(
 
 
 def fused_expert_params(module: nn.Module) -> list[str]:
-    """Names of ``module``'s own fused expert parameters: 3-D, first dim ``module.num_experts``."""
+    """Names of ``module``'s own fused expert parameters: 3-D, first dim ``module.num_experts``
+    (also once ``real_quantize`` packed them: their placeholder is a buffer of zero strides)."""
     n = getattr(module, "num_experts", None)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return []
-    return [name for name, p in module._parameters.items() if p is not None and p.dim() == 3 and p.shape[0] == n]
+    packed = [(k, b) for k, b in module._buffers.items() if b is not None and b.dim() == 3 and not any(b.stride())]
+    return [name for name, p in list(module._parameters.items()) + packed
+            if p is not None and p.dim() == 3 and p.shape[0] == n]
 
 
 @dataclass(frozen=True)
