@@ -21,6 +21,7 @@ from qpass.graph.quantized_model import (
 )
 from qpass.nn.tensor_quantizer import is_quantizer, iter_tensor_quantizers
 from qpass.passes.insert_quantizers import SLOT_META, quantizer_nodes
+from qpass.config.rules import pattern_matches
 from qpass.passes.rules import EXPERTS, fused_expert_params, get_rule_set
 
 __all__ = [
@@ -82,7 +83,7 @@ def _warn_unmatched(model: nn.Module, rules: list) -> None:
     for rule in rules:
         if not isinstance(rule.pattern, str) or (rule.cfg is None and not rule.enable):
             continue  # a rule that only disables nothing is harmless
-        if not any(fnmatch.fnmatch(n, rule.pattern) for n in names):
+        if not any(pattern_matches(rule.pattern, n) for n in names):
             warnings.warn(f"quant_cfg pattern {rule.pattern!r} matched no quantizer in the model", stacklevel=3)
 
 
@@ -190,7 +191,8 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
 
 def _select(model: nn.Module, wildcard_or_filter_func: str | Callable):
     if isinstance(wildcard_or_filter_func, str):
-        match = lambda name: fnmatch.fnmatch(name, wildcard_or_filter_func)  # noqa: E731
+        # as a quant_cfg pattern: a fused-MoE expert's quantizer also by its name without the index
+        match = lambda name: pattern_matches(wildcard_or_filter_func, name)  # noqa: E731
     elif callable(wildcard_or_filter_func):
         match = wildcard_or_filter_func
     else:

@@ -164,18 +164,31 @@ def test_expert_wildcards_follow_modelopt():
     def enabled(pattern):
         cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
         cfg["quant_cfg"].append({"quantizer_name": pattern, "enable": False})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = quantized(cfg)
+        m = quantized(cfg)
         ex = m.model.layers[0].mlp.experts
         return ([q.is_enabled for q in ex.gate_up_proj_weight_quantizers],
                 [q.is_enabled for q in ex.down_proj_weight_quantizers])
 
     on, off = [True] * EXPERTS, [False] * EXPERTS
+    m = quantized()  # disable_quantizer matches alike
+    qpass.disable_quantizer(m, "*gate_up_proj_weight_quantizer")
+    assert [q.is_enabled for q in m.model.layers[1].mlp.experts.gate_up_proj_weight_quantizers] == off
+    qpass.enable_quantizer(m, "*weight_quantizers.2")
+    assert [q.is_enabled for q in m.model.layers[1].mlp.experts.gate_up_proj_weight_quantizers] == [
+        False, False, True, False]
     assert enabled("*gate_up_proj_weight_quantizer") == (off, on)
     assert enabled("*gate_up_proj_weight_quantizers") == (on, on)
     assert enabled("*weight_quantizers.1") == ([True, False, True, True], [True, False, True, True])
     assert enabled("*gate_up_proj_weight_quantizers*") == (off, on)
+    # a rule that matches experts only by the name without the index is no "unmatched pattern"
+    cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+    cfg["quant_cfg"].append({"quantizer_name": "*down_proj_weight_quantizer", "cfg": {"num_bits": 4, "axis": 0}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = tiny_mixtral()
+        qpass.quantize(m, cfg, loop)
+    assert not [w for w in caught if "matched no quantizer" in str(w.message)]
+    assert m.model.layers[0].mlp.experts.down_proj_weight_quantizers[0].spec.describe().startswith("int4")
 
 
 def test_fold_weight_folds_expert_weights():
