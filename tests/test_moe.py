@@ -338,3 +338,26 @@ def test_eager_experts_are_refused_with_the_implementation_to_use():
         qpass.quantize(m, copy.deepcopy(qpass.INT8_DEFAULT_CFG), loop)
     assert not hasattr(m.model.layers[0].mlp.experts, "gate_up_proj_input_quantizer")
     assert torch.equal(logits(m), ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_bfloat16_experts_on_cuda_match_the_cpu(preset):
+    """On a GPU, bfloat16 experts run through torch's grouped matmul kernel: the same quantizers,
+    the per-expert weight amax of the CPU run, and outputs close to the CPU's."""
+    cpu = tiny_mixtral().to(torch.bfloat16)
+    gpu = copy.deepcopy(cpu).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(cpu, copy.deepcopy(getattr(qpass, preset)), loop)
+        qpass.quantize(gpu, copy.deepcopy(getattr(qpass, preset)), lambda m: [m(x.cuda()) for x in BATCHES])
+    for i in range(2):
+        a, b = cpu.model.layers[i].mlp.experts, gpu.model.layers[i].mlp.experts
+        for qa, qb in zip(a.gate_up_proj_weight_quantizers, b.gate_up_proj_weight_quantizers):
+            assert torch.equal(qa.amax, qb.amax.cpu())
+        torch.testing.assert_close(b.down_proj_input_quantizer.amax.cpu(), a.down_proj_input_quantizer.amax,
+                                   rtol=0.02, atol=0)
+    with torch.no_grad():
+        want = cpu(BATCHES[1]).logits.float()
+        got = gpu(BATCHES[1].cuda()).logits.float().cpu()
+    assert cosine(got, want) > 0.999
