@@ -7,6 +7,11 @@ same ``--calib`` batches of random tokens; the error is the mean squared differe
 the FP32 model on ``--held`` other batches (lower is better), and the time is quantize+calibrate.
 
     python tools/bench_moe.py [--models mixtral,gpt_oss,llama4] [--configs INT8_DEFAULT_CFG,...]
+    python tools/bench_moe.py --timing [--configs INT8_DEFAULT_CFG,FP8_DEFAULT_CFG] [--threads 2]
+
+``--timing``: a larger random Mixtral (4 layers, hidden 512, 8 experts, 4 x 128 tokens per batch):
+quantize+calibrate and evaluation-forward seconds, qpass (first call with its trace, then warm)
+against ModelOpt, with the logits error, in one run.
 """
 
 from __future__ import annotations
@@ -62,13 +67,59 @@ def run(lib: str, base, cfg_name: str, loop, held, ref) -> tuple[str, str]:
         return "n/a", bc.short_reason(e)
 
 
+def timing(configs: list[str], threads: int) -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
+    base = MixtralForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 1024, (4, 128), generator=g) for _ in range(4)]
+    held = [torch.randint(0, 1024, (4, 128), generator=g) for _ in range(4)]
+
+    def evaluate(m):
+        with torch.no_grad():
+            m(held[0])  # warm-up
+            t0 = time.perf_counter()
+            out = [m(x).logits for x in held]
+        return time.perf_counter() - t0, out
+
+    fp32_s, ref = evaluate(base)
+    print(f"Mixtral 4 layers, hidden 512, 8 experts (random), {threads} threads; FP32 eval {fp32_s:.2f} s")
+    print("| config | run | quantize s | eval s | logits MSE |")
+    print("|---|---|---|---|---|")
+    for name in configs:
+        for lib, label in (("qpass", "qpass (first: trace)"), ("modelopt", "ModelOpt"), ("qpass", "qpass (warm)")):
+            m = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(), bc.quiet():
+                warnings.simplefilter("ignore")
+                if lib == "qpass":
+                    qpass.quantize(m, copy.deepcopy(getattr(qpass, name)), lambda mm: [mm(x) for x in calib])
+                else:
+                    mtq = bc.import_modelopt()
+                    mtq.quantize(m, copy.deepcopy(getattr(mtq, name)), lambda mm: [mm(x) for x in calib])
+            q_s = time.perf_counter() - t0
+            e_s, out = evaluate(m)
+            err = sum(float((o - r).pow(2).mean()) for o, r in zip(out, ref)) / len(ref)
+            print(f"| {name} | {label} | {q_s:.2f} | {e_s:.2f} | {err:.3e} |", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mixtral,gpt_oss,llama4")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--calib", type=int, default=4, help="calibration batches of 4 x 32 random tokens")
     ap.add_argument("--held", type=int, default=4, help="held-out batches for the error")
+    ap.add_argument("--timing", action="store_true", help="quantize/eval seconds on a larger random Mixtral")
+    ap.add_argument("--threads", type=int, default=2, help="--timing: torch threads")
     args = ap.parse_args(argv)
+    if args.timing:
+        configs = args.configs.split(",") if args.configs != ",".join(CONFIGS) else ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"]
+        timing(configs, args.threads)
+        return
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(5)
     calib = [torch.randint(0, 128, (4, 32), generator=g) for _ in range(args.calib)]
