@@ -280,14 +280,55 @@ def test_real_quantize_packs_expert_weights(make, tmp_path):
     torch.testing.assert_close(logits(real, BATCHES[1]), logits(fake, BATCHES[1]), rtol=0, atol=1e-6)
 
 
-def test_auto_quantize_names_the_experts_it_leaves_out():
-    m = tiny_mixtral()
-    with pytest.warns(UserWarning, match=r"fused MoE expert weights \(model.layers.0.mlp.experts.gate_up_proj, .*"
-                                         r"are not search candidates yet"):
-        qpass.auto_quantize(m, constraints={"effective_bits": 6.0}, quantization_formats=["INT4_AWQ_CFG", "INT8_DEFAULT_CFG"],
-                            data_loader=BATCHES, forward_step=lambda mod, x: mod(x),
-                            loss_func=lambda out, x: out.logits.float().pow(2).mean())
-    assert not m.model.layers[0].mlp.experts.gate_up_proj_weight_quantizers.is_enabled
+def _auto_quantize(m, method="gradient", bits=4.8, batches=BATCHES):
+    kw = {"loss_func": lambda out, x: out.logits.float().pow(2).mean()} if method == "gradient" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return qpass.auto_quantize(m, constraints={"effective_bits": bits}, data_loader=batches,
+                                   quantization_formats=["INT4_AWQ_CFG", "INT8_DEFAULT_CFG", None],
+                                   forward_step=lambda mod, x: mod(x), method=method, **kw)
+
+
+@pytest.mark.parametrize("make", [tiny_mixtral, tiny_gpt_oss])
+def test_auto_quantize_searches_each_experts_module_as_one_group(make):
+    """As in ModelOpt 0.47, an experts module is one search group (its parameters share the format),
+    its weights count in the bits budget, and they are scored like any layer: by the gradient taps
+    on the grouped matmul, or by KL divergence."""
+    m, sd = _auto_quantize(make())
+    stats = sd["candidate_stats"]
+    group = stats["model.layers.0.mlp.experts.{gate_up_proj,down_proj}"]
+    ex = make().model.layers[0].mlp.experts
+    assert group["weights"] == ex.gate_up_proj.numel() + ex.down_proj.numel()
+    assert sd["total_weights"] == sum(s["weights"] for s in stats.values())
+    int4, int8, none = group["scores"]
+    assert int4 > int8 > 0 and none == 0  # the INT4 experts perturb the loss more than INT8
+    assert group["costs"][0] < group["costs"][1] < group["costs"][2]
+    best = sd["best"]
+    assert best["is_satisfied"] and best["effective_bits"] <= 4.8
+    # most weights are the experts': a 4.8-bit budget needs them in INT4, and they are
+    assert best["recipe"]["model.layers.0.mlp.experts.{gate_up_proj,down_proj}"] == "INT4_AWQ_CFG"
+    q = m.model.layers[0].mlp.experts
+    weight_q = getattr(q, "gate_up_proj_weight_quantizers", None) or q.gate_up_proj_weight_quantizer
+    assert weight_q.is_enabled and "int4" in weight_q.describe()
+    kl_model, kl = _auto_quantize(make(), method="kl_div")
+    assert kl["best"]["recipe"] == best["recipe"]
+    assert torch.equal(logits(kl_model), logits(m))
+
+
+def test_auto_quantize_gradient_needs_grouped_experts():
+    """batched_mm gathers each token's expert weights: no gradient tap can replay that, so the
+    gradient method says what to use instead (and the model is left as it was); kl_div works."""
+    from qpass.auto_quantize.solver import AutoQuantizeError
+
+    m = tiny_mixtral(experts_implementation="batched_mm")
+    ref = logits(m)
+    with pytest.raises(AutoQuantizeError, match=r"experts_implementation='batched_mm'\) cannot be scored by "
+                                                r"gradient: use method='kl_div'"):
+        _auto_quantize(m)
+    assert not hasattr(m.model.layers[0].mlp.experts, "gate_up_proj_input_quantizer")
+    assert torch.equal(logits(m), ref)
+    _, sd = _auto_quantize(m, method="kl_div")
+    assert sd["best"]["recipe"]["model.layers.1.mlp.experts.{gate_up_proj,down_proj}"] == "INT4_AWQ_CFG"
 
 
 @pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="torch without grouped_mm")

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qpass.auto_quantize.units import Unit
 from qpass.config import QPASS_OPTIONS, Rule, normalize_config, resolve_attributes
 from qpass.graph.quantized_model import iter_tensor_quantizers, state_of
+from qpass.nn.tensor_quantizer import ExpertQuantizers
 
 NONE_NAME = "None"
 
@@ -76,22 +78,24 @@ def make_candidates(formats) -> list[Candidate]:
     return out
 
 
-def quantizes(cand: Candidate, path: str, module: nn.Module) -> bool:
+def quantizes(cand: Candidate, unit: Unit, owner: nn.Module) -> bool:
+    """Whether ``cand`` quantizes ``unit``'s weight (``owner``: the unit's module in the original model)."""
     if cand.rules is None:
         return False
-    attrs = resolve_attributes(cand.rules, f"{path}.weight_quantizer", module)
+    attrs = resolve_attributes(cand.rules, unit.weight_quantizer_name(), owner)
     return attrs is not None and any(a.enable for a in (attrs if isinstance(attrs, list) else [attrs]))
 
 
-def planned_bits(cand: Candidate, path: str, module: nn.Module) -> float:
-    """Effective bits of ``module``'s weight under ``cand``, known before any calibration (16: unquantized)."""
+def planned_bits(cand: Candidate, unit: Unit, owner: nn.Module) -> float:
+    """Effective bits of ``unit``'s weight under ``cand``, known before any calibration (16: unquantized)."""
     from qpass.nn.tensor_quantizer import TensorQuantizer
 
     if cand.rules is None:
         return 16.0
-    attrs = resolve_attributes(cand.rules, f"{path}.weight_quantizer", module)
+    name = unit.weight_quantizer_name()
+    attrs = resolve_attributes(cand.rules, name, owner)
     on = [a for a in (attrs if isinstance(attrs, list) else [attrs]) if a is not None and a.enable]
-    return float(TensorQuantizer(on[0], f"{path}.weight_quantizer").spec.effective_bits) if on else 16.0
+    return float(TensorQuantizer(on[0], name).spec.effective_bits) if on else 16.0
 
 
 def usable_algorithm(cand: Candidate):
@@ -133,6 +137,8 @@ def _standalone(q: nn.Module | None) -> nn.Module | None:
         return None
     for tq in iter_tensor_quantizers(q):
         tq._weight_cache = None
+    if isinstance(q, ExpertQuantizers):
+        q.__dict__["_cache"] = None
     return q
 
 
@@ -179,14 +185,15 @@ class SeenInputs:
         return True
 
 
-def _capture_seen(paths: list[str], forward_loop, seen: SeenInputs, batches: int):
-    """``forward_loop`` that also records the searched modules' input channel maxima into ``seen``."""
+def _capture_seen(units: dict, forward_loop, seen: SeenInputs, batches: int):
+    """``forward_loop`` that also records the searched layers' input channel maxima into ``seen``
+    (fused expert parameters are left out: their candidates calibrate on every batch)."""
     from qpass.calib.capture import ActivationCapture
 
     def loop(m):
         if seen.batches:  # a later pass (e.g. after smoothing) is not the float model's
             return forward_loop(m)
-        modules = {p: m.get_submodule(p) for p in paths}
+        modules = {p: m.get_submodule(p) for p, u in units.items() if not u.is_expert}
         with ActivationCapture(modules, max_tokens=0, sums=False) as cap:
             out = forward_loop(m)
         seen.amax = {p: st.amax.detach().clone() for p, st in cap.stats.items()}
@@ -197,9 +204,9 @@ def _capture_seen(paths: list[str], forward_loop, seen: SeenInputs, batches: int
 
 
 @torch.no_grad()
-def calibrate_candidate(original: nn.Module, cand: Candidate, paths: list[str], forward_loop,
+def calibrate_candidate(original: nn.Module, cand: Candidate, units: dict, forward_loop,
                         seen: SeenInputs | None = None, record: int = 0, rest_loop=None) -> dict[str, Slot]:
-    """Calibrate ``cand`` on a copy of ``original``; one Slot per module path it quantizes.
+    """Calibrate ``cand`` on a copy of ``original``; one Slot per unit (path -> :class:`Unit`) it quantizes.
 
     ``record`` > 0: also record the searched modules' input maxima over the ``record`` batches
     ``forward_loop`` feeds into ``seen``. ``rest_loop``: for a max-calibrated candidate whose
@@ -211,7 +218,7 @@ def calibrate_candidate(original: nn.Module, cand: Candidate, paths: list[str], 
     work = copy.deepcopy(original)
     cfg = {"quant_cfg": list(cand.rules), "algorithm": usable_algorithm(cand)}
     if record and seen is not None:
-        forward_loop = _capture_seen(paths, forward_loop, seen, record)
+        forward_loop = _capture_seen(units, forward_loop, seen, record)
     if rest_loop is not None and seen is not None and seen.batches and is_max_only(cand):
         quantize(work, cfg, rest_loop)
         acts = activation_quantizers(work)
@@ -233,18 +240,19 @@ def calibrate_candidate(original: nn.Module, cand: Candidate, paths: list[str], 
             if applied.site is not None:
                 folded[p] = applied.scale
     slots = {}
-    for p in paths:
-        owner = work.get_submodule(p)
-        if not quantizes(cand, p, owner):
+    for p, unit in units.items():
+        owner = unit.owner(work)
+        if not quantizes(cand, unit, owner):
             continue
-        in_q = _standalone(owner._modules.get("input_quantizer"))
-        w_q = _standalone(owner._modules["weight_quantizer"])
+        in_q = _standalone(owner._modules.get(unit.input_slot))
+        w_q = _standalone(owner._modules[unit.weight_slot])
         if p in folded and in_q is not None:
             old = in_q.pre_quant_scale
             inv = 1.0 / folded[p].float()
             in_q.pre_quant_scale = inv if old is None else old.float() * inv
-        expected = scaled.get(p, original.get_submodule(p).weight.detach())
-        if not torch.equal(owner.weight.detach(), expected):  # rows changed by a fold into this Linear
+        expected = scaled.get(p, unit.weight(original).detach())
+        if not unit.is_expert and not torch.equal(unit.weight(work).detach(), expected):
+            # rows changed by a fold into this Linear
             for tq in iter_tensor_quantizers(w_q):
                 if tq.needs_calibration:
                     tq.reset_amax()

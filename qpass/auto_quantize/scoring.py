@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from qpass.auto_quantize.solver import AutoQuantizeError
 from qpass.passes.insert_quantizers import QUANTIZER_META, READS_META, SLOT_META, quantizer_nodes
+from qpass.passes.rules import EXPERTS
 
 TAP_META = "qpass_auto_quantize_tap"
 
@@ -28,9 +29,16 @@ TAP_META = "qpass_auto_quantize_tap"
 class ScoreTap(nn.Module):
     """Identity on the op output Y; registers the scoring hook when Y needs a gradient."""
 
-    def __init__(self, scorer: "GradientScorer", path: str, target, i_in: int, i_w: int) -> None:
+    def __init__(self, scorer: "GradientScorer", path: str, target, i_in: int, i_w: int, layout=()) -> None:
         super().__init__()
         self.scorer, self.path, self.target, self.i_in, self.i_w = scorer, path, target, i_in, i_w
+        self.layout = tuple(layout)  # (op, constant args) from the quantized weight to the op's operand
+
+    def operand(self, qweight: torch.Tensor) -> torch.Tensor:
+        """A candidate's quantized weight as the op reads it (an expert weight: transposed, say)."""
+        for op, args in self.layout:
+            qweight = op(qweight, *args)
+        return qweight
 
     def forward(self, y, x, *args, **kwargs):
         if not torch.is_grad_enabled():
@@ -57,8 +65,9 @@ class GradientScorer:
     chosen recipe was the same. Without autocast (another caller), float32 outputs are compared
     with bfloat16 GEMMs of the quantized operands, the bias subtracted in float32."""
 
-    def __init__(self, slots: dict, n_formats: int, low_precision: bool = False, groups=()) -> None:
+    def __init__(self, slots: dict, n_formats: int, low_precision: bool = False, groups=(), units=None) -> None:
         self.slots = slots  # path -> {format index: Slot}
+        self.units = units or {}  # path -> Unit (fused expert parameters among them)
         self.scores = {p: [0.0] * n_formats for p in slots}
         self.bad_grad: str | None = None
         self.seen: set[str] = set()
@@ -110,7 +119,7 @@ class GradientScorer:
                         out = F.linear(xin, self._low_weight(slot))
                     else:
                         a = list(args)
-                        a[tap.i_in], a[tap.i_w] = xin, slot.qweight
+                        a[tap.i_in], a[tap.i_w] = xin, tap.operand(slot.qweight)
                         out = tap.target(*a, **kwargs)
                     # a fresh output: in place is safe; bfloat16 promotes to float32 in the subtraction
                     diff = out.sub_(yf) if out.dtype == torch.float32 else torch.sub(out, yf)
@@ -153,18 +162,66 @@ def _shared_input_keys(slots: dict, groups) -> dict:
     return keys
 
 
+def _unit_of_input(scorer: GradientScorer, qn: fx.Node) -> str | None:
+    """The searched path whose input quantizer node ``qn`` is."""
+    owner, _, slot = qn.meta[QUANTIZER_META].rpartition(".")
+    if slot == "input_quantizer":
+        return owner
+    if slot.endswith(EXPERTS.input_suffix):
+        p = f"{owner}.{slot[: -len(EXPERTS.input_suffix)]}" if owner else slot[: -len(EXPERTS.input_suffix)]
+        return p if p in scorer.units else None
+    return None
+
+
+def _weight_operand(op: fx.Node, weight_q: fx.Node, transposed: bool):
+    """(index of ``op``'s operand that is the quantized weight, the (op, constant args) steps from
+    the weight in its parameter's layout to that operand), or None when a step needs a tensor
+    computed at run time (batched_mm's per-token expert gather)."""
+    start = weight_q
+    if transposed:  # [E, in, out] experts: the quantizer sits between two transposes
+        after = [u for u in weight_q.users if u.op == "call_function" and u.target is torch.ops.aten.transpose.int]
+        if len(after) != 1:
+            return None
+        start = after[0]
+    for i, arg in enumerate(op.args):
+        steps, node = [], arg
+        while isinstance(node, fx.Node) and node is not start:
+            if node.op != "call_function" or not node.args or _reads_nodes(node.args[1:]) or node.kwargs:
+                break
+            steps.append((node.target, tuple(node.args[1:])))
+            node = node.args[0]
+        if node is start:
+            return i, list(reversed(steps))
+    return None
+
+
+def _reads_nodes(args) -> bool:
+    found = []
+    fx.node.map_arg(args, found.append)
+    return bool(found)
+
+
 def insert_taps(gm: fx.GraphModule, scorer: GradientScorer) -> int:
     """Put a ScoreTap after each searched weighted op of ``gm``; returns how many."""
     graph, added = gm.graph, 0
-    weight_q = {n.meta[READS_META]: n for n in quantizer_nodes(gm) if n.meta[SLOT_META] == "weight_quantizer"}
+    weight_q = {}  # op -> its weight quantizer node (a layer's, or an expert parameter's)
+    for n in quantizer_nodes(gm):
+        slot = n.meta[SLOT_META]
+        if slot == "weight_quantizer" or EXPERTS.is_weight_slot(slot):
+            weight_q[n.meta[READS_META]] = n
     for qn in quantizer_nodes(gm):
-        if qn.meta[SLOT_META] != "input_quantizer":
+        path = _unit_of_input(scorer, qn)
+        if path is None:
             continue
-        op, path = qn.meta[READS_META], qn.meta[QUANTIZER_META].rpartition(".")[0]
+        op = qn.meta[READS_META]
         if path not in scorer.slots or op not in weight_q or any(TAP_META in u.meta for u in op.users):
             continue
+        unit = scorer.units.get(path)
+        found = _weight_operand(op, weight_q[op], unit is not None and unit.transposed)
+        if found is None:
+            continue  # not scorable by gradient: it stays unseen, and the search says so
         name = f"_qpass_aq_tap_{len([n for n in graph.nodes if TAP_META in n.meta])}"
-        gm.add_submodule(name, ScoreTap(scorer, path, op.target, op.args.index(qn), op.args.index(weight_q[op])))
+        gm.add_submodule(name, ScoreTap(scorer, path, op.target, op.args.index(qn), found[0], found[1]))
         with graph.inserting_after(op):
             tap = graph.call_module(name, (op, qn.args[0], *op.args), dict(op.kwargs))
         op.replace_all_uses_with(tap, delete_user_cb=lambda u: u is not tap)
@@ -215,8 +272,9 @@ def _low_precision(model, on: bool):
 
 
 def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, forward_backward_step,
-                    progress=None, history=None, low_precision: bool = False, groups=()) -> dict[str, list[float]]:
-    scorer = GradientScorer(slots, n_formats, low_precision, groups)
+                    progress=None, history=None, low_precision: bool = False, groups=(),
+                    units=None) -> dict[str, list[float]]:
+    scorer = GradientScorer(slots, n_formats, low_precision, groups, units)
     # Only the searched ops' outputs need gradients: every parameter is frozen, and each tap
     # makes its op's output a leaf when nothing upstream carries a gradient (so the backward
     # computes activation gradients only: no weight or embedding gradient).
@@ -257,9 +315,12 @@ def gradient_scores(model, slots, n_formats, batches, forward_step, loss_func, f
             remove_taps(gm)
     missing = [p for p in slots if p not in scorer.seen]
     if missing:
+        hint = ("; fused experts gathered per token (experts_implementation='batched_mm') cannot be scored by "
+                "gradient: use method='kl_div', or load the model with experts_implementation='grouped_mm'"
+                if any(scorer.units.get(p) is not None and scorer.units[p].is_expert for p in missing) else "")
         raise AutoQuantizeError(
             f"{len(missing)} searched layer(s) got no gradient while scoring ({', '.join(missing[:4])}"
-            f"{' ...' if len(missing) > 4 else ''}); the loss must depend on every quantizable layer")
+            f"{' ...' if len(missing) > 4 else ''}); the loss must depend on every quantizable layer{hint}")
     return scorer.scores
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-import warnings
 
 import numpy as np
 import torch
@@ -27,10 +26,10 @@ from qpass.auto_quantize.candidates import (
 )
 from qpass.auto_quantize.scoring import check_gradient_inputs, gradient_scores, kl_div, output_tensors
 from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, check_budget
+from qpass.auto_quantize.units import Unit, units_of
 from qpass.graph.quantized_model import is_quantized, realize_code, state_of
 from qpass.model_quant import _unquantize
 from qpass.passes.insert_quantizers import _register
-from qpass.passes.rules import fused_expert_params
 
 SEARCH_ATTR = "_qpass_auto_quantize"
 
@@ -132,28 +131,32 @@ def group_name(members: list[str]) -> str:
 class _Search:
     """Everything kept on the model for re-solving without re-scoring."""
 
-    def __init__(self, formats, slots, base, original_weights):
+    def __init__(self, formats, slots, base, original_weights, units):
         self.formats = formats  # candidate names
         self.slots = slots  # path -> {format index: Slot}
         self.base = base  # path -> (input quantizer, weight quantizer) with quantization off
         self.original_weights = original_weights  # path -> weight before any algorithm
+        self.units = units  # path -> Unit
 
 
-def _install(model: nn.Module, path: str, in_q, w_q, weight) -> None:
+def _install(model: nn.Module, unit: Unit, in_q, w_q, weight) -> None:
     from qpass.algorithms.fold import untie_weight
 
-    owner = model.get_submodule(path)
+    owner = unit.owner(model)
     graphs = [t.gm for ts in state_of(model).graphs.values() for t in ts]
-    for slot, q in (("input_quantizer", in_q), ("weight_quantizer", w_q)):
+    for slot, q in ((unit.input_slot, in_q), (unit.weight_slot, w_q)):
         if q is None or slot not in owner._modules:
             continue
         owner._modules[slot] = q
         for gm in graphs:
-            _register(gm, f"{path}.{slot}", q)
-    if not torch.equal(owner.weight.detach(), weight):
-        untie_weight(model, graphs, path)  # a tied weight (lm_head) gets its own copy first
+            _register(gm, f"{unit.owner_path}.{slot}" if unit.owner_path else slot, q)
+    current = unit.weight(model)
+    if not torch.equal(current.detach(), weight):
+        if not unit.is_expert:
+            untie_weight(model, graphs, unit.path)  # a tied weight (lm_head) gets its own copy first
+            current = unit.weight(model)
         with torch.no_grad():
-            owner.weight.copy_(weight)
+            current.copy_(weight)
 
 
 def apply_choice(model: nn.Module, groups: list[list[str]], choice: list[int]) -> None:
@@ -164,10 +167,11 @@ def apply_choice(model: nn.Module, groups: list[list[str]], choice: list[int]) -
         for p in members:
             slot = search.slots[p].get(f)
             orig = search.original_weights[p]
+            unit = search.units[p]
             if slot is None:
-                _install(model, p, copy.deepcopy(search.base[p][0]), copy.deepcopy(search.base[p][1]), orig)
+                _install(model, unit, copy.deepcopy(search.base[p][0]), copy.deepcopy(search.base[p][1]), orig)
             else:
-                _install(model, p, copy.deepcopy(slot.input_quantizer), copy.deepcopy(slot.weight_quantizer),
+                _install(model, unit, copy.deepcopy(slot.input_quantizer), copy.deepcopy(slot.weight_quantizer),
                          orig if slot.weight is None else slot.weight)
 
 
@@ -248,19 +252,20 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
     """Calibrate every candidate and score every (group, format); the model gets the search attached."""
     original = holder.pop()
     trace_only(model, forward_step, score[0])  # the graph the scores run on (and its shared-input groups)
-    owners = [(p, m) for p, m in model.named_modules() if "weight_quantizer" in m._modules]
-    experts = [f"{p}.{param}" for p, m in original.named_modules() for param in fused_expert_params(m)]
-    if experts:
-        warnings.warn(f"auto_quantize: fused MoE expert weights ({', '.join(experts[:4])}{', ...' if len(experts) > 4 else ''}) "
-                      "are not search candidates yet: they stay unquantized and outside the effective_bits budget; "
-                      "quantize them with qpass.quantize (and a config) instead", stacklevel=3)
-    paths = [p for p, m in owners if any(quantizes(c, p, original.get_submodule(p)) for c in candidates)]
+    units = {p: u for p, u in units_of(model).items()
+             if any(quantizes(c, u, u.owner(original)) for c in candidates)}
+    paths = list(units)
     if not paths:
         raise AutoQuantizeError("no format in quantization_formats quantizes any layer of this model")
-    groups = search_groups(paths, state_of(model).groups, AutoQuantizeSearcher.rules)
-    costs = [[sum(planned_bits(c, p, original.get_submodule(p)) * original.get_submodule(p).weight.numel()
-                   for p in g) for c in candidates] for g in groups]
-    total = sum(original.get_submodule(p).weight.numel() for p in paths)
+    experts: dict[str, list[str]] = {}  # an experts module's parameters: one group, as in ModelOpt
+    for p, u in units.items():
+        if u.group_key is not None:
+            experts.setdefault(u.group_key, []).append(p)
+    groups = search_groups(paths, state_of(model).groups + list(experts.values()), AutoQuantizeSearcher.rules)
+    numel = {p: u.weight(original).numel() for p, u in units.items()}
+    costs = [[sum(planned_bits(c, units[p], units[p].owner(original)) * numel[p] for p in g) for c in candidates]
+             for g in groups]
+    total = sum(numel.values())
     check_budget(np.array(costs), budget_bits(constraints, total), constraints, total)  # before the costly part
     tqdm = _tqdm(verbose)
     slots: dict[str, dict] = {p: {} for p in paths}
@@ -275,12 +280,12 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
         cand, n = candidates[f], steps[f]
         rest_loop = over(calib[seen.batches:n]) if 0 < seen.batches < n else None
         record = n if not seen.batches and n < len(calib) and records_float_inputs(cand) else 0
-        for p, slot in calibrate_candidate(original, cand, paths, over(calib[:n]), seen, record, rest_loop).items():
+        for p, slot in calibrate_candidate(original, cand, units, over(calib[:n]), seen, record, rest_loop).items():
             slots[p][f] = slot
-    base = {p: (model.get_submodule(p)._modules.get("input_quantizer"), model.get_submodule(p).weight_quantizer)
-            for p in paths}
-    weights = {p: model.get_submodule(p).weight.detach().clone() for p in paths}
-    search = _Search([c.name for c in candidates], slots, base, weights)
+    base = {p: (u.owner(model)._modules.get(u.input_slot), u.owner(model)._modules[u.weight_slot])
+            for p, u in units.items()}
+    weights = {p: u.weight(model).detach().clone() for p, u in units.items()}
+    search = _Search([c.name for c in candidates], slots, base, weights, units)
     model.__dict__[SEARCH_ATTR] = search
     del original
     history: list = []
@@ -293,13 +298,13 @@ def _search(model, holder, candidates, constraints, calib, score, forward_step, 
             for p in paths:
                 for slot in slots[p].values():
                     w = slot.weight if slot.weight is not None else weights[p]
-                    slot.qweight = slot.weight_quantizer(w)
+                    slot.qweight = units[p].quantized_weight(slot.weight_quantizer, w)
                     if fast_scores and slot.qweight.dtype == torch.float32:
                         slot.qweight_low = slot.qweight.bfloat16()
         bar = tqdm(total=len(score), desc="auto_quantize: scoring") if verbose else None
         per_module = gradient_scores(model, slots, len(candidates), score, forward_step, loss_func,
                                      forward_backward_step, bar, history, low_precision=bool(fast_scores),
-                                     groups=groups)
+                                     groups=groups, units=units)
         for s in slots.values():
             for slot in s.values():
                 slot.qweight = slot.qweight_low = None
@@ -316,10 +321,11 @@ def _state_dict(model, method, search: _Search, groups, group_scores, history) -
     stats = {}
     for members, row in zip(groups, group_scores):
         costs = []
-        n = sum(model.get_submodule(p).weight.numel() for p in members)
+        numel = {p: search.units[p].weight(model).numel() for p in members}
+        n = sum(numel.values())
         for f in range(len(search.formats)):
             bits = [search.slots[p][f].effective_bits if f in search.slots[p] else 16.0 for p in members]
-            costs.append(sum(b * model.get_submodule(p).weight.numel() for b, p in zip(bits, members)))
+            costs.append(sum(b * numel[p] for b, p in zip(bits, members)))
         stats[group_name(members)] = {"members": list(members), "formats": list(search.formats),
                                       "scores": [float(s) for s in row], "costs": costs, "weights": n}
     total = sum(s["weights"] for s in stats.values())

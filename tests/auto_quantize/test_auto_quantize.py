@@ -13,6 +13,7 @@ from qpass.auto_quantize import (
     auto_quantize_sweep,
 )
 from qpass.auto_quantize.candidates import calib_steps, is_per_layer, make_candidates, planned_bits
+from qpass.auto_quantize.units import units_of
 from qpass.auto_quantize.search import SEARCH_ATTR
 
 FORMATS = ["W4A8_AWQ_BETA_CFG", "FP8_DEFAULT_CFG", None]
@@ -57,7 +58,8 @@ def test_budget_met_and_groups_consistent(searched):
     for name, stats in sd["candidate_stats"].items():
         describe = {model.get_submodule(p).weight_quantizer.describe() for p in stats["members"]}
         assert len(describe) == 1, name
-        planned = [sum(planned_bits(c, p, model.get_submodule(p)) * model.get_submodule(p).weight.numel()
+        units = units_of(model)
+        planned = [sum(planned_bits(c, units[p], model.get_submodule(p)) * model.get_submodule(p).weight.numel()
                        for p in stats["members"]) for c in make_candidates(FORMATS)]
         assert stats["costs"] == planned, name  # the budget pre-check uses the same costs as the solver
         assert len(stats["scores"]) == len(stats["costs"]) == 3
