@@ -1,13 +1,16 @@
 """auto_quantize: per-layer format search under a weight-size budget.
 
 Flow: candidates (per-layer rules of each format) -> groups (graph shared-input groups united
-with :attr:`AutoQuantizeSearcher.rules`) -> per-candidate calibration (:mod:`.candidates`) ->
-scores (:mod:`.scoring`) -> exact knapsack (:mod:`.solver`) -> the chosen slots installed.
+with :attr:`AutoQuantizeSearcher.rules`; an experts module's parameters together) -> per-candidate
+calibration (:mod:`.candidates`) -> scores (:mod:`.scoring`) -> exact knapsack (:mod:`.solver`) ->
+the chosen slots installed.
 
-The model itself is quantized once with every quantizer off; choosing a format for a module
-installs that candidate's quantizer objects at its ``input_quantizer``/``weight_quantizer``
-(the candidates differ in type: W4A8's weight quantizer is a sequence) and points every traced
-graph's call_module target at them.
+The searched units (:mod:`.units`) are weighted layers and fused MoE expert parameters. The model
+itself is quantized once with every quantizer off; choosing a format for a unit installs that
+candidate's quantizer objects at its input and weight slots (``input_quantizer``/``weight_quantizer``,
+or an expert parameter's ``<param>_input_quantizer``/``<param>_weight_quantizers``; the candidates
+differ in type: W4A8's weight quantizer is a sequence) and points every traced graph's call_module
+target at them.
 """
 
 from __future__ import annotations
