@@ -402,3 +402,23 @@ def test_bfloat16_experts_on_cuda_match_the_cpu(preset):
         want = cpu(BATCHES[1]).logits.float()
         got = gpu(BATCHES[1].cuda()).logits.float().cpu()
     assert cosine(got, want) > 0.999
+
+
+def test_granite_moe_takes_use_cache_through_kwargs():
+    """GraniteMoE's causal LM takes ``use_cache`` through ``**kwargs`` only: the quantized model still
+    runs without a KV cache (a cache object cannot leave the exported graph), and its experts are
+    quantized."""
+    from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+
+    torch.manual_seed(0)
+    m = GraniteMoeForCausalLM(GraniteMoeConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               num_local_experts=EXPERTS, num_experts_per_tok=2)).eval()
+    ref = logits(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(m, copy.deepcopy(qpass.INT8_DEFAULT_CFG), loop)
+    ex = m.model.layers[0].block_sparse_moe.experts
+    assert all(q.amax is not None for q in ex.gate_up_proj_weight_quantizers)
+    assert ex.down_proj_input_quantizer.amax is not None
+    assert cosine(logits(m), ref) > 0.999

@@ -99,9 +99,14 @@ _USE_CACHE: dict[type, bool] = {}
 
 
 def _takes_use_cache(cls: type) -> bool:
+    """The model's forward accepts ``use_cache``: by name, or through ``**kwargs`` of an HF model
+    (GraniteMoE's ``*ForCausalLM`` hands it on to its base model that way)."""
     if cls not in _USE_CACHE:
         original = cls.__bases__[-1]  # wrapped_class puts the model's own class last
-        _USE_CACHE[cls] = "use_cache" in inspect.signature(original.forward).parameters
+        params = inspect.signature(original.forward).parameters
+        hf = any(b.__name__ == "PreTrainedModel" and b.__module__.startswith("transformers") for b in original.__mro__)
+        _USE_CACHE[cls] = "use_cache" in params or (
+            hf and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()))
     return _USE_CACHE[cls]
 
 
