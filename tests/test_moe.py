@@ -236,12 +236,40 @@ def test_algorithms_run_on_models_with_experts(preset):
     assert cosine(logits(m), logits(tiny_mixtral())) > 0.98
 
 
-def test_onnx_export_of_experts_is_refused_by_name(tmp_path):
+def test_onnx_export_of_grouped_experts_is_refused_by_name(tmp_path):
     m = quantized()
     with pytest.raises(ExportError, match=r"node 'grouped_mm_fallback' in module 'model.layers.0.mlp.experts' calls "
-                                          r"transformers::grouped_mm_fallback, which has no ONNX translation"):
+                                          r"transformers::grouped_mm_fallback, which has no ONNX translation .*"
+                                          r"experts_implementation='batched_mm'"):
         qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs=BATCHES[0])
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("preset", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+def test_batched_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, preset):
+    """batched_mm experts are a gather and a bmm: they export (the experts' quantized weights as
+    constants, their input quantizers as QuantizeLinear/DequantizeLinear) and ONNX Runtime gives the
+    fake-quant model's logits."""
+    import onnx
+
+    from qpass.export.compare import compare, ort_session
+
+    m = tiny_mixtral(experts_implementation="batched_mm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(m, copy.deepcopy(getattr(qpass, preset)), loop)
+        path = qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs={"input_ids": BATCHES[1]})
+    onnx.checker.check_model(path, full_check=True)
+    graph = onnx.load(path).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    kinds = lambda n: [producer[i].op_type if i in producer else "input" for i in n.input]  # noqa: E731
+    # per layer: q/k/v (one, shared), o_proj and the experts' two inputs (the router gate is off)
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == 2 * 4
+    # each expert matmul multiplies a dequantized activation by the gathered per-token expert weights
+    expert_mms = [n for n in graph.node if n.op_type == "MatMul" and "GatherND" in kinds(n)]
+    assert len(expert_mms) == 2 * 2 and all("DequantizeLinear" in kinds(n) for n in expert_mms)
+    report = compare(m, path, {"input_ids": BATCHES[2]}, session=ort_session(path, threads=1))
+    assert report[0]["cosine"] >= 0.9999
 
 
 @pytest.mark.parametrize("make", [tiny_mixtral, tiny_gpt_oss])

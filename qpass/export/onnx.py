@@ -310,8 +310,8 @@ def _check_custom_ops(lowered, registry) -> None:
         stack = node.meta.get("nn_module_stack") or {}
         owner = next(reversed(stack.values()))[0] if stack else ""
         owner = f"module '{owner}'" if owner else "the model's own forward"
-        hint = (" (the grouped matmul of fused mixture-of-experts layers: such models quantize, calibrate and "
-                "run in PyTorch and under torch.compile, but qpass cannot export them to ONNX yet)"
+        hint = (" (the grouped matmul of fused mixture-of-experts layers; load the model with "
+                "experts_implementation='batched_mm', whose per-token gather and bmm export)"
                 if "grouped_mm" in op._opname
                 else "; register one with torch.onnx, or keep that module out of the exported model")
         raise ExportError(f"node '{node.name}' in {owner} calls {op.namespace}::{op._opname}, which has no "
