@@ -8,6 +8,11 @@ the FP32 model on ``--held`` other batches (lower is better), and the time is qu
 
     python tools/bench_moe.py [--models mixtral,gpt_oss,llama4] [--configs INT8_DEFAULT_CFG,...]
     python tools/bench_moe.py --timing [--configs INT8_DEFAULT_CFG,FP8_DEFAULT_CFG] [--threads 2]
+    python tools/bench_moe.py --sweep
+
+``--sweep``: other MoE architectures of transformers 5 (tiny random Qwen2-MoE, Qwen3-MoE, OLMoE,
+Phi-MoE, GLM-4-MoE, GraniteMoE, DeepSeek-V3) through qpass's INT8_DEFAULT_CFG: output cosine to FP32
+and how many expert quantizers are on, or why the model cannot be quantized.
 
 ``--timing``: a larger random Mixtral (4 layers, hidden 512, 8 experts, 4 x 128 tokens per batch):
 quantize+calibrate and evaluation-forward seconds, qpass (first call with its trace, then warm)
@@ -67,6 +72,53 @@ def run(lib: str, base, cfg_name: str, loop, held, ref) -> tuple[str, str]:
         return "n/a", bc.short_reason(e)
 
 
+SWEEP = {  # config class, model class, sizes beyond the shared ones
+    "Qwen2-MoE": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(intermediate_size=64, moe_intermediate_size=32,
+                                                                 shared_expert_intermediate_size=32, num_experts=4)),
+    "Qwen3-MoE": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(intermediate_size=64, moe_intermediate_size=32,
+                                                                 num_experts=4, head_dim=16)),
+    "OLMoE": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=4)),
+    "Phi-MoE": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=32, num_local_experts=4)),
+    "GLM-4-MoE": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(intermediate_size=64, moe_intermediate_size=32,
+                                                               n_routed_experts=4, n_shared_experts=1,
+                                                               first_k_dense_replace=1, head_dim=16, n_group=1,
+                                                               topk_group=1)),
+    "GraniteMoE": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(intermediate_size=32, num_local_experts=4)),
+    "DeepSeek-V3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, n_group=1, topk_group=1)),
+}
+
+
+def sweep() -> None:
+    import transformers
+
+    torch.set_num_threads(1)
+    xs = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    print("| model | INT8_DEFAULT_CFG: cosine to FP32 | expert quantizers on |")
+    print("|---|---|---|")
+    for name, (cfg_cls, model_cls, sizes) in SWEEP.items():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, cfg_cls)(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, num_experts_per_tok=2, **sizes)
+        model = getattr(transformers, model_cls)(cfg).eval()
+        with torch.no_grad():
+            ref = model(xs[0]).logits
+        try:
+            with warnings.catch_warnings(), bc.quiet():
+                warnings.simplefilter("ignore")
+                qpass.quantize(model, copy.deepcopy(qpass.INT8_DEFAULT_CFG), lambda m: [m(x) for x in xs])
+            with torch.no_grad():
+                out = model(xs[0]).logits
+            cos = float(torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0))
+            on = sum(1 for n, q in model.named_modules()
+                     if ".experts." in n and isinstance(q, qpass.TensorQuantizer) and q.is_enabled)
+            print(f"| {name} | {cos:.6f} | {on} |", flush=True)
+        except Exception as e:  # noqa: BLE001 - one row, never the whole table
+            print(f"| {name} | not quantized: {bc.first_line(e)[:160]} | |", flush=True)
+
+
 def timing(configs: list[str], threads: int) -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -114,8 +166,12 @@ def main(argv=None) -> None:
     ap.add_argument("--calib", type=int, default=4, help="calibration batches of 4 x 32 random tokens")
     ap.add_argument("--held", type=int, default=4, help="held-out batches for the error")
     ap.add_argument("--timing", action="store_true", help="quantize/eval seconds on a larger random Mixtral")
+    ap.add_argument("--sweep", action="store_true", help="other MoE architectures through INT8_DEFAULT_CFG")
     ap.add_argument("--threads", type=int, default=2, help="--timing: torch threads")
     args = ap.parse_args(argv)
+    if args.sweep:
+        sweep()
+        return
     if args.timing:
         configs = args.configs.split(",") if args.configs != ",".join(CONFIGS) else ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"]
         timing(configs, args.threads)
