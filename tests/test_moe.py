@@ -245,11 +245,11 @@ def test_onnx_export_of_grouped_experts_is_refused_by_name(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("preset", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
-def test_batched_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, preset):
-    """batched_mm experts are a gather and a bmm: they export (the experts' quantized weights as
-    constants, their input quantizers as QuantizeLinear/DequantizeLinear) and ONNX Runtime gives the
-    fake-quant model's logits."""
+@pytest.mark.parametrize("preset,codes", [("INT8_DEFAULT_CFG", "INT8"), ("FP8_DEFAULT_CFG", "FLOAT8E4M3FN")])
+def test_batched_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, preset, codes):
+    """batched_mm experts are a gather and a bmm: they export (the experts' weights as one
+    low-precision initializer per parameter with its scales, their input quantizers as
+    QuantizeLinear/DequantizeLinear) and ONNX Runtime gives the fake-quant model's logits."""
     import onnx
 
     from qpass.export.compare import compare, ort_session
@@ -261,6 +261,12 @@ def test_batched_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, prese
         path = qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs={"input_ids": BATCHES[1]})
     onnx.checker.check_model(path, full_check=True)
     graph = onnx.load(path).graph
+    stored = {i.name: (onnx.TensorProto.DataType.Name(i.data_type), tuple(i.dims)) for i in graph.initializer}
+    assert stored["model.layers.0.mlp.experts.gate_up_proj_weight_quantizers.codes"] == (codes, (EXPERTS, 256, 64))
+    assert stored["model.layers.1.mlp.experts.down_proj_weight_quantizers.codes"] == (codes, (EXPERTS, 64, 128))
+    # no float copy of an expert parameter (float 3-D initializers are the per-row scales only)
+    assert all(i.dims[-1] == 1 for i in graph.initializer
+               if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 3 and i.dims[0] == EXPERTS)
     producer = {out: n for n in graph.node for out in n.output}
     kinds = lambda n: [producer[i].op_type if i in producer else "input" for i in n.input]  # noqa: E731
     # per layer: q/k/v (one, shared), o_proj and the experts' two inputs (the router gate is off)
@@ -450,3 +456,26 @@ def test_granite_moe_takes_use_cache_through_kwargs():
     assert all(q.amax is not None for q in ex.gate_up_proj_weight_quantizers)
     assert ex.down_proj_input_quantizer.amax is not None
     assert cosine(logits(m), ref) > 0.999
+
+
+def test_transposed_batched_experts_export_int4_initializers(tmp_path):
+    """GPT-OSS's [E, in, out] experts (one quantizer seeing [E, out, in]): INT4 blocks along the input
+    dim become one INT4 initializer per parameter, and ONNX Runtime matches."""
+    import onnx
+
+    from qpass.export.compare import compare, ort_session
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    m = GptOssForCausalLM(GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS,
+                                       num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2,
+                                       experts_implementation="batched_mm")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(m, copy.deepcopy(qpass.INT4_BLOCKWISE_WEIGHT_ONLY_CFG), loop)
+        path = qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs={"input_ids": BATCHES[1]})
+    stored = {i.name: (onnx.TensorProto.DataType.Name(i.data_type), tuple(i.dims)) for i in onnx.load(path).graph.initializer}
+    assert stored["model.layers.0.mlp.experts.down_proj_weight_quantizer.codes"] == ("INT4", (EXPERTS, 64, 32))
+    report = compare(m, path, {"input_ids": BATCHES[2]}, session=ort_session(path, threads=1))
+    assert report[0]["cosine"] >= 0.9999

@@ -292,8 +292,9 @@ def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
             raise ExportError(f"node '{node.name}' calls module '{node.target}', which lowering cannot inline")
         if _is_quantizer_node(node) and (isinstance(gm.get_submodule(node.target), ExpertQuantizers)
                                          or EXPERTS.is_weight_slot(node.meta.get(SLOT_META, ""))):
-            # fused MoE experts' weights: their fake-quant values, as a float constant (no lowered op
-            # covers a per-expert format; the grouped matmul that reads them has no ONNX form either)
+            # fused MoE experts' weights [E, out, in]: stored low-precision behind one dequantize op
+            # where every expert's format is the same and the stacked codes give the fake-quant
+            # values exactly (see _lower_experts), else as their fake-quant float values
             q = gm.get_submodule(node.target)
             src, transposed = node.args[0], False
             if src.op == "call_function" and src.target is torch.ops.aten.transpose.int:  # [E, in, out] experts
@@ -303,7 +304,8 @@ def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
             if q.is_enabled:
                 with torch.no_grad():
                     w = _fetch(gm, src.target)
-                    b.env[node] = b.constant(node.target, "weight", q(w.mT) if transposed else q(w))
+                    w = w.mT.contiguous() if transposed else w
+                    b.env[node] = _lower_experts(b, node, q, w)
             else:
                 b.env[node] = b.env[node.args[0]] if transposed else _LazyAttr(src.target)
             continue
@@ -466,6 +468,68 @@ def _lower_weight(b: _Builder, node: fx.Node, q, target: str) -> fx.Node:
         out = _fallback_call(b, node, q, b.get_attr(target))
     b.cse[key] = out
     return out
+
+
+def _lower_experts(b: _Builder, node: fx.Node, q, w: torch.Tensor) -> fx.Node:
+    """Expert weights ``w`` [E, out, in] under per-expert quantizers (an ExpertQuantizers) or one
+    quantizer on the whole tensor: codes and scales behind one dequantize op over all experts, when
+    the experts share one 8- or 4-bit integer/FP8 format whose per-expert granularity has a 3-D form
+    (per tensor -> per channel on the expert axis; per output row or blocks along the input ->
+    blocks along the last axis). The stacked codes are checked against the fake-quant weight, bit
+    for bit; anything else is stored as that fake-quant weight (float)."""
+    from qpass.nn.containers import ExpertQuantizers
+
+    want = q(w).detach()
+    members = list(q) if isinstance(q, ExpertQuantizers) else None
+    out = None
+    if members is not None and all(type(m).__name__ == "TensorQuantizer" and _active(m) for m in members):
+        spec = members[0].spec
+        tok = format_token(spec)
+        kind = _granularity(spec, w.shape[1:])
+        if (tok is not None and not spec.is_dynamic and not _is_nvfp4(spec) and kind is not None
+                and all(m.spec == spec and m.amax is not None for m in members)):
+            amax = [m.amax.detach().float() for m in members]
+            if kind == ("tensor",):
+                spec3, amax3, kind3 = spec_of_token(tok, axis=0), torch.stack(amax).reshape(-1, 1, 1), ("channel", 0)
+            elif kind in (("channel", 0),) or (kind[0] == "block" and kind[1] == 1):
+                size = w.shape[2] if kind[0] == "channel" else kind[2]
+                spec3, amax3, kind3 = (spec_of_token(tok, block_axis=2, block_size=size), torch.cat(amax),
+                                       ("block", 2, size))
+            else:
+                spec3 = None
+            if spec3 is not None:
+                try:
+                    codes, scale = spec3.quantize(w, amax3)
+                    exact = torch.equal(spec3.dequantize(codes, scale, w.dtype, list(w.shape)), want)
+                except (RuntimeError, ValueError):  # an amax layout the 3-D spec does not take
+                    exact = False
+                if exact:
+                    out = _emit_weight(b, node, members[0], tok, kind3, codes, scale, w)
+    elif members is None and type(q).__name__ == "TensorQuantizer" and _active(q) and q.amax is not None:
+        # one quantizer on the whole [E, out, in] tensor (GPT-OSS, Llama 4): its own 3-D granularity
+        spec = q.spec
+        tok, kind = format_token(spec), _granularity(spec, w.shape)
+        lowerable = kind is not None and (kind[0] == "channel" or (kind[0] == "block" and kind[1] == 2))
+        if tok is not None and not spec.is_dynamic and not _is_nvfp4(spec) and lowerable:
+            codes, scale = spec.quantize(w, q.amax)
+            if torch.equal(spec.dequantize(codes, scale, w.dtype, list(w.shape)), want):
+                out = _emit_weight(b, node, q, tok, kind, codes, scale, w)
+    if out is None:
+        out = b.constant(node.target, "weight", want)
+    return out
+
+
+def _emit_weight(b: _Builder, node: fx.Node, q, tok: str, kind: tuple, codes, scale, w: torch.Tensor) -> fx.Node:
+    base = node.target
+    common = [b.constant(base, "codes", codes)]
+    if kind[0] == "channel":
+        common += [b.constant(base, "scale", _backend_scale(scale).reshape(-1)), b.constant(base, "ref", scale), tok]
+        return b.call(OPS["dequantize_per_channel"], common + [kind[1], w.dtype], _meta(node, q, "weight"))
+    axis, size = kind[1], kind[2]
+    sshape = list(w.shape)
+    sshape[axis] = math.ceil(sshape[axis] / size)
+    common += [b.constant(base, "scale", _backend_scale(scale).reshape(sshape)), b.constant(base, "ref", scale), tok]
+    return b.call(OPS["dequantize_blockwise"], common + [axis, size, list(w.shape), w.dtype], _meta(node, q, "weight"))
 
 
 def _granularity(spec: QuantSpec, shape) -> tuple | None:
