@@ -29,7 +29,9 @@ output, the number of QuantizeLinear codes that differ from qpass's for ORT's ow
 (:func:`qpass.export.compare.compare_quantizers`) and the "noise floor": the fake-quant model's
 cosine to itself after scaling each element of its input embeddings by ``1 + 1e-6 * N(0, 1)``
 - how far float-rounding-sized changes alone move this model's output through its chain of
-quantizers (a uniform scale would be invisible to dynamic block formats).
+quantizers (a uniform scale would be invisible to dynamic block formats). ``--pooled N`` adds, for
+MiniLM, the cosine of ORT's and the fake-quant model's mean-pooled sentence embeddings (the model's
+product output) on N held-out chunks: mean and min over the sentences.
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def parity(args) -> None:
         calib = zoo.minilm_batches(tok, zoo.sentence_chunks(split.calib, 32), batch_size=16, max_length=128)
         held = dict(zoo.minilm_batches(tok, zoo.sentence_chunks(split.held_out, 4), batch_size=4, max_length=128)[0])
         models["MiniLM"] = (model, lambda m, c=calib: [m(**b) for b in c], held)
+        pooled_batches = zoo.minilm_batches(tok, zoo.sentence_chunks(split.held_out, args.pooled), batch_size=16,
+                                            max_length=128) if args.pooled else None
     if "smollm2" in args.models:
         model, tok = zoo.load_smollm2(num_layers=4)
         windows = zoo.token_windows(tok, split.calib, 8, 128)
@@ -183,7 +187,7 @@ def parity(args) -> None:
     d = args.keep or tempfile.mkdtemp(prefix="qpass-parity-")
     os.makedirs(d, exist_ok=True)
     print(f"{'model':20s}{'config':32s}{'runner':8s}{'cosine':>10s}{'max abs err':>13s}{'Q codes off':>14s}"
-          f"{'floor cos':>11s}{'export s':>10s}")
+          f"{'floor cos':>11s}{'export s':>10s}" + (f"{'pooled mean/min':>20s}" if args.pooled else ""))
     for mname, (base, loop, held) in models.items():
         for cfg in args.configs:
             model = copy.deepcopy(base)
@@ -212,12 +216,21 @@ def parity(args) -> None:
             with torch.no_grad():
                 want = torch.utils._pytree.tree_leaves(model(**held))[0]
                 w = model.get_input_embeddings().weight
+                exported = w.clone()
                 noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
                 w.mul_(1 + 1e-6 * noise)
                 moved = torch.utils._pytree.tree_leaves(model(**held))[0]
+                w.copy_(exported)  # the model as exported again
             floor = _cos(want, moved)
-            print(f"{mname:20s}{cfg:32s}{runner:8s}{cos:10.6f}{err:13.3g}{codes:>14s}{floor:11.6f}{secs:10.1f}",
-                  flush=True)
+            pooled = ""
+            if args.pooled and mname == "MiniLM" and runner == "ort":
+                with torch.no_grad():
+                    sims = torch.nn.functional.cosine_similarity(
+                        ort_embeddings(ort_session(path, threads=1), pooled_batches).double(),
+                        zoo.embed(model, pooled_batches).double(), dim=-1)
+                pooled = f"{float(sims.mean()):.6f}/{float(sims.min()):.6f}"
+            print(f"{mname:20s}{cfg:32s}{runner:8s}{cos:10.6f}{err:13.3g}{codes:>14s}{floor:11.6f}{secs:10.1f}"
+                  f"{pooled:>20s}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -233,6 +246,8 @@ def main(argv=None) -> None:
     ap.add_argument("--parity", action="store_true", help="parity table instead of the speed table")
     ap.add_argument("--models", default="minilm,smollm2", help="--parity: minilm,smollm2")
     ap.add_argument("--configs", default=",".join(PARITY_CONFIGS), help="--parity: preset names")
+    ap.add_argument("--pooled", type=int, default=0,
+                    help="--parity: also MiniLM's pooled sentence embeddings, ORT vs fake quant, on N held-out chunks")
     args = ap.parse_args(argv)
     args.models = args.models.split(",")
     args.configs = args.configs.split(",")
