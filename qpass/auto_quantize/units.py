@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qpass.passes.rules import EXPERTS, fused_expert_params
+from qpass.passes.rules import EXPERTS
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,14 @@ class Unit:
 def units_of(model: nn.Module) -> dict[str, Unit]:
     """Every unit of a qpass-quantized model, by path: modules with a weight quantizer, then fused
     expert parameters with theirs."""
+    from qpass.calib.max_calibrate import expert_weight_quantizers
+
     out = {}
     for path, module in model.named_modules():
         if "weight_quantizer" in module._modules and isinstance(getattr(module, "weight", None), torch.Tensor):
             out[path] = Unit(path, path, "weight", "input_quantizer", "weight_quantizer")
-        for param in fused_expert_params(module):
-            slot = EXPERTS.weight_slot(module, param)
-            if slot in module._modules:
-                p = f"{path}.{param}" if path else param
-                out[p] = Unit(p, path, param, param + EXPERTS.input_suffix, slot, EXPERTS.transposed(module))
+    for path, module, param, _ in expert_weight_quantizers(model):
+        p = f"{path}.{param}" if path else param
+        out[p] = Unit(p, path, param, param + EXPERTS.input_suffix, EXPERTS.weight_slot(module, param),
+                      EXPERTS.transposed(module))
     return out

@@ -300,25 +300,7 @@ def _lower_weight(b: _Builder, node: fx.Node, q, target: str) -> fx.Node:
         codes, scale = spec.quantize(w, amax)
         kind = _granularity(spec, w.shape)
         if kind is not None:
-            common = [b.constant(base, "codes", codes)]
-            if kind == ("tensor",):
-                common += [b.constant(base, "scale", _backend_scale(scale).reshape(())), b.constant(base, "ref", scale), tok]
-                out = b.call(OPS["dequantize_per_tensor"], common + [w.dtype], _meta(node, q, "weight"))
-            elif kind[0] == "channel":
-                axis = kind[1]
-                common += [b.constant(base, "scale", _backend_scale(scale).reshape(-1)), b.constant(base, "ref", scale), tok]
-                out = b.call(OPS["dequantize_per_channel"], common + [axis, w.dtype], _meta(node, q, "weight"))
-            else:
-                axis, size = kind[1], kind[2]
-                sshape = list(w.shape)
-                sshape[axis] = math.ceil(sshape[axis] / size)
-                if axis != w.dim() - 1 and tok in ("int4", "int4n", "uint4", "e2m1"):
-                    out = None  # packing runs along the last axis only
-                else:
-                    common += [b.constant(base, "scale", _backend_scale(scale).reshape(sshape)),
-                               b.constant(base, "ref", scale), tok]
-                    out = b.call(OPS["dequantize_blockwise"], common + [axis, size, list(w.shape), w.dtype],
-                                 _meta(node, q, "weight"))
+            out = _emit_weight(b, node, q, tok, kind, codes, scale, w)
     if out is None:  # exact, but no dedicated op: back ends refuse it
         out = _fallback_call(b, node, q, b.get_attr(target))
     b.cse[key] = out
@@ -332,12 +314,12 @@ def _lower_experts(b: _Builder, node: fx.Node, q, w: torch.Tensor) -> fx.Node:
     (per tensor -> per channel on the expert axis; per output row or blocks along the input ->
     blocks along the last axis). The stacked codes are checked against the fake-quant weight, bit
     for bit; anything else is stored as that fake-quant weight (float)."""
-    from qpass.nn.containers import ExpertQuantizers
+    from qpass.nn.tensor_quantizer import ExpertQuantizers, TensorQuantizer
 
     want = q(w).detach()
     members = list(q) if isinstance(q, ExpertQuantizers) else None
     out = None
-    if members is not None and all(type(m).__name__ == "TensorQuantizer" and _active(m) for m in members):
+    if members is not None and all(type(m) is TensorQuantizer and _active(m) for m in members):
         spec = members[0].spec
         tok = format_token(spec)
         kind = _granularity(spec, w.shape[1:])
@@ -360,7 +342,7 @@ def _lower_experts(b: _Builder, node: fx.Node, q, w: torch.Tensor) -> fx.Node:
                     exact = False
                 if exact:
                     out = _emit_weight(b, node, members[0], tok, kind3, codes, scale, w)
-    elif members is None and type(q).__name__ == "TensorQuantizer" and _active(q) and q.amax is not None:
+    elif members is None and type(q) is TensorQuantizer and _active(q) and q.amax is not None:
         # one quantizer on the whole [E, out, in] tensor (GPT-OSS, Llama 4): its own 3-D granularity
         spec = q.spec
         tok, kind = format_token(spec), _granularity(spec, w.shape)
@@ -374,9 +356,16 @@ def _lower_experts(b: _Builder, node: fx.Node, q, w: torch.Tensor) -> fx.Node:
     return out
 
 
-def _emit_weight(b: _Builder, node: fx.Node, q, tok: str, kind: tuple, codes, scale, w: torch.Tensor) -> fx.Node:
+def _emit_weight(b: _Builder, node: fx.Node, q, tok: str, kind: tuple, codes, scale, w: torch.Tensor):
+    """The dequantize op of a weight's codes and scales for granularity ``kind`` (see
+    :func:`_granularity`), or None where none applies (4-bit blocks off the packed last axis)."""
+    if kind[0] == "block" and kind[1] != w.dim() - 1 and tok in ("int4", "int4n", "uint4", "e2m1"):
+        return None  # packing runs along the last axis only
     base = node.target
     common = [b.constant(base, "codes", codes)]
+    if kind == ("tensor",):
+        common += [b.constant(base, "scale", _backend_scale(scale).reshape(())), b.constant(base, "ref", scale), tok]
+        return b.call(OPS["dequantize_per_tensor"], common + [w.dtype], _meta(node, q, "weight"))
     if kind[0] == "channel":
         common += [b.constant(base, "scale", _backend_scale(scale).reshape(-1)), b.constant(base, "ref", scale), tok]
         return b.call(OPS["dequantize_per_channel"], common + [kind[1], w.dtype], _meta(node, q, "weight"))
