@@ -12,15 +12,27 @@ from torch import nn
 from qpass.errors import QuantConfigError
 
 
-class SequentialQuantizer(nn.Sequential):
-    """Several quantizers applied in turn (e.g. W4A8: int4 blocks, then fp8)."""
-
-    def __init__(self, *quantizers: TensorQuantizer) -> None:
-        super().__init__(*quantizers)
+class _Members:
+    """Enabled when any member is; enable/disable switch every member."""
 
     @property
     def is_enabled(self) -> bool:
         return any(q.is_enabled for q in self)
+
+    def enable(self) -> None:
+        for q in self:
+            q.enable()
+
+    def disable(self) -> None:
+        for q in self:
+            q.disable()
+
+
+class SequentialQuantizer(_Members, nn.Sequential):
+    """Several quantizers applied in turn (e.g. W4A8: int4 blocks, then fp8)."""
+
+    def __init__(self, *quantizers: TensorQuantizer) -> None:
+        super().__init__(*quantizers)
 
     def set_from_attribute_config(self, attributes) -> None:
         attributes = list(attributes)
@@ -31,19 +43,11 @@ class SequentialQuantizer(nn.Sequential):
         for q, a in zip(self, attributes):
             q.set_from_attribute_config(a)
 
-    def enable(self) -> None:
-        for q in self:
-            q.enable()
-
-    def disable(self) -> None:
-        for q in self:
-            q.disable()
-
     def describe(self) -> str:
         return " -> ".join(q.describe() for q in self)
 
 
-class ExpertQuantizers(nn.ModuleList):
+class ExpertQuantizers(_Members, nn.ModuleList):
     """The per-expert weight quantizers of one fused mixture-of-experts parameter.
 
     transformers 5 keeps all experts of an MoE layer in one 3-D parameter (``experts.gate_up_proj``
@@ -60,18 +64,6 @@ class ExpertQuantizers(nn.ModuleList):
     def __init__(self, quantizers) -> None:
         super().__init__(quantizers)
         self.__dict__["_cache"] = None
-
-    @property
-    def is_enabled(self) -> bool:
-        return any(m.is_enabled for m in self)
-
-    def enable(self) -> None:
-        for m in self:
-            m.enable()
-
-    def disable(self) -> None:
-        for m in self:
-            m.disable()
 
     def describe(self) -> str:
         return f"{len(self)} experts: " + self[0].describe() if len(self) else "no experts"
