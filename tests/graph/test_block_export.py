@@ -154,3 +154,28 @@ def test_quantize_is_identical_with_and_without_block_export(monkeypatch):
     for k in amax_a:
         torch.testing.assert_close(amax_a[k], amax_b[k], rtol=0, atol=0)
     torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+
+
+def test_block_output_structure_comes_from_fake_tensors():
+    """Step 2 learns a block's outputs without running it (shapes only), and runs it for real
+    when its inputs hold an object the block could update in place (a KV cache)."""
+    from transformers import DynamicCache
+
+    model = tiny_llama(layers=3)
+    kinds = block_export.block_kinds(model)
+    layer = kinds[0].members[0][2]
+    real_calls = []  # per run of the block's MLP: were its inputs real tensors?
+    layer.mlp.register_forward_pre_hook(
+        lambda m, a, kw: real_calls.append(not any(
+            isinstance(x, torch._subclasses.fake_tensor.FakeTensor) for x in pytree.tree_leaves((a, kw)))),
+        with_kwargs=True)
+    kwargs = dict(input_ids=torch.randint(0, 128, (2, 12)), use_cache=False)
+    block_export._record(model, type(model), (), kwargs, kinds)
+    assert real_calls == [False]  # one call, on fake tensors
+    assert kinds[0].out_dtypes == [torch.float32] and kinds[0].out_shape_from
+
+    h = torch.randn(2, 5, model.config.hidden_size)
+    assert block_export._fake_outputs(layer, (h,), dict(past_key_values=DynamicCache())) is None
+    out = block_export._fake_outputs(layer, (h,), dict(position_embeddings=model.model.rotary_emb(
+        h, torch.arange(5)[None].expand(2, 5))))
+    assert isinstance(out, torch.Tensor) and out.shape == h.shape
