@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from qpass.graph.block_export import export_with_blocks
 from qpass.graph.trace import TracedGraph, TracedGraphModule, export_graph, fetch_attr, matches_static_dims
 from qpass.nn.tensor_quantizer import is_quantizer_slot
+from qpass.passes.normalize_linear import linear_from_matmul
 
 MAX_ENTRIES = 8
 _SCALARS = (bool, int, float, str, type(None))
@@ -141,6 +142,8 @@ def cached_export(model: nn.Module, original_cls: type, args: tuple, kwargs: dic
             _CACHE.move_to_end(key)
             return _rebind(entry, model, tensors)
     traced = export_with_blocks(model, original_cls, args, kwargs) or export_graph(model, original_cls, args, kwargs)
+    if linear_from_matmul(traced.gm, model):  # FalconLinear-style layers become aten.linear
+        traced.gm.recompile()
     _CACHE.setdefault(key, []).append(_entry_from(traced.gm, model, traced.static_dims))
     _CACHE.move_to_end(key)
     while len(_CACHE) > MAX_ENTRIES:

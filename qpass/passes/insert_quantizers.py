@@ -155,10 +155,48 @@ class InsertQuantizers(PassBase):
                 modified = True
         if self.rule_set.expert_rule is not None:
             modified |= self._place_experts(gm)
+        for path, readers in self.unquantized_weights(gm).items():
+            owner = self.model.get_submodule(path)
+            fix = ("its weight is computed by a parametrization (weight norm, say): remove it first with "
+                   "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+                   if "weight" in getattr(owner, "parametrizations", {}) else
+                   "make its forward call torch.nn.functional.linear/conv on its own weight")
+            warnings.warn(
+                f"'{path}' ({type(owner).__name__}) has enabled quantizers, but the traced graph reads its weight "
+                f"through {', '.join(readers)}, which no qpass rule matches: its weight and input stay "
+                f"unquantized. To quantize it, {fix}; or disable its quantizers", stacklevel=2)
         if modified:
             graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
+
+    def unquantized_weights(self, gm: fx.GraphModule) -> dict[str, list[str]]:
+        """Layers whose enabled weight quantizer this graph did not place although the graph reads
+        their weight (directly, or through a parametrization such as weight norm): {module path:
+        the ops reading it}. A layer the graph never reads (dead code, another input structure's
+        branch) is not listed."""
+        weighted = tuple(t for r in self.rule_set.module_rules if "weight_quantizer" in r.slots
+                         for t in r.module_types)
+        placed = set(self.placed)
+        out: dict[str, set] = {}
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            path, _, leaf = node.target.rpartition(".")
+            if leaf != "weight":
+                path, sep, _ = node.target.partition(".parametrizations.weight.")
+                if not sep:
+                    continue
+            try:
+                owner = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            q = owner._modules.get("weight_quantizer")
+            target = f"{path}.weight_quantizer" if path else "weight_quantizer"
+            if not isinstance(owner, weighted) or q is None or not q.is_enabled or target in placed:
+                continue
+            out.setdefault(path, set()).update(str(u.target) for u in node.users)
+        return {p: sorted(r) for p, r in out.items()}
 
     def _place_experts(self, gm: fx.GraphModule) -> bool:
         """Fused MoE expert parameters: the per-expert weight quantizers on the parameter, the input

@@ -87,3 +87,59 @@ def test_unused_pooler_is_dead_code_before_matching():
     placed = {n.meta[QUANTIZER_META] for n in quantizer_nodes(gm)}
     assert not any("pooler" in p for p in placed)
     assert not any("tanh" in str(n.target) for n in gm.graph.nodes)
+
+
+class _TransposedLinear(torch.nn.Linear):
+    """HF Falcon's FalconLinear: the weight multiplied transposed in the module's own forward."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class _EinsumLinear(torch.nn.Linear):
+    def forward(self, x):
+        return torch.einsum("bsi,oi->bso", x, self.weight)
+
+
+def _mlp(cls):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(cls(16, 32), torch.nn.GELU(), cls(32, 8, bias=False)).eval()
+
+
+def test_linear_multiplying_its_transposed_weight_is_quantized_as_a_linear():
+    xs = [torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    plain, custom = _mlp(torch.nn.Linear), _mlp(_TransposedLinear)
+    custom.load_state_dict(plain.state_dict())
+    for m in (plain, custom):
+        qpass.quantize(m, qpass.INT8_DEFAULT_CFG, lambda mm: [mm(x) for x in xs[1:]])
+    (gm,) = _graphs(custom)
+    ops = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    assert ops["aten.linear.default"] == 2 and ops["aten.matmul.default"] == 0  # the bias add folded in too
+    assert _slot_counts(custom) == _slot_counts(plain)
+    for (name, q), (_, q_ref) in zip(custom.named_modules(), plain.named_modules()):
+        if isinstance(q, qpass.TensorQuantizer) and q.is_enabled:
+            torch.testing.assert_close(q.amax, q_ref.amax, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(custom(xs[0]), plain(xs[0]), rtol=0, atol=0)
+
+
+def test_weight_read_by_an_unmatched_op_is_named_in_a_warning():
+    import warnings
+
+    model = _mlp(_EinsumLinear)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qpass.quantize(model, qpass.INT8_DEFAULT_CFG, lambda m: m(torch.randn(2, 5, 16)))
+    texts = [str(w.message) for w in caught if "no qpass rule matches" in str(w.message)]
+    assert len(texts) == 2 and "'0' (_EinsumLinear)" in texts[0] and "'2' (_EinsumLinear)" in texts[1]
+    assert "einsum" in texts[0] or "bmm" in texts[0] or "mm" in texts[0]
+
+    torch.manual_seed(0)
+    conv = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(4, 4, 3))
+    net = torch.nn.Sequential(conv).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qpass.quantize(net, qpass.INT8_DEFAULT_CFG, lambda m: m(torch.randn(2, 4, 9)))
+    texts = [str(w.message) for w in caught if "no qpass rule matches" in str(w.message)]
+    assert len(texts) == 1 and "remove_parametrizations" in texts[0] and "'0'" in texts[0]
