@@ -25,6 +25,7 @@ from qpass.checkpoint_format import (
 from qpass.checkpoint_install import QuantizerSpec, _listing, _owner_weight_shape, check_specs, install
 from qpass.errors import QpassError
 from qpass.graph.quantized_model import is_quantized, iter_tensor_quantizers, state_of
+from qpass.nn.hf_conv1d import conv1d_as_linear
 from qpass.nn.packed_weight import PACKED_KEYS, PackedWeightQuantizer
 from qpass.nn.tensor_quantizer import OPTIONAL_BUFFERS, SequentialQuantizer, TensorQuantizer, is_quantizer
 from qpass.passes.rules import get_rule_set
@@ -207,6 +208,11 @@ def restore(model: nn.Module, f, *, strict: bool = True) -> nn.Module:
         raise QpassError(
             f"{type(model).__name__} is already quantized by qpass; restore onto a fresh, unquantized model"
         )
+    with conv1d_as_linear(model):  # as quantize() saw it: GPT-2's Conv1D layers are Linears
+        return _restore(model, body, tensors, strict)
+
+
+def _restore(model: nn.Module, body: dict, tensors: dict, strict: bool) -> nn.Module:
     specs = _specs_from_record(body, tensors)
     problems = check_specs(model, specs)
     current = model_structure(model)

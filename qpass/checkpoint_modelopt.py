@@ -22,6 +22,7 @@ from torch import nn
 from qpass.checkpoint_install import QuantizerSpec, _listing, check_specs, install
 from qpass.errors import QpassError
 from qpass.graph.quantized_model import is_quantized
+from qpass.nn.hf_conv1d import conv1d_as_linear
 from qpass.nn.tensor_quantizer import OPTIONAL_BUFFERS
 from qpass.passes.rules import DEFAULT, get_rule_set
 
@@ -186,6 +187,11 @@ def restore_modelopt(model: nn.Module, f, *, rules: str | None = None, load_weig
             f"{type(model).__name__} is already quantized by qpass; restore onto a fresh, unquantized model"
         )
     ckpt = _load(f, weights_only)
+    with conv1d_as_linear(model):  # ModelOpt's GPT-2 Conv1D layers are Linears with [out, in] weights
+        return _restore(model, ckpt, rules, load_weights)
+
+
+def _restore(model: nn.Module, ckpt: dict, rules: str | None, load_weights: bool) -> nn.Module:
     modes = _modes(ckpt)
     state_dict = ckpt.get("model_state_dict") or {}
     qstate = None

@@ -19,6 +19,7 @@ from qpass.errors import QpassError, QuantConfigError
 from qpass.graph.quantized_model import (
     STATE_ATTR, QpassState, is_quantized, make_quantizer, realize_code, remove_created, state_of, wrapped_class,
 )
+from qpass.nn.hf_conv1d import conv1d_as_linear
 from qpass.nn.tensor_quantizer import is_quantizer, iter_tensor_quantizers
 from qpass.passes.insert_quantizers import SLOT_META, quantizer_nodes
 from qpass.config.rules import pattern_matches
@@ -133,7 +134,7 @@ def quantize(
     model.__dict__[STATE_ATTR] = state
     model.__class__ = wrapped_class(state.original_cls)
     try:
-        with frozen_gc():
+        with frozen_gc(), conv1d_as_linear(model):  # GPT-2's Conv1D layers: Linears, as in ModelOpt
             _register_module_quantizers(model, state)
             if example_inputs is not None:
                 args, kwargs = _split_example_inputs(example_inputs)
