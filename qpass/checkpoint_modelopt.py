@@ -151,7 +151,7 @@ def _hard_disabled(model: nn.Module, rule_set, specs) -> set[str]:
     for s in specs:
         owner = _owner(model, s.path)
         for rule in rule_set.module_rules:
-            if s.slot in rule.hard_disabled and isinstance(owner, rule.module_types):
+            if s.slot in rule.hard_disabled and rule.matches(owner):
                 out.add(s.path)
     return out
 
@@ -163,8 +163,8 @@ def _unplaced(model: nn.Module, rule_set, specs) -> list[str]:
         if not any(m.get("enabled", True) for m in s.members):
             continue
         owner = _owner(model, s.path)
-        placed = any(s.slot in r.slots and isinstance(owner, r.module_types) for r in rule_set.module_rules) or any(
-            s.slot in [slot.name for slot in r.slots] and (r.module_types is None or isinstance(owner, r.module_types))
+        placed = any(s.slot in r.slots and r.matches(owner) for r in rule_set.module_rules) or any(
+            s.slot in [slot.name for slot in r.slots] and r.matches(owner)
             for r in rule_set.op_rules)
         if not placed:
             out.append(s.path)

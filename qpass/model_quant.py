@@ -36,7 +36,7 @@ def _register_module_quantizers(model: nn.Module, state: QpassState) -> None:
         if is_quantizer(module):
             continue
         for rule in state.rule_set.module_rules:
-            if isinstance(module, rule.module_types):
+            if rule.matches(module):
                 for slot in rule.slots:
                     if slot in rule.hard_disabled:
                         state.hard_disabled.add(f"{path}.{slot}" if path else slot)

@@ -110,7 +110,7 @@ class InsertQuantizers(PassBase):
         for rule in self.rule_set.op_rules:
             if node.target not in rule.ops:
                 continue
-            if rule.module_types is not None and not isinstance(owner, rule.module_types):
+            if not rule.matches(owner):
                 continue
             if rule.weight_arg is not None:
                 w = node.args[rule.weight_arg] if len(node.args) > rule.weight_arg else None

@@ -46,6 +46,17 @@ class Slot:
     arg: int | None  # index into node.args, OUT, or REGISTER_ONLY
 
 
+def module_matches(module: nn.Module, types: tuple | None, own_forward: bool = False) -> bool:
+    """``module`` is one of ``types``; with ``own_forward``, also runs that type's own forward,
+    as ModelOpt's registry matches a subclass only if it does not override ``forward`` (OPT's
+    learned positional embedding, ConvNeXt's channels-first LayerNorm are left alone there)."""
+    if types is None:
+        return True
+    if not own_forward:
+        return isinstance(module, types)
+    return any(isinstance(module, t) and type(module).forward is t.forward for t in types)
+
+
 @dataclass(frozen=True)
 class ModuleRule:
     """Quantizers registered from the module tree, before any trace."""
@@ -53,6 +64,10 @@ class ModuleRule:
     module_types: tuple
     slots: tuple  # slot names
     hard_disabled: tuple = ()  # registered (for ModelOpt names) but never used
+    own_forward: bool = False  # subclasses only if they keep the type's forward (module_matches)
+
+    def matches(self, module: nn.Module) -> bool:
+        return module_matches(module, self.module_types, self.own_forward)
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,10 @@ class OpRule:
     weight_arg: int | None = None  # this arg must be the owner's own ``.weight``
     activation_args: tuple = ()  # these args must not be parameters
     after_softmax: bool | None = None  # arg 0 must (True) or must not (False) come from a softmax
+    own_forward: bool = False  # as ModuleRule.own_forward
+
+    def matches(self, module: nn.Module) -> bool:
+        return module_matches(module, self.module_types, self.own_forward)
 
 
 _LINEAR = (nn.Linear,)
@@ -219,20 +238,20 @@ INPUT_ONLY = OpRule(
      aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
      aten.leaky_relu.default),
     (Slot("input_quantizer", 0), Slot("output_quantizer", OUT)),
-    _INPUT_ONLY_TYPES,
+    _INPUT_ONLY_TYPES, own_forward=True,
 )
 EMBEDDING = OpRule(
     "embedding", (aten.embedding.default,),
-    (Slot("weight_quantizer", 0), Slot("output_quantizer", OUT)), (nn.Embedding,), weight_arg=0,
+    (Slot("weight_quantizer", 0), Slot("output_quantizer", OUT)), (nn.Embedding,), weight_arg=0, own_forward=True,
 )
 
 MODELOPT = RuleSet(
     name="modelopt",
     module_rules=(
         WEIGHTED_MODULES,
-        ModuleRule(_INPUT_ONLY_TYPES, ("input_quantizer", "output_quantizer")),
+        ModuleRule(_INPUT_ONLY_TYPES, ("input_quantizer", "output_quantizer"), own_forward=True),
         ModuleRule((nn.Embedding,), ("weight_quantizer", "input_quantizer", "output_quantizer"),
-                   hard_disabled=("input_quantizer",)),
+                   hard_disabled=("input_quantizer",), own_forward=True),
     ),
     op_rules=(LINEAR, CONV, CONV_TRANSPOSE, INPUT_ONLY, EMBEDDING) + _attention_rules("p_bmm_quantizer"),
     attention_probs_slot="p_bmm_quantizer",

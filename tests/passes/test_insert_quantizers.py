@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import pytest
 import torch
 
 import qpass
@@ -143,3 +144,53 @@ def test_weight_read_by_an_unmatched_op_is_named_in_a_warning():
         qpass.quantize(net, qpass.INT8_DEFAULT_CFG, lambda m: m(torch.randn(2, 4, 9)))
     texts = [str(w.message) for w in caught if "no qpass rule matches" in str(w.message)]
     assert len(texts) == 1 and "remove_parametrizations" in texts[0] and "'0'" in texts[0]
+
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class _ChannelsFirstNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = torch.nn.Embedding(32, 16), _ScaledEmbedding(32, 16)
+        self.norm, self.cf_norm = torch.nn.LayerNorm(16), _ChannelsFirstNorm(16)
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, ids):
+        h = self.norm(self.emb(ids) + self.pos(ids))
+        return self.fc(self.cf_norm(h.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.modelopt
+def test_modelopt_rules_skip_subclasses_with_their_own_forward():
+    """ModelOpt's registry takes a subclass of Embedding/LayerNorm only if it keeps the base
+    forward; rules="modelopt" matches it (names, and so outputs)."""
+    import copy
+    import warnings
+
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    torch.manual_seed(0)
+    base = _Net().eval()
+    ids = [torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ours = qpass.quantize(copy.deepcopy(base), qpass.INT8_DEFAULT_CFG, lambda m: [m(x) for x in ids[1:]],
+                          rules="modelopt")
+    theirs = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(theirs, copy.deepcopy(mtq.INT8_DEFAULT_CFG), lambda m: [m(x) for x in ids[1:]])
+
+    def names(m):
+        return {n for n, q in m.named_modules() if n.endswith("_quantizer")}
+
+    assert names(ours) == names(theirs)
+    assert not any(n.startswith(("pos.", "cf_norm.")) for n in names(ours))
+    assert {"emb.weight_quantizer", "norm.input_quantizer"} <= names(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids[0]), theirs(ids[0]), rtol=1e-5, atol=1e-5)
