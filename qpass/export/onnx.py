@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -236,9 +237,7 @@ def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: 
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - torch.onnx failures become one clear error
-        msg = str(e).strip().splitlines()
-        raise ExportError(f"torch.onnx.export failed on the lowered graph: {type(e).__name__}: "
-                          f"{msg[0] if msg else ''}") from e
+        raise ExportError(_export_failure(lowered, e)) from e
     model = program.model
     _fold_weight_transposes(model)
     if target == "onnxruntime":
@@ -247,6 +246,30 @@ def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: 
     _drop_unused_initializers(model)
     _strip_nondeterminism(model)
     return ir.serde.serialize_model(model)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _export_failure(lowered, error: BaseException) -> str:
+    """One line for a torch.onnx failure: its innermost cause (torch's own message is generic),
+    and the node it names with the module that node belongs to."""
+    from qpass.passes.insert_quantizers import owner_path
+
+    inner, seen = error, 0
+    while seen < 10 and (inner.__cause__ or inner.__context__) is not None:
+        inner, seen = inner.__cause__ or inner.__context__, seen + 1
+    text = _ANSI.sub("", str(inner)).strip()
+    first = text.splitlines()[0] if text else ""
+    where = ""
+    found = re.search(r"While executing %(\w+)", text)
+    if found:
+        node = next((n for n in lowered.graph.nodes if n.name == found.group(1)), None)
+        where = f" at node '{found.group(1)}'"
+        if node is not None:
+            where += f" ({node.target}, in module '{owner_path(node) or '<root>'}')"
+    return (f"torch.onnx.export failed on the lowered graph{where}: {type(inner).__name__}: {first}; "
+            "no file was written")
 
 
 def _output_names(lowered) -> list[str] | None:

@@ -391,3 +391,24 @@ def test_custom_op_without_onnx_translation_is_named_and_writes_nothing(tmp_path
                                           r"ONNX translation; register one"):
         qpass.export_onnx(model, str(tmp_path / "custom.onnx"))
     assert os.listdir(tmp_path) == []
+
+
+def test_torch_onnx_failure_names_its_innermost_cause_node_and_module():
+    """torch.onnx's own message is generic and coloured; the error qpass raises is the cause, the
+    node it names and that node's module."""
+    from qpass.export.onnx import _export_failure
+
+    model = MLP().eval()
+    gm = torch.export.export(model, (torch.randn(2, 32),)).module()
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    try:
+        try:
+            raise ValueError(f"Cannot view a tensor as that shape!\n\nWhile executing %{node.name} : [...]")
+        except ValueError as inner:
+            raise RuntimeError("Failed to decompose. \x1b[96mThis is step 2/3\x1b[0m of exporting") from inner
+    except RuntimeError as e:
+        text = _export_failure(gm, e)
+    assert "\x1b" not in text and "step 2/3" not in text
+    assert f"at node '{node.name}'" in text and "ValueError: Cannot view a tensor as that shape!" in text
+    owner = list(node.meta["nn_module_stack"].values())[-1][0]
+    assert f"in module '{owner}'" in text and text.endswith("no file was written")
