@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import inspect
 import io
 import json
@@ -473,29 +474,21 @@ def run_model(spec: Spec, do_modelopt: bool = True, do_onnx: bool = True) -> dic
     models: dict = {}
     for cfg_name in ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"):
         tag = cfg_name.split("_")[0].lower()
-        with Step(res, f"qpass_{tag}"):
-            m = copy.deepcopy(base)
-            with _quiet():
-                qpass.quantize(m, copy.deepcopy(getattr(qpass, cfg_name)), loop)
-            models[f"q_{tag}"] = m
-            out = _forward(m, eval_in)
-            res[f"q_{tag}_cos"] = cosine(main_output(spec, out), fp)
-            res[f"_q_{tag}_out"] = out
-            res[f"q_{tag}_no_amax"] = enabled_without_amax(m)
-            res[f"q_{tag}_identical"] = bool(torch.equal(main_output(spec, out), fp))
-        if not do_modelopt:
-            continue
-        with Step(res, f"modelopt_{tag}"):
-            import modelopt.torch.quantization as mtq
-
-            m = copy.deepcopy(base)
-            with _quiet():
-                mtq.quantize(m, copy.deepcopy(getattr(mtq, cfg_name)), loop)
-            models[f"mo_{tag}"] = m
-            out = _forward(m, eval_in)
-            res[f"mo_{tag}_cos"] = cosine(main_output(spec, out), fp)
-            res[f"_mo_{tag}_out"] = out
-            res[f"mo_{tag}_no_amax"] = enabled_without_amax(m)
+        for prefix, step in (("q", "qpass"), ("mo", "modelopt")):
+            if prefix == "mo" and not do_modelopt:
+                continue
+            with Step(res, f"{step}_{tag}"):  # the same calls in both libraries
+                lib = qpass if prefix == "q" else importlib.import_module("modelopt.torch.quantization")
+                m = copy.deepcopy(base)
+                with _quiet():
+                    lib.quantize(m, copy.deepcopy(getattr(lib, cfg_name)), loop)
+                models[f"{prefix}_{tag}"] = m
+                out = _forward(m, eval_in)
+                res[f"{prefix}_{tag}_cos"] = cosine(main_output(spec, out), fp)
+                res[f"_{prefix}_{tag}_out"] = out
+                res[f"{prefix}_{tag}_no_amax"] = enabled_without_amax(m)
+                if prefix == "q":
+                    res[f"q_{tag}_identical"] = bool(torch.equal(main_output(spec, out), fp))
         if f"q_{tag}" in models and f"mo_{tag}" in models:
             with Step(res, f"compare_{tag}"):
                 res[f"qmo_{tag}_cos"] = cosine(main_output(spec, res[f"_q_{tag}_out"]),
