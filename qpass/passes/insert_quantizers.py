@@ -175,8 +175,7 @@ class InsertQuantizers(PassBase):
         their weight (directly, or through a parametrization such as weight norm): {module path:
         the ops reading it}. A layer the graph never reads (dead code, another input structure's
         branch) is not listed."""
-        weighted = tuple(t for r in self.rule_set.module_rules if "weight_quantizer" in r.slots
-                         for t in r.module_types)
+        weighted = [r for r in self.rule_set.module_rules if "weight_quantizer" in r.slots]
         placed = set(self.placed)
         out: dict[str, set] = {}
         for node in gm.graph.nodes:
@@ -193,7 +192,7 @@ class InsertQuantizers(PassBase):
                 continue
             q = owner._modules.get("weight_quantizer")
             target = f"{path}.weight_quantizer" if path else "weight_quantizer"
-            if not isinstance(owner, weighted) or q is None or not q.is_enabled or target in placed:
+            if q is None or not q.is_enabled or target in placed or not any(r.matches(owner) for r in weighted):
                 continue
             out.setdefault(path, set()).update(str(u.target) for u in node.users)
         return {p: sorted(r) for p, r in out.items()}

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from qpass.graph.trace import fetch_attr
+
 aten = torch.ops.aten
 
 _MATMULS = (aten.matmul.default, aten.mm.default)
@@ -40,9 +42,10 @@ def _transposed_2d(node) -> fx.Node | None:
 def _param(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part, None)
+    try:
+        obj = fetch_attr(gm, node.target)
+    except AttributeError:
+        return None
     return obj if isinstance(obj, torch.Tensor) else None
 
 
