@@ -119,3 +119,27 @@ def test_conv1d_matches_modelopt(tmp_path):
         want = reference(xs[0], use_cache=False).logits
         assert _cos(ours(xs[0], use_cache=False).logits, want) > 0.9999
         assert _cos(restored(xs[0], use_cache=False).logits, want) > 0.9999
+
+
+def test_auto_quantize_on_conv1d_layers_and_its_refusal():
+    """auto_quantize calibrates its candidates on a copy: the copy and the model must agree on the
+    weight layout (SmoothQuant scales the weights), and a refused search gives the layers back."""
+    from transformers.pytorch_utils import Conv1D
+
+    xs = _batches()
+    kwargs = dict(quantization_formats=["INT8_SMOOTHQUANT_CFG", None], data_loader=xs,
+                  forward_step=lambda m, b: m(b, use_cache=False), method="kl_div",
+                  num_calib_steps=2, num_score_steps=2)
+    model = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.auto_quantize(model, constraints={"effective_bits": 12.0}, **kwargs)
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, torch.nn.Linear) and c_attn.weight.shape == (96, 32)
+    assert any(q.is_enabled for n, q in model.named_modules() if n.endswith(".c_attn.weight_quantizer"))
+
+    model = _gpt2()
+    weight = model.transformer.h[0].attn.c_attn.weight
+    with pytest.raises(Exception, match="effective bits cannot be met"):
+        qpass.auto_quantize(model, constraints={"effective_bits": 2.0}, **kwargs)
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D and model.transformer.h[0].attn.c_attn.weight is weight

@@ -32,6 +32,7 @@ from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, check_bud
 from qpass.auto_quantize.units import Unit, units_of
 from qpass.graph.quantized_model import is_quantized, realize_code, state_of
 from qpass.model_quant import _unquantize
+from qpass.nn.hf_conv1d import conv1d_as_linear
 from qpass.passes.insert_quantizers import _register
 
 SEARCH_ATTR = "_qpass_auto_quantize"
@@ -230,20 +231,23 @@ def auto_quantize(model: nn.Module, constraints=None, quantization_formats=("W4A
     if not batches:
         raise AutoQuantizeError("data_loader yielded no batches")
     calib, score = batches[:num_calib_steps], batches[:num_score_steps]
-    original = [copy.deepcopy(model)]  # handed over: _search drops it once every candidate is calibrated
-    quantize(model, {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": None})
     from qpass.auto_quantize.report import auto_quantize_resolve, format_table
 
-    try:
-        groups, group_scores, search, history = _search(model, original, candidates, constraints, calib, score,
-                                                        forward_step, loss_func, forward_backward_step, verbose,
-                                                        method, fast_scores)
-        state_dict = _state_dict(model, method, search, groups, group_scores, history)
-        auto_quantize_resolve(model, state_dict, constraints)
-    except BaseException:
-        model.__dict__.pop(SEARCH_ATTR, None)
-        _unquantize(model)  # a failed search leaves the caller's model as it was
-        raise
+    # GPT-2's Conv1D layers become Linears before the copy the candidates calibrate, so that the
+    # copy and the model agree on weight layouts; a failed search gives them back
+    with conv1d_as_linear(model):
+        original = [copy.deepcopy(model)]  # handed over: _search drops it once every candidate is calibrated
+        quantize(model, {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": None})
+        try:
+            groups, group_scores, search, history = _search(model, original, candidates, constraints, calib,
+                                                            score, forward_step, loss_func, forward_backward_step,
+                                                            verbose, method, fast_scores)
+            state_dict = _state_dict(model, method, search, groups, group_scores, history)
+            auto_quantize_resolve(model, state_dict, constraints)
+        except BaseException:
+            model.__dict__.pop(SEARCH_ATTR, None)
+            _unquantize(model)  # a failed search leaves the caller's model as it was
+            raise
     realize_code(model)
     if verbose:
         print(format_table(state_dict))
