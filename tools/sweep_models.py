@@ -74,6 +74,7 @@ class Spec:
     kind: str  # encoder | decoder | seq2seq | vision | clip | whisper | wav2vec2
     config: dict = field(default_factory=dict)
     out_keys: tuple = ()  # output fields compared; () = logits or last_hidden_state
+    image: int = IMAGE  # pixel_values height and width (vision / clip)
 
 
 _IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -83,6 +84,9 @@ _LLAMALIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hi
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **_IDS)
 _VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             image_size=IMAGE, patch_size=8)
+_W2V = dict(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4)
 
 SPECS = [
     # encoders
@@ -159,10 +163,85 @@ SPECS = [
               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
               max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1,
               eos_token_id=2, decoder_start_token_id=1)),
-    Spec("wav2vec2", "Wav2Vec2Model", "Wav2Vec2Config", "wav2vec2",
-         dict(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-              num_conv_pos_embedding_groups=4)),
+    Spec("wav2vec2", "Wav2Vec2Model", "Wav2Vec2Config", "wav2vec2", _W2V),
+    # -- families with unusual layers --
+    # encoders
+    Spec("squeezebert", "SqueezeBertModel", "SqueezeBertConfig", "encoder",  # grouped Conv1d "linears"
+         {**_BERTLIKE, "embedding_size": 32, "q_groups": 2, "k_groups": 2, "v_groups": 2,
+          "post_attention_groups": 2, "intermediate_groups": 2, "output_groups": 2}),
+    Spec("mobilebert", "MobileBertModel", "MobileBertConfig", "encoder",  # bottlenecks, NoNorm
+         {**_BERTLIKE, "embedding_size": 16, "intra_bottleneck_size": 16, "true_hidden_size": 16,
+          "num_feedforward_networks": 2}),
+    Spec("convbert", "ConvBertModel", "ConvBertConfig", "encoder",  # separable convs, grouped linear
+         {**_BERTLIKE, "embedding_size": 32, "head_ratio": 2, "conv_kernel_size": 3, "num_groups": 2}),
+    Spec("fnet", "FNetModel", "FNetConfig", "encoder",  # FFT token mixing, no attention mask
+         {**_BERTLIKE, "use_tpu_fourier_optimizations": False}),
+    Spec("funnel", "FunnelModel", "FunnelConfig", "encoder",  # pooled queries, upsampling decoder
+         dict(vocab_size=VOCAB, block_sizes=[1, 1], num_decoder_layers=1, d_model=32, n_head=4, d_head=8,
+              d_inner=64, pad_token_id=0)),
+    Spec("xlnet", "XLNetModel", "XLNetConfig", "encoder",  # q/k/v/o are einsum'd nn.Parameters
+         dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_inner=64, **_IDS)),
+    Spec("longformer", "LongformerModel", "LongformerConfig", "encoder",  # sliding + global attention
+         {**_BERTLIKE, "pad_token_id": 1, "bos_token_id": 0, "attention_window": [4, 4]}),
+    Spec("big-bird", "BigBirdModel", "BigBirdConfig", "encoder",  # block-sparse attention
+         {**_BERTLIKE, "attention_type": "block_sparse", "block_size": 2, "num_random_blocks": 1}),
+    Spec("canine", "CanineModel", "CanineConfig", "encoder",  # hashed chars, Conv1d downsampling
+         dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=64, num_hash_functions=4, num_hash_buckets=64, downsampling_rate=4,
+              local_transformer_stride=4, pad_token_id=0)),
+    Spec("layoutlm", "LayoutLMModel", "LayoutLMConfig", "encoder",  # 2-D position embeddings (bbox)
+         {**_BERTLIKE, "max_2d_position_embeddings": 64}),
+    Spec("data2vec-text", "Data2VecTextModel", "Data2VecTextConfig", "encoder",
+         {**_BERTLIKE, "pad_token_id": 1, "bos_token_id": 0}),
+    # decoders
+    Spec("gpt-bigcode", "GPTBigCodeForCausalLM", "GPTBigCodeConfig", "decoder",  # multi-query attention
+         dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True, **_IDS)),
+    Spec("codegen", "CodeGenForCausalLM", "CodeGenConfig", "decoder",  # fused qkv split in mp_num parts
+         dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_ctx=64, rotary_dim=4,
+              **_IDS)),
+    Spec("mpt", "MptForCausalLM", "MptConfig", "decoder",  # ALiBi, bias-free LayerNorm
+         dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64, **_IDS)),
+    Spec("persimmon", "PersimmonForCausalLM", "PersimmonConfig", "decoder",  # q/k LayerNorm, partial RoPE
+         {**_LLAMALIKE, "num_key_value_heads": 4, "partial_rotary_factor": 0.5, "qk_layernorm": True}),
+    Spec("granite", "GraniteForCausalLM", "GraniteConfig", "decoder",  # embedding/residual multipliers
+         {**_LLAMALIKE, "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "logits_scaling": 4.0}),
+    Spec("nemotron", "NemotronForCausalLM", "NemotronConfig", "decoder",  # LayerNorm1P, relu^2
+         {**_LLAMALIKE, "head_dim": 8, "partial_rotary_factor": 0.5}),
+    Spec("mamba", "MambaForCausalLM", "MambaConfig", "decoder",  # selective scan, depthwise Conv1d
+         dict(vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4,
+              time_step_rank=4, **_IDS)),
+    Spec("mamba2", "Mamba2ForCausalLM", "Mamba2Config", "decoder",  # SSD chunked scan, gated RMSNorm
+         dict(vocab_size=VOCAB, hidden_size=32, num_heads=4, head_dim=16, state_size=8, expand=2, n_groups=1,
+              chunk_size=8, num_hidden_layers=2, **_IDS)),
+    # vision
+    Spec("dinov2", "Dinov2Model", "Dinov2Config", "vision",  # LayerScale
+         {**_VIT, "mlp_ratio": 2}),
+    Spec("beit", "BeitModel", "BeitConfig", "vision",  # relative position bias, mean pooling
+         {**_VIT, "use_relative_position_bias": True}),
+    Spec("segformer", "SegformerModel", "SegformerConfig", "vision",  # reduced-K/V attention, DWConv MLP
+         dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+              strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32)),
+    Spec("efficientnet", "EfficientNetModel", "EfficientNetConfig", "vision",  # depthwise conv, SE
+         dict(image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25,
+              hidden_dim=320)),  # hidden_dim must be the top conv's width, 1280 * 0.25
+    Spec("regnet", "RegNetModel", "RegNetConfig", "vision",  # grouped conv, SE (Y blocks)
+         dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, layer_type="y")),
+    Spec("poolformer", "PoolFormerModel", "PoolFormerConfig", "vision",  # AvgPool2d token mixer, GroupNorm
+         dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+              padding=[2, 1], pool_size=3, mlp_ratio=2.0)),
+    Spec("levit", "LevitModel", "LevitConfig", "vision",  # Linear+BatchNorm1d, attention-bias lookup
+         dict(image_size=64, hidden_sizes=[16, 32], num_attention_heads=[1, 2], depths=[1, 1], key_dim=[8, 8],
+              mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 8, 16 // 8, 4, 2, 2]]),
+         image=64),  # 4 stride-2 patch convs: 64 -> 4x4 tokens
+    # multimodal / audio
+    Spec("siglip", "SiglipModel", "SiglipConfig", "clip",  # nn.MultiheadAttention pooling head
+         dict(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=32, **_IDS),
+              vision_config=dict(_VIT)),
+         out_keys=("text_embeds", "image_embeds")),
+    Spec("sew", "SEWModel", "SEWConfig", "wav2vec2",  # squeezed (pooled + upsampled) sequence
+         {**_W2V, "squeeze_factor": 2}),
+    Spec("hubert", "HubertModel", "HubertConfig", "wav2vec2", _W2V),
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
@@ -197,10 +276,10 @@ def make_inputs(spec: Spec, model, seed: int, other_shape: bool = False) -> dict
     elif kind == "seq2seq":
         inputs = dict(input_ids=_ids(g, B, S), attention_mask=mask, decoder_input_ids=_ids(g, B, S_DEC))
     elif kind == "vision":
-        inputs = dict(pixel_values=torch.randn(B, 3, IMAGE, IMAGE, generator=g))
+        inputs = dict(pixel_values=torch.randn(B, 3, spec.image, spec.image, generator=g))
     elif kind == "clip":
         inputs = dict(input_ids=_ids(g, B, S), attention_mask=mask,
-                      pixel_values=torch.randn(B, 3, IMAGE, IMAGE, generator=g))
+                      pixel_values=torch.randn(B, 3, spec.image, spec.image, generator=g))
     elif kind == "whisper":
         frames = 2 * cfg.max_source_positions
         inputs = dict(input_features=torch.randn(B, cfg.num_mel_bins, frames, generator=g),
@@ -209,7 +288,14 @@ def make_inputs(spec: Spec, model, seed: int, other_shape: bool = False) -> dict
         inputs = dict(input_values=torch.randn(B, 1600, generator=g))
     else:
         raise ValueError(kind)
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    params = inspect.signature(model.forward).parameters
+    if "attention_mask" not in params:  # FNet takes no mask
+        inputs.pop("attention_mask", None)
+    if "bbox" in params:  # LayoutLM: one (x0, y0, x1, y1) box per token
+        xy = torch.randint(0, cfg.max_2d_position_embeddings // 2, (B, S, 2), generator=g)
+        inputs["bbox"] = torch.cat([xy, xy + torch.randint(1, cfg.max_2d_position_embeddings // 2, (B, S, 2),
+                                                            generator=g)], dim=-1)
+    if "use_cache" in params:
         inputs["use_cache"] = False
     return inputs
 
@@ -390,10 +476,17 @@ class Step:
 
 
 @contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+def _quiet(record: list | None = None):
+    """Silence stdout and warnings; append the distinct messages of the warnings about
+    quantization (qpass's: an unquantized layer, a pattern matching nothing) to ``record``."""
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("always")
         yield
+    if record is not None:
+        for w in caught:
+            msg = str(w.message)
+            if ("qpass" in msg or "quantiz" in msg.lower()) and msg not in record:
+                record.append(msg)
 
 
 def _forward(model, inputs):
@@ -480,7 +573,7 @@ def run_model(spec: Spec, do_modelopt: bool = True, do_onnx: bool = True) -> dic
             with Step(res, f"{step}_{tag}"):  # the same calls in both libraries
                 lib = qpass if prefix == "q" else importlib.import_module("modelopt.torch.quantization")
                 m = copy.deepcopy(base)
-                with _quiet():
+                with _quiet(res.setdefault(f"q_{tag}_warnings", []) if prefix == "q" else None):
                     lib.quantize(m, copy.deepcopy(getattr(lib, cfg_name)), loop)
                 models[f"{prefix}_{tag}"] = m
                 out = _forward(m, eval_in)
@@ -562,6 +655,11 @@ def _step_cell(r, key, step):
     return f"ERR {err['type']}" if err else "-"
 
 
+def _unquantized_layers(messages: list[str]) -> list[str]:
+    """The layers named by qpass's "no qpass rule matches" warnings."""
+    return [m.split("'")[1] for m in messages if "no qpass rule matches" in m and m.count("'") >= 2]
+
+
 def table(results: list[dict]) -> str:
     head = ("| model | build | qpass INT8 cos | ModelOpt INT8 cos | q-vs-mo cos | name diff | amax rel diff "
             "| FP8 q/mo cos | ONNX/ORT cos | notes |")
@@ -597,6 +695,9 @@ def table(results: list[dict]) -> str:
         for lib, key in (("qpass", "q_int8_no_amax"), ("ModelOpt", "mo_int8_no_amax")):
             if r.get(key):
                 notes.append(f"{lib}: {len(r[key])} enabled INT8 quantizers without amax (e.g. {r[key][0]})")
+        unq = _unquantized_layers(r.get("q_int8_warnings", []))
+        if unq:
+            notes.append(f"qpass warns {len(unq)} layers unquantized ({', '.join(unq[:3])}{', ...' * (len(unq) > 3)})")
         if r.get("q_int8_identical"):
             notes.append("qpass INT8 output == FP32 bit for bit (nothing quantized)")
         if r.get("onnx_quantize_linear") == 0:
@@ -620,6 +721,9 @@ def details(results: list[dict]) -> str:
             if r.get(key):
                 out.append(f"### {r['model']}: {key}: {len(r[key])} enabled quantizers without amax")
                 out += [f"- `{n}`" for n in r[key][:12]]
+        if r.get("q_int8_warnings"):
+            out.append(f"### {r['model']}: qpass INT8 warnings")
+            out += [f"- {m}" for m in r["q_int8_warnings"][:12]]
         for tag in ("int8", "fp8"):
             names = r.get(f"{tag}_names")
             if names and (names["only_qpass"] or names["only_modelopt"]):
