@@ -52,6 +52,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from qpass.errors import ExportError, QpassError
+from qpass.graph.trace import fixed_dims
 
 __all__ = ["export_onnx", "lowered_for_export"]
 
@@ -192,7 +193,7 @@ def _dynamic_shapes(traced, tensors, dynamic: bool):
     specs = []
     it = iter(traced.static_dims)
     for t in tensors:
-        static = next(it, None) or {}
+        static = fixed_dims(next(it, None))
         dims = {d: torch.export.Dim.AUTO for d in range(t.dim()) if d not in static}
         specs.append(dims or None)
     return tuple(specs)

@@ -35,6 +35,7 @@ import itertools
 import logging
 import operator
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,9 @@ from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from qpass.graph.trace import TracedGraph, TracedGraphModule, _static_dims, export_graph, fetch_attr, original_class
+from qpass.graph.trace import (
+    GUARDS_META, TracedGraph, TracedGraphModule, _static_dims, export_graph, fetch_attr, original_class,
+)
 from qpass.passes.causal_mask import SYMBOLS_META, recover_causal_masks
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,8 @@ INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number",
 _ROOT_KEY = "L__self__"
 VERIFY_SIZE = 8  # dynamic dims of the example inputs are cut to this for the check of step 7
 _GUARDS = "_guards_fn"  # ep.module()'s input-guard check: the whole-model graph checks its own inputs
+_SIZE = r"L\['tensors'\]\[\d+\]\.size\(\)\[\d+\]"
+_SAME_SIZE = re.compile(f"{_SIZE} == {_SIZE}")  # a block guard that two of its inputs share a size
 
 
 def enabled() -> bool:
@@ -278,6 +283,17 @@ def _trace_kind(kind: _Kind, first_call: _Call, call_node: fx.Node) -> None:
     args, kwargs = _unflatten_inputs(first_call, kind.first_inputs)
     dynamic = [[d for d, s in enumerate(x.meta["val"].shape) if not isinstance(s, int)] for x in call_node.args[0]]
     gm = export_graph(block, type(block), tuple(args), dict(kwargs), dynamic_dims=dynamic).gm
+    # the block's code may pin, bound or otherwise constrain a size (BigBird: sequence >= 16, Mamba2:
+    # a multiple of 8) that the model's graph, traced with the block opaque, does not check; the
+    # whole model's export checks it at the graph's entry. Equal sizes among the block's inputs
+    # are no constraint: the model's graph passes them so.
+    for i, dims in enumerate(_static_dims(gm)):
+        pinned = sorted(set(dims or {}) & set(dynamic[i] if i < len(dynamic) else ()))
+        if pinned:
+            raise Unsupported(f"block {path}'s graph constrains its input {i} in dims {pinned}")
+    other = [g for g in gm.meta.get(GUARDS_META, ()) if not _SAME_SIZE.fullmatch(g)]
+    if other:
+        raise Unsupported(f"block {path}'s graph checks its inputs: {other[0]}")
     owned = _owned_state(block)
     for n in gm.graph.nodes:
         if n.op == "call_module" and n.target != _GUARDS:

@@ -115,8 +115,50 @@ class TracedGraph:
     """One captured graph plus the facts needed to dispatch inputs to it."""
 
     gm: fx.GraphModule
-    static_dims: list  # per flat input leaf: None (not a tensor) or {dim: size} of specialised dims
+    # per flat input leaf: None (not a tensor) or {dim: size} of its specialised dims, where a dim
+    # the graph only takes within a range maps to (lowest, highest or None) instead (_static_dims)
+    static_dims: list
     placed: frozenset = frozenset()  # names of the quantizers placed in this graph
+
+
+#: gm.meta key: the input checks torch.export could not state as ranges (``"(L['x'].size()[1] % 8) == 0"``)
+GUARDS_META = "qpass_guards"
+
+
+def guards_pass(guards, tensors) -> bool:
+    """True if the exported graph's input check (its ``_guards_fn`` module, None: none) accepts
+    ``tensors``: it raises before any work, and a graph whose check fails is traced anew."""
+    if guards is None:
+        return True
+    try:
+        guards(*tensors)
+    except AssertionError:
+        return False
+    return True
+
+
+def _size_range(size: torch.SymInt) -> tuple[int | None, int | None]:
+    """(lowest, highest) a traced size may take (None: unbounded), from its shape environment."""
+    try:
+        r = size.node.shape_env.bound_sympy(size.node.expr)
+        lo, hi = r.lower, r.upper
+        return (int(lo) if lo.is_finite else None), (int(hi) if hi.is_finite else None)
+    except Exception:  # noqa: BLE001 - no shape environment: no known bound
+        return None, None
+
+
+def _dim_constraint(size):
+    """What an input dim of the graph requires: its size (a specialised dim, also one traced as
+    dynamic that the code pinned: Funnel and Mamba fix the sequence at the traced length), a
+    range (BigBird's sequence is at least 16 long), or None. torch.export's usual lower bound of
+    2 is not a requirement: the graphs run on size 1 too (one token of generation)."""
+    if isinstance(size, int):
+        return size
+    lo, hi = _size_range(size)
+    if lo is not None and lo == hi:
+        return lo
+    lo = lo if lo is not None and lo > 2 else 0
+    return (lo, hi) if lo or hi is not None else None
 
 
 def _static_dims(gm: fx.GraphModule) -> list:
@@ -126,10 +168,16 @@ def _static_dims(gm: fx.GraphModule) -> list:
             continue
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            out.append({i: s for i, s in enumerate(val.shape) if isinstance(s, int)})
+            dims = {i: _dim_constraint(s) for i, s in enumerate(val.shape)}
+            out.append({i: c for i, c in dims.items() if c is not None})
         else:
             out.append(None)
     return out
+
+
+def fixed_dims(dims: dict | None) -> set[int]:
+    """The dims of one :attr:`TracedGraph.static_dims` entry that have a single size."""
+    return {d for d, c in (dims or {}).items() if isinstance(c, int)}
 
 
 def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict,
@@ -161,6 +209,7 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
             f"Python control flow), or pass inputs that avoid the failing branch.{_hint(model, where)}"
         ) from e
     exported = ep.module()
+    exported.meta[GUARDS_META] = list(getattr(ep, "_guards_code", None) or ())
     recover_causal_masks(exported.graph)
     exported.graph.eliminate_dead_code()
     gm = TracedGraphModule(exported, exported.graph)
@@ -244,6 +293,12 @@ def matches_static_dims(traced: TracedGraph, tensors: list) -> bool:
         if dims is None:
             continue
         for d, size in dims.items():
-            if d >= x.dim() or x.shape[d] != size:
+            if d >= x.dim():
+                return False
+            if isinstance(size, tuple):
+                lo, hi = size
+                if x.shape[d] < lo or (hi is not None and x.shape[d] > hi):
+                    return False
+            elif x.shape[d] != size:
                 return False
     return True
