@@ -1,19 +1,23 @@
 """Robustness sweep: qpass vs ModelOpt 0.47 on tiny random transformers models of many families.
 
-For every model family (BERT ... Wav2Vec2, see ``SPECS``) a tiny model is built from its config
-with random weights (``torch.manual_seed``; nothing is downloaded), then:
+For every model family (67: BERT ... Wav2Vec2, then families with unusual layers, SqueezeBERT's
+Conv1d "linears" ... HuBERT; see ``SPECS``) a tiny model is built from its config with random
+weights (``torch.manual_seed``; nothing is downloaded), then:
 
 1. FP32 reference outputs on a fixed evaluation batch (token ids with a padded attention mask
    for encoders, ``pixel_values`` for vision, ``input_features``/``input_values`` for audio,
-   ``decoder_input_ids`` for encoder-decoders; ``use_cache=False`` where the forward takes it);
-   calibration uses 3 other batches of the same shapes.
+   ``decoder_input_ids`` for encoder-decoders; ``use_cache=False`` where the forward takes it,
+   no mask where it takes none, random boxes for LayoutLM's ``bbox``); calibration uses 3 other
+   batches of the same shapes, and a batch of another shape checks the quantized model again.
 2. ``qpass.quantize`` with ``INT8_DEFAULT_CFG`` and ``FP8_DEFAULT_CFG`` (each on a deepcopy) and
    ``mtq.quantize`` with ModelOpt's config of the same name, same batches, on another deepcopy.
 3. Comparisons: the quantizer names attached to ``nn.Linear`` / ``nn.Conv*d`` / HF ``Conv1D``
    modules with their enabled flags (symmetric difference; qpass's default rules deliberately
    skip ModelOpt's LayerNorm/pooling input quantizers, so other owners are ignored); the max
    relative amax difference over quantizers enabled in both; output cosines qpass-vs-FP32,
-   ModelOpt-vs-FP32 and qpass-vs-ModelOpt on the main output (logits / last_hidden_state / ...).
+   ModelOpt-vs-FP32 and qpass-vs-ModelOpt on the main output (logits / last_hidden_state / ...);
+   qpass's warnings during ``quantize`` are kept (the table names the layers its "no qpass rule
+   matches" warning leaves unquantized).
 4. ``qpass.export_onnx(target="onnxruntime")`` of the INT8 model, run in ONNX Runtime
    (CPUExecutionProvider) on the evaluation batch: cosine to the fake-quant output.
 
@@ -222,8 +226,11 @@ SPECS = [
          dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
               strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32)),
     Spec("efficientnet", "EfficientNetModel", "EfficientNetConfig", "vision",  # depthwise conv, SE
-         dict(image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25,
-              hidden_dim=320)),  # hidden_dim must be the top conv's width, 1280 * 0.25
+         # 3 MBConv blocks; hidden_dim is the top conv's width (1280 * 0.25). The BatchNorm weights are
+         # drawn with initializer_range: at 0.02 the output underflows to exactly 0
+         dict(image_size=IMAGE, width_coefficient=0.25, depth_coefficient=1.0, hidden_dim=320,
+              in_channels=[32, 16], out_channels=[16, 24], kernel_sizes=[3, 5], strides=[1, 2],
+              num_block_repeats=[1, 2], expand_ratios=[1, 6], initializer_range=0.6)),
     Spec("regnet", "RegNetModel", "RegNetConfig", "vision",  # grouped conv, SE (Y blocks)
          dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, layer_type="y")),
     Spec("poolformer", "PoolFormerModel", "PoolFormerConfig", "vision",  # AvgPool2d token mixer, GroupNorm
@@ -231,7 +238,8 @@ SPECS = [
               padding=[2, 1], pool_size=3, mlp_ratio=2.0)),
     Spec("levit", "LevitModel", "LevitConfig", "vision",  # Linear+BatchNorm1d, attention-bias lookup
          dict(image_size=64, hidden_sizes=[16, 32], num_attention_heads=[1, 2], depths=[1, 1], key_dim=[8, 8],
-              mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 8, 16 // 8, 4, 2, 2]]),
+              mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 8, 16 // 8, 4, 2, 2]],
+              initializer_range=0.2),  # at 0.02 the output is ~1e-8
          image=64),  # 4 stride-2 patch convs: 64 -> 4x4 tokens
     # multimodal / audio
     Spec("siglip", "SiglipModel", "SiglipConfig", "clip",  # nn.MultiheadAttention pooling head
