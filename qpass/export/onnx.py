@@ -263,12 +263,14 @@ def _export_failure(lowered, error: BaseException) -> str:
     text = _ANSI.sub("", str(inner)).strip()
     first = text.splitlines()[0] if text else ""
     where = ""
-    found = re.search(r"While executing %(\w+)", text)
+    found = re.search(r"While executing %(\w+)[^\n]*?target=([\w.]+)", text)
     if found:
-        node = next((n for n in lowered.graph.nodes if n.name == found.group(1)), None)
-        where = f" at node '{found.group(1)}'"
-        if node is not None:
-            where += f" ({node.target}, in module '{owner_path(node) or '<root>'}')"
+        # torch.onnx re-exports the lowered graph; its node names mostly survive, so a node of this
+        # name and op in the lowered graph is that node, and its module is known
+        name, target = found.group(1), found.group(2).removeprefix("torch.ops.")
+        node = next((n for n in lowered.graph.nodes if n.name == name and str(n.target) == target), None)
+        where = f" at node '{name}' ({target}" + (f", in module '{owner_path(node) or '<root>'}')" if node is not None
+                                                 else ", in torch.onnx's decomposition of the graph)")
     return (f"torch.onnx.export failed on the lowered graph{where}: {type(inner).__name__}: {first}; "
             "no file was written")
 

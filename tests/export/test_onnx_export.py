@@ -403,7 +403,8 @@ def test_torch_onnx_failure_names_its_innermost_cause_node_and_module():
     node = next(n for n in gm.graph.nodes if n.op == "call_function")
     try:
         try:
-            raise ValueError(f"Cannot view a tensor as that shape!\n\nWhile executing %{node.name} : [...]")
+            raise ValueError(f"Cannot view a tensor as that shape!\n\nWhile executing %{node.name} : [num_users=1] = "
+                             f"call_function[target=torch.ops.{node.target}](args = (...))")
         except ValueError as inner:
             raise RuntimeError("Failed to decompose. \x1b[96mThis is step 2/3\x1b[0m of exporting") from inner
     except RuntimeError as e:
@@ -412,3 +413,9 @@ def test_torch_onnx_failure_names_its_innermost_cause_node_and_module():
     assert f"at node '{node.name}'" in text and "ValueError: Cannot view a tensor as that shape!" in text
     owner = list(node.meta["nn_module_stack"].values())[-1][0]
     assert f"in module '{owner}'" in text and text.endswith("no file was written")
+    # a node of that name but another op is not the one torch.onnx names
+    other = RuntimeError("failed")
+    other.__cause__ = ValueError(f"bad\n\nWhile executing %{node.name} : [num_users=1] = "
+                                 "call_function[target=torch.ops.aten.sub.Tensor](args = (...))")
+    text = _export_failure(gm, other)
+    assert "in module" not in text and "torch.onnx's decomposition" in text
