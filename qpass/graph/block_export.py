@@ -44,7 +44,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from qpass.graph.trace import (
-    GUARDS_META, TracedGraph, TracedGraphModule, _static_dims, export_graph, fetch_attr, original_class,
+    GUARDS_FN, GUARDS_META, TracedGraph, TracedGraphModule, _static_dims, export_graph, fetch_attr, original_class,
 )
 from qpass.passes.causal_mask import SYMBOLS_META, recover_causal_masks
 
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "block_idx"})
 _ROOT_KEY = "L__self__"
 VERIFY_SIZE = 8  # dynamic dims of the example inputs are cut to this for the check of step 7
-_GUARDS = "_guards_fn"  # ep.module()'s input-guard check: the whole-model graph checks its own inputs
+_GUARDS = GUARDS_FN  # the whole-model graph checks its own inputs
 _SIZE = r"L\['tensors'\]\[\d+\]\.size\(\)\[\d+\]"
 _SAME_SIZE = re.compile(f"{_SIZE} == {_SIZE}")  # a block guard that two of its inputs share a size
 

@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from qpass.graph.trace import graph_version
+from qpass.graph.trace import GUARDS_FN, graph_version
 from qpass.nn.tensor_quantizer import TensorQuantizer, quantizer_epoch
 
 __all__ = ["execution_graph"]
@@ -190,8 +190,8 @@ def _build(gm: fx.GraphModule) -> tuple[fx.GraphModule, list, list]:
     live = {key: gm.get_submodule(parent) for parent, key in containers.items()}
     # top-level attributes (no parent container)
     names = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module") and "." not in n.target}
-    if hasattr(gm, "_guards_fn"):
-        names.add("_guards_fn")
+    if hasattr(gm, GUARDS_FN):
+        names.add(GUARDS_FN)
     # lazy: its Python code is generated on the first call (a calibration pass runs the head of
     # qpass.graph.lazy_outputs instead, and never calls this one)
     exe = graph_module_over(graph, live, gm, sorted(names), "QpassExecutionGraph")

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from qpass.graph.block_export import export_with_blocks
 from qpass.graph.trace import (
-    TracedGraph, TracedGraphModule, export_graph, fetch_attr, guards_pass, matches_static_dims,
+    GUARDS_FN, TracedGraph, TracedGraphModule, export_graph, fetch_attr, guards_pass, matches_static_dims,
 )
 from qpass.nn.tensor_quantizer import is_quantizer_slot
 from qpass.passes.normalize_linear import linear_from_matmul
@@ -140,7 +140,7 @@ def cached_export(model: nn.Module, original_cls: type, args: tuple, kwargs: dic
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     key = (structure_fingerprint(model, original_cls), input_key)
     for entry in _CACHE.get(key, ()):
-        if matches_static_dims(entry, tensors) and guards_pass(entry.constants.get("_guards_fn"), tensors):
+        if matches_static_dims(entry, tensors) and guards_pass(entry.constants.get(GUARDS_FN), tensors):
             _CACHE.move_to_end(key)
             return _rebind(entry, model, tensors)
     traced = export_with_blocks(model, original_cls, args, kwargs) or export_graph(model, original_cls, args, kwargs)

@@ -23,7 +23,7 @@ from qpass.graph import cuda_graphs, lazy_outputs
 from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.execution import execution_graph
 from qpass.graph.graph_cache import cached_export
-from qpass.graph.trace import TracedGraph, guards_pass, matches_static_dims
+from qpass.graph.trace import GUARDS_FN, TracedGraph, guards_pass, matches_static_dims
 from qpass.nn.tensor_quantizer import (
     ExpertQuantizers, SequentialQuantizer, TensorQuantizer, is_quantizer, is_quantizer_slot, iter_tensor_quantizers,
 )
@@ -190,7 +190,7 @@ def graph_for(model: nn.Module, args: tuple, kwargs: dict) -> tuple[TracedGraph,
     state = state_of(model)
     key, tensors = _input_key(model.training, args, kwargs)
     for traced in state.graphs.get(key, ()):
-        if matches_static_dims(traced, tensors) and guards_pass(traced.gm._modules.get("_guards_fn"), tensors):
+        if matches_static_dims(traced, tensors) and guards_pass(traced.gm._modules.get(GUARDS_FN), tensors):
             break
     else:
         traced = capture(model, args, kwargs, key)

@@ -121,6 +121,8 @@ class TracedGraph:
     placed: frozenset = frozenset()  # names of the quantizers placed in this graph
 
 
+#: the submodule ``ep.module()`` checks its inputs with, first thing in the graph
+GUARDS_FN = "_guards_fn"
 #: gm.meta key: the input checks torch.export could not state as ranges (``"(L['x'].size()[1] % 8) == 0"``)
 GUARDS_META = "qpass_guards"
 

@@ -47,6 +47,7 @@ from torch import fx, nn
 
 from qpass.errors import ExportError
 from qpass.formats import QuantSpec
+from qpass.graph.trace import GUARDS_FN
 from qpass.passes.insert_quantizers import QUANTIZER_META, SLOT_META
 from qpass.passes.qdq_ops import OPS, _is_nvfp4, format_token, spec_of_token
 from qpass.passes.rules import EXPERTS
@@ -142,7 +143,7 @@ def lower_graph(gm: fx.GraphModule) -> fx.GraphModule:
     b = _Builder(gm)
     for node in gm.graph.nodes:
         if node.op == "call_module" and not _is_quantizer_node(node):
-            if node.target == "_guards_fn" or not node.users:
+            if node.target == GUARDS_FN or not node.users:
                 continue  # torch.export's input-guard check; the back end re-derives guards
             raise ExportError(f"node '{node.name}' calls module '{node.target}', which lowering cannot inline")
         if _is_quantizer_node(node) and (isinstance(gm.get_submodule(node.target), ExpertQuantizers)
