@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from qpass.graph.trace import fetch_attr
 from qpass.passes.rules import EXPERTS, OUT, REGISTER_ONLY, OpRule, RuleSet, fused_expert_params
 from qpass.nn.tensor_quantizer import bump_quantizer_epoch
 
@@ -76,13 +77,6 @@ def _from_param(node, layout_ops) -> bool:
     return False
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _register(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     parent_path, _, leaf = target.rpartition(".")
     parent = gm
@@ -114,7 +108,7 @@ class InsertQuantizers(PassBase):
                 continue
             if rule.weight_arg is not None:
                 w = node.args[rule.weight_arg] if len(node.args) > rule.weight_arg else None
-                if not _is_param(gm, w) or _fetch_attr(gm, w.target) is not getattr(owner, "weight", None):
+                if not _is_param(gm, w) or fetch_attr(gm, w.target) is not getattr(owner, "weight", None):
                     continue
             if any(_from_param(node.args[i], EXPERTS.layout_ops) for i in rule.activation_args if i < len(node.args)):
                 continue
@@ -211,7 +205,7 @@ class InsertQuantizers(PassBase):
                 owner = self.model.get_submodule(path)
             except AttributeError:
                 continue
-            if leaf not in fused_expert_params(owner) or _fetch_attr(gm, node.target) is not getattr(owner, leaf):
+            if leaf not in fused_expert_params(owner) or fetch_attr(gm, node.target) is not getattr(owner, leaf):
                 continue
             matmuls = sorted(_expert_matmuls(node, rule), key=lambda pair: order[pair[0]])
             if not matmuls:
