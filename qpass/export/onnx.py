@@ -223,6 +223,7 @@ def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: 
     import onnx_ir as ir
 
     from qpass.export.onnx_ops import make_table
+    from qpass.passes.onnx_legalize import legalize_for_onnx
 
     table = make_table(opset, target)
     kwargs: dict[str, Any] = dict(dynamo=True, custom_translation_table=table, opset_version=opset,
@@ -233,6 +234,7 @@ def _to_onnx(lowered, tensors, traced, names, opset: int, target: str, dynamic: 
     out_names = _output_names(lowered)
     if out_names:
         kwargs["output_names"] = out_names
+    legalize_for_onnx(lowered)
     try:
         program = _torch_onnx_export(lowered, tuple(tensors), table, kwargs)
     except ExportError:
@@ -254,7 +256,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def _export_failure(lowered, error: BaseException) -> str:
     """One line for a torch.onnx failure: its innermost cause (torch's own message is generic),
-    and the node it names with the module that node belongs to."""
+    the node it names with the module that node belongs to, and the model's source line."""
     from qpass.passes.insert_quantizers import owner_path
 
     inner, seen = error, 0
@@ -263,16 +265,29 @@ def _export_failure(lowered, error: BaseException) -> str:
     text = _ANSI.sub("", str(inner)).strip()
     first = text.splitlines()[0] if text else ""
     where = ""
-    found = re.search(r"While executing %(\w+)[^\n]*?target=([\w.]+)", text)
+    found = re.search(r"While executing %(\w+)[^\n]*?target=([\w.]+)\]\(args = \(%?(\w*)", text)
     if found:
         # torch.onnx re-exports the lowered graph; its node names mostly survive, so a node of this
-        # name and op in the lowered graph is that node, and its module is known
-        name, target = found.group(1), found.group(2).removeprefix("torch.ops.")
-        node = next((n for n in lowered.graph.nodes if n.name == name and str(n.target) == target), None)
+        # name, op and first input in the lowered graph is that node, and its module is known
+        name, target, arg = found.group(1), found.group(2).removeprefix("torch.ops."), found.group(3)
+        node = next((n for n in lowered.graph.nodes if n.name == name and str(n.target) == target
+                     and (not arg or (n.args and getattr(n.args[0], "name", None) == arg))), None)
         where = f" at node '{name}' ({target}" + (f", in module '{owner_path(node) or '<root>'}')" if node is not None
                                                  else ", in torch.onnx's decomposition of the graph)")
-    return (f"torch.onnx.export failed on the lowered graph{where}: {type(inner).__name__}: {first}; "
-            "no file was written")
+    source = _innermost_frame(text)
+    return (f"torch.onnx.export failed on the lowered graph{where}: {type(inner).__name__}: {first}"
+            f"{f' (source: {source})' if source else ''}; no file was written")
+
+
+def _innermost_frame(text: str) -> str:
+    """``file, line N: code`` of the last frame of the "Original traceback" torch.onnx quotes."""
+    if "Original traceback:" not in text:
+        return ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', text.split("Original traceback:", 1)[1])
+    if not frames:
+        return ""
+    path, line, code = frames[-1]
+    return f"{os.path.basename(path)}, line {line}: {code.strip()}"
 
 
 def _output_names(lowered) -> list[str] | None:

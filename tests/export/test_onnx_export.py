@@ -419,3 +419,13 @@ def test_torch_onnx_failure_names_its_innermost_cause_node_and_module():
                                  "call_function[target=torch.ops.aten.sub.Tensor](args = (...))")
     text = _export_failure(gm, other)
     assert "in module" not in text and "torch.onnx's decomposition" in text
+    # nor is a node of that name and op that reads another input (torch.onnx renumbers its own nodes)
+    renamed = RuntimeError("failed")
+    renamed.__cause__ = ValueError(
+        f"bad\n\nWhile executing %{node.name} : [num_users=1] = call_function[target=torch.ops.{node.target}]"
+        "(args = (%not_its_input, [2, -1]), kwargs = {})\nOriginal traceback:\n"
+        '  File "/x/modeling_t5.py", line 1014, in forward\n    encoder_outputs = self.encoder(\n'
+        '  File "/x/modeling_t5.py", line 368, in forward\n    attn_output = attn_output.reshape(*input_shape, -1)\n')
+    text = _export_failure(gm, renamed)
+    assert "in module" not in text and "torch.onnx's decomposition" in text
+    assert "(source: modeling_t5.py, line 368: attn_output = attn_output.reshape(*input_shape, -1))" in text
