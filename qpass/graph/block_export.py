@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 #: Scalar attributes that number a block (left out when grouping blocks into kinds).
 INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "block_idx"})
 _ROOT_KEY = "L__self__"
-VERIFY_SIZE = 8  # dynamic dims of the example inputs are cut to this for the check of step 7
+VERIFY_SIZE = 8  # dynamic dims of the example inputs are cut to this for the check of step 7 ...
+VERIFY_BATCH = 2  # ... and a dynamic dim 0 (the batch) to this: on SmolLM2 the check (eager and graph)
+                  # took 0.43 s on 4x8 tokens, 0.34 s on 2x8 (1 thread)
 _GUARDS = GUARDS_FN  # the whole-model graph checks its own inputs
 _SIZE = r"L\['tensors'\]\[\d+\]\.size\(\)\[\d+\]"
 _SAME_SIZE = re.compile(f"{_SIZE} == {_SIZE}")  # a block guard that two of its inputs share a size
@@ -488,8 +490,9 @@ def _export(model, original_cls, args, kwargs, kinds: list[_Kind], tokens: list[
     return TracedGraph(gm=gm, static_dims=_static_dims(gm))
 
 
-def _shrunk(gm: fx.GraphModule, args, kwargs, cap: int = VERIFY_SIZE):
-    """The example inputs cut to at most ``cap`` along each dynamic dim (one cut per symbol)."""
+def _shrunk(gm: fx.GraphModule, args, kwargs, cap: int = VERIFY_SIZE, batch: int = VERIFY_BATCH):
+    """The example inputs cut to at most ``cap`` along each dynamic dim, ``batch`` along a dynamic
+    dim 0 (one cut per symbol, the first place it appears deciding)."""
     sizes: dict = {}
     cuts = []
     for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
@@ -498,7 +501,8 @@ def _shrunk(gm: fx.GraphModule, args, kwargs, cap: int = VERIFY_SIZE):
         for d, s in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
             if isinstance(s, torch.SymInt):
                 hint = int(s.node.hint)
-                cut[d] = sizes.setdefault(s.node.expr, min(hint, max(cap, 2)) if hint >= 2 else hint)
+                size = max(batch if d == 0 else cap, 2)
+                cut[d] = sizes.setdefault(s.node.expr, min(hint, size) if hint >= 2 else hint)
         cuts.append(cut)
     leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
     it = iter(cuts)
