@@ -271,11 +271,72 @@ def test_batched_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, prese
     kinds = lambda n: [producer[i].op_type if i in producer else "input" for i in n.input]  # noqa: E731
     # per layer: q/k/v (one, shared), o_proj and the experts' two inputs (the router gate is off)
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == 2 * 4
-    # each expert matmul multiplies a dequantized activation by the gathered per-token expert weights
+    # each expert matmul multiplies the gathered per-token expert weights by a dequantized activation
+    # column (the activation is quantized as [tokens, channels], then unsqueezed)
     expert_mms = [n for n in graph.node if n.op_type == "MatMul" and "GatherND" in kinds(n)]
-    assert len(expert_mms) == 2 * 2 and all("DequantizeLinear" in kinds(n) for n in expert_mms)
+    assert len(expert_mms) == 2 * 2
+    for mm in expert_mms:
+        act = next(producer[i] for i in mm.input if i in producer and producer[i].op_type != "GatherND")
+        chain = [act.op_type]
+        while act.op_type in ("Unsqueeze", "DequantizeLinear"):
+            act = producer[act.input[0]]
+            chain.append(act.op_type)
+        # int8: Q -> Unsqueeze -> DQ -> MatMul (ONNX Runtime's form); FP8: Q -> DQ -> Unsqueeze -> MatMul
+        assert chain[:3] in (["DequantizeLinear", "Unsqueeze", "QuantizeLinear"],
+                             ["Unsqueeze", "DequantizeLinear", "QuantizeLinear"]), chain
     report = compare(m, path, {"input_ids": BATCHES[2]}, session=ort_session(path, threads=1))
     assert report[0]["cosine"] >= 0.9999
+
+
+def test_nvfp4_expert_weights_export_as_fp4_with_a_global_scale_per_expert(tmp_path):
+    """NVFP4 experts: one FLOAT4E2M1 initializer per expert parameter, its FP8 block scales, and
+    a global scale per expert (each expert has its own global amax) dequantizing the block scales
+    along the expert axis; ONNX's reference evaluator gives the fake-quant model's logits."""
+    import numpy as np
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from qpass.graph.trace import fetch_attr
+    from qpass.passes.lower import lower_graph
+
+    m = tiny_mixtral(experts_implementation="batched_mm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(m, copy.deepcopy(qpass.NVFP4_DEFAULT_CFG), loop)
+    experts = m.model.layers[0].mlp.experts
+    amax = [q.amax.item() for q in experts.gate_up_proj_weight_quantizers]
+    assert len(set(amax)) == EXPERTS  # their own global amax each
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs={"input_ids": BATCHES[1]})
+    onnx.checker.check_model(path, full_check=True)
+    graph = onnx.load(path).graph
+    stored = {i.name: (onnx.TensorProto.DataType.Name(i.data_type), tuple(i.dims)) for i in graph.initializer}
+    base = "model.layers.0.mlp.experts.gate_up_proj_weight_quantizers"
+    assert stored[f"{base}.codes"] == ("FLOAT4E2M1", (EXPERTS, 256, 64))
+    assert stored[f"{base}.block_scale"] == ("FLOAT8E4M3FN", (EXPERTS, 256, 4))
+    assert stored[f"{base}.global_scale"] == ("FLOAT", (EXPERTS,))
+    assert stored["model.layers.1.mlp.experts.down_proj_weight_quantizers.codes"] == ("FLOAT4E2M1", (EXPERTS, 64, 128))
+    # no float copy of an expert parameter
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 3 and i.dims[0] == EXPERTS
+                   and i.dims[-1] > 1 for i in graph.initializer)
+    scale_dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[1] == f"{base}.global_scale")
+    assert next(a.i for a in scale_dq.attribute if a.name == "axis") == 0
+    # the lowered graph's stacked codes are the fake-quant weights exactly
+    traced = next(iter(qpass.graph.quantized_model.state_of(m).graphs.values()))[0]
+    lowered = lower_graph(traced.gm)
+    node = next(n for n in lowered.graph.nodes if n.target is torch.ops.qpass.dequantize_nvfp4.default
+                and n.args[2].target.startswith(base))
+    got = torch.ops.qpass.dequantize_nvfp4(*[fetch_attr(lowered, a.target) if isinstance(a, torch.fx.Node) else a
+                                             for a in node.args])
+    w = experts.gate_up_proj.detach()
+    assert torch.equal(got, experts.gate_up_proj_weight_quantizers(w))
+    ev = ReferenceEvaluator(path)
+    x = BATCHES[2]
+    out = ev.run(None, {graph.input[0].name: x.numpy()})[0]
+    want = logits(m, x).numpy()
+    cos = float((out * want).sum() / np.linalg.norm(out) / np.linalg.norm(want))
+    assert cos > 0.9999
 
 
 @pytest.mark.parametrize("make", [tiny_mixtral, tiny_gpt_oss])

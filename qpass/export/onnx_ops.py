@@ -71,6 +71,8 @@ def make_table(opset: int, target: str) -> dict:
 
     def dequantize_per_tensor(codes, scale, ref, fmt, dtype):
         producer = codes.producer()
+        while producer is not None and producer.op_type == "Unsqueeze":  # see onnx_legalize._unsqueeze_codes
+            producer = producer.inputs[0].producer()
         activation = producer is not None and producer.op_type == "QuantizeLinear"
         return cast_out(op.DequantizeLinear(codes, scale, zero_point(fmt, activation)), dtype)
 
@@ -87,7 +89,10 @@ def make_table(opset: int, target: str) -> dict:
         return cast_out(y, dtype)
 
     def dequantize_nvfp4(codes, block_scale, global_scale, block_size, shape, dtype):
-        scales = op.DequantizeLinear(block_scale, global_scale)
+        # a global scale per expert ([E], stacked MoE experts) scales the block scales along axis 0
+        per_slice = global_scale.shape is not None and len(global_scale.shape) == 1
+        scales = (op.DequantizeLinear(block_scale, global_scale, axis=0) if per_slice
+                  else op.DequantizeLinear(block_scale, global_scale))
         return cast_out(op.DequantizeLinear(codes, scales, axis=-1, block_size=block_size), dtype)
 
     def fake_quant(x, amax, attrs, has_amax):

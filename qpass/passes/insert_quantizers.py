@@ -234,7 +234,14 @@ class InsertQuantizers(PassBase):
                                   val=node.meta.get("val"))
                 else:
                     for mm, act in matmuls:
-                        self._place(gm.graph, mm, act, target, slot)
+                        column = _column_of(mm.args[act])
+                        if column is None:
+                            self._place(gm.graph, mm, act, target, slot)
+                        else:  # bmm(W [N, out, in], x.unsqueeze(-1)): blocks run along x's channels
+                            self._place(gm.graph, column, 0, target, slot)
+                            q = column.args[0]
+                            q.meta[READS_META] = mm
+                            q.meta["nn_module_stack"] = mm.meta.get("nn_module_stack", {})
                 self.placed.append(target)
                 modified = True
         return modified
@@ -254,6 +261,19 @@ class InsertQuantizers(PassBase):
                 q = graph.call_module(target, (src,))
             q.meta.update(meta, val=getattr(src, "meta", {}).get("val"))
             node.update_arg(arg, q)
+
+
+def _column_of(act) -> fx.Node | None:
+    """``act`` when it is ``x.unsqueeze(-1)`` read by nothing else: batched experts multiply each
+    token's weights by its activation as a column (``bmm(W [N, out, in], x [N, in, 1])``). The
+    experts' input quantizer then goes on ``x`` [N, in], so block and per-token formats group the
+    activation's channels as they do for every other layer, not its size-1 last axis."""
+    if not isinstance(act, fx.Node) or act.op != "call_function" or act.target is not aten.unsqueeze.default:
+        return None
+    val = act.meta.get("val")
+    if not isinstance(val, torch.Tensor) or len(act.users) != 1 or act.args[1] not in (-1, val.dim() - 1):
+        return None
+    return act
 
 
 def _op_name(target) -> str:

@@ -324,7 +324,9 @@ def _lower_experts(b: _Builder, node: fx.Node, q, w: torch.Tensor) -> fx.Node:
         spec = members[0].spec
         tok = format_token(spec)
         kind = _granularity(spec, w.shape[1:])
-        if (tok is not None and not spec.is_dynamic and not _is_nvfp4(spec) and kind is not None
+        if _is_nvfp4(spec) and all(m.spec == spec and m.amax is not None for m in members):
+            out = _lower_nvfp4_experts(b, node, members, w, want)
+        elif (tok is not None and not spec.is_dynamic and not _is_nvfp4(spec) and kind is not None
                 and all(m.spec == spec and m.amax is not None for m in members)):
             amax = [m.amax.detach().float() for m in members]
             if kind == ("tensor",):
@@ -355,6 +357,28 @@ def _lower_experts(b: _Builder, node: fx.Node, q, w: torch.Tensor) -> fx.Node:
     if out is None:
         out = b.constant(node.target, "weight", want)
     return out
+
+
+def _lower_nvfp4_experts(b: _Builder, node: fx.Node, members: list, w: torch.Tensor, want: torch.Tensor):
+    """NVFP4 expert weights [E, out, in]: each expert's E2M1 codes and E4M3 block scales as its own
+    quantizer makes them, stacked, with one global scale per expert; None unless their dequantized
+    values are the fake-quant weight, bit for bit."""
+    codes, block, glob = [], [], []
+    for m, we in zip(members, w):
+        c, (bs, gs) = m.spec.quantize(we, m.spec.with_global(m.amax, m.global_amax))
+        codes.append(c)
+        block.append(bs)
+        glob.append(gs.reshape(()).float())
+    codes, block, glob = torch.stack(codes), torch.stack(block), torch.stack(glob)
+    spec = members[0].spec
+    size = spec.block_size
+    got = torch.ops.qpass.dequantize_nvfp4(codes.view(torch.float4_e2m1fn_x2), block, glob, size, list(w.shape), w.dtype)
+    if not torch.equal(got, want):
+        return None
+    base = node.target
+    args = [b.constant(base, "codes", codes.view(torch.float4_e2m1fn_x2)), b.constant(base, "block_scale", block),
+            b.constant(base, "global_scale", glob), size, list(w.shape), w.dtype]
+    return b.call(OPS["dequantize_nvfp4"], args, _meta(node, members[0], "weight"))
 
 
 def _emit_weight(b: _Builder, node: fx.Node, q, tok: str, kind: tuple, codes, scale, w: torch.Tensor):

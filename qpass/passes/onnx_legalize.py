@@ -64,7 +64,7 @@ def legalize_for_onnx(gm: fx.GraphModule) -> dict[str, int]:
     """Rewrite ``gm`` in place (see the module docstring); returns how many nodes of each kind
     were changed, and recompiles it."""
     graph = gm.graph
-    counts = {"clone": 0, "cast": 0}
+    counts = {"clone": 0, "cast": 0, "unsqueeze": 0}
     suspect: set[fx.Node] = set()  # strides may differ once torch.onnx decomposes their producer
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -85,6 +85,7 @@ def legalize_for_onnx(gm: fx.GraphModule) -> dict[str, int]:
                 suspect.add(node)
         elif _non_contiguous_output(node):
             suspect.add(node)
+    counts["unsqueeze"] = _unsqueeze_codes(graph)
     if any(counts.values()):
         graph.lint()
         gm.recompile()
@@ -108,4 +109,35 @@ def _cast_inputs(graph: fx.Graph, node: fx.Node) -> int:
         args[i] = cast
         done += 1
     node.args = tuple(args)
+    return done
+
+
+def _unsqueeze_codes(graph: fx.Graph) -> int:
+    """``dequantize_per_tensor(int codes) -> unsqueeze`` becomes ``unsqueeze(codes) -> dequantize``: the
+    same values (one scale for the tensor), and the DequantizeLinear then feeds its MatMul directly.
+    Batched MoE experts quantize each token's activation as [tokens, channels] and unsqueeze it to
+    a column for their bmm; ONNX Runtime's Q/DQ propagation fails on a DequantizeLinear followed by
+    an Unsqueeze ("output_dtype INT8 does not match y_zero_point type UINT8")."""
+    from qpass.passes.qdq_ops import OPS
+
+    done = 0
+    for node in list(graph.nodes):
+        dq = node.args[0] if node.op == "call_function" and node.target is aten.unsqueeze.default else None
+        if not isinstance(dq, fx.Node) or dq.target is not OPS["dequantize_per_tensor"] or len(dq.users) != 1:
+            continue
+        if not str(dq.args[3]).startswith(("int", "uint")):
+            continue  # ONNX's Unsqueeze takes no float8 before opset 24; ONNX Runtime runs no FP8 on the CPU
+        codes = dq.args[0]
+        with graph.inserting_before(node):
+            column = graph.call_function(aten.unsqueeze.default, (codes, node.args[1]))
+            moved = graph.call_function(dq.target, (column, *dq.args[1:]), dict(dq.kwargs))
+        column.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        if isinstance(_val(codes), torch.Tensor):
+            column.meta["val"] = _val(codes).unsqueeze(node.args[1])
+        moved.meta.update(dq.meta)
+        moved.meta["val"] = _val(node)
+        node.replace_all_uses_with(moved)
+        graph.erase_node(node)
+        graph.erase_node(dq)
+        done += 1
     return done

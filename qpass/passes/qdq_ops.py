@@ -115,8 +115,12 @@ def _(codes, scale, ref, fmt, axis, block_size, shape, dtype):
 def dequantize_nvfp4(codes: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, block_size: int,
                      shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     """NVFP4 values: E2M1 codes (``float4_e2m1fn_x2``, two per byte) times float8 E4M3 block
-    scales (one per ``block_size`` on the last axis) times a float32 global scale."""
+    scales (one per ``block_size`` on the last axis) times a float32 global scale: 0-dim, or one
+    per slice of the first axis (``[E]``: stacked MoE experts, each with its own global amax)."""
     spec = _nvfp4_spec(block_size)
+    if global_scale.dim() == 1:
+        return torch.stack([spec.dequantize(c.view(torch.uint8), (s, g), dtype, shape[1:])
+                            for c, s, g in zip(codes, block_scale, global_scale)])
     return spec.dequantize(codes.view(torch.uint8), (block_scale, global_scale), dtype, shape)
 
 
