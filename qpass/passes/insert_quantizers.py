@@ -238,18 +238,18 @@ class InsertQuantizers(PassBase):
                         if column is None:
                             self._place(gm.graph, mm, act, target, slot)
                         else:  # bmm(W [N, out, in], x.unsqueeze(-1)): blocks run along x's channels
-                            self._place(gm.graph, column, 0, target, slot)
-                            q = column.args[0]
-                            q.meta[READS_META] = mm
-                            q.meta["nn_module_stack"] = mm.meta.get("nn_module_stack", {})
+                            self._place(gm.graph, column, 0, target, slot, reads=mm)
                 self.placed.append(target)
                 modified = True
         return modified
 
     @staticmethod
-    def _place(graph: fx.Graph, node: fx.Node, arg: int, target: str, slot: str) -> None:
-        meta = {QUANTIZER_META: target, SLOT_META: slot, READS_META: node,
-                "nn_module_stack": node.meta.get("nn_module_stack", {})}
+    def _place(graph: fx.Graph, node: fx.Node, arg: int, target: str, slot: str, reads: fx.Node | None = None) -> None:
+        """The quantizer on ``node``'s input ``arg`` (or its output: ``OUT``); ``reads``: the weighted
+        op it quantizes for, when that is not ``node`` itself."""
+        reads = node if reads is None else reads
+        meta = {QUANTIZER_META: target, SLOT_META: slot, READS_META: reads,
+                "nn_module_stack": reads.meta.get("nn_module_stack", {})}
         if arg == OUT:
             with graph.inserting_after(node):
                 q = graph.call_module(target, (node,))

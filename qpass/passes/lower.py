@@ -324,10 +324,10 @@ def _lower_experts(b: _Builder, node: fx.Node, q, w: torch.Tensor) -> fx.Node:
         spec = members[0].spec
         tok = format_token(spec)
         kind = _granularity(spec, w.shape[1:])
-        if _is_nvfp4(spec) and all(m.spec == spec and m.amax is not None for m in members):
+        uniform = all(m.spec == spec and m.amax is not None for m in members)
+        if uniform and _is_nvfp4(spec):
             out = _lower_nvfp4_experts(b, node, members, w, want)
-        elif (tok is not None and not spec.is_dynamic and not _is_nvfp4(spec) and kind is not None
-                and all(m.spec == spec and m.amax is not None for m in members)):
+        elif uniform and tok is not None and not spec.is_dynamic and kind is not None:
             amax = [m.amax.detach().float() for m in members]
             if kind == ("tensor",):
                 spec3, amax3, kind3 = spec_of_token(tok, axis=0), torch.stack(amax).reshape(-1, 1, 1), ("channel", 0)
@@ -372,7 +372,7 @@ def _lower_nvfp4_experts(b: _Builder, node: fx.Node, members: list, w: torch.Ten
     codes, block, glob = torch.stack(codes), torch.stack(block), torch.stack(glob)
     spec = members[0].spec
     size = spec.block_size
-    got = torch.ops.qpass.dequantize_nvfp4(codes.view(torch.float4_e2m1fn_x2), block, glob, size, list(w.shape), w.dtype)
+    got = OPS["dequantize_nvfp4"](codes.view(torch.float4_e2m1fn_x2), block, glob, size, list(w.shape), w.dtype)
     if not torch.equal(got, want):
         return None
     base = node.target

@@ -1,8 +1,9 @@
 """Make a lowered graph survive torch.onnx's own re-trace and decompositions.
 
 torch.onnx (``dynamo=True``) traces the graph it is given again and then decomposes it with
-its own table. Two things that are valid in the graph torch.export gave qpass break there;
-:func:`legalize_for_onnx` rewrites them, with the same values, before the export:
+its own table, and ONNX Runtime's optimizer rewrites what it loads. Three things that are valid
+in the graph torch.export gave qpass break there; :func:`legalize_for_onnx` rewrites them, with
+the same values, before the export:
 
 - **Strides.** torch.export records ``view`` wherever the fake tensor at that point was
   viewable, and strides come from each op's meta kernel at trace time. A fused op can have
@@ -20,6 +21,7 @@ its own table. Two things that are valid in the graph torch.export gave qpass br
   float32 in PyTorch, but torch.onnx's dispatcher finds no overload of ``sub`` for a float
   scalar and an integer tensor. Arithmetic whose output dtype differs from an input tensor's
   gets that input cast first (what type promotion does anyway).
+- **Dequantize, then unsqueeze.** See :func:`_unsqueeze_codes`.
 """
 
 from __future__ import annotations
