@@ -160,6 +160,7 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
     batches, one block's weights) on the device. Same result as a whole-model pass.
     """
     from qpass.calib.layerwise import layerwise_mode, parse_options
+    from qpass.calib.moe_ratio import OPTION, check_ratio, experts_ratio
     from qpass.config import normalize_config
 
     state = state_of(model)
@@ -168,6 +169,7 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
         return model
     options = {k: v for k, v in algo.items() if k != "method"}
     in_config = options.pop("layerwise", None)
+    ratio = check_ratio(options.pop(OPTION, None), f"algorithm {algo['method']!r}")
     lw = parse_options(in_config, algo["method"])
     if layerwise is not None:
         from_kwarg = parse_options(layerwise, algo["method"])
@@ -182,7 +184,8 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
         # Neither the kwarg nor the config says: keep the mode the caller set (layerwise_mode).
         unset = layerwise is None and in_config is None
         with frozen_gc(), contextlib.nullcontext() if unset else layerwise_mode(model, lw):
-            run(model, state, forward_loop, **options)
+            with experts_ratio(model, state, ratio):
+                run(model, state, forward_loop, **options)
     except BaseException:
         restore_amax(model, snap)
         raise

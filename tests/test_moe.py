@@ -288,6 +288,36 @@ def test_batched_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, prese
     assert report[0]["cosine"] >= 0.9999
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_moe_calib_experts_ratio_on_fused_experts(impl):
+    """ModelOpt 0.47 applies the ratio to sequential experts only (it ignores it for transformers 5's
+    fused experts); qpass routes each calibration token to every expert here too. The router's own
+    top_k is what the quantized model runs with."""
+    def calibrated(ratio):
+        m = tiny_mixtral(experts_implementation=impl)
+        cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+        cfg["algorithm"] = {"method": "max", "moe_calib_experts_ratio": ratio}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qpass.quantize(m, cfg, loop)
+        return m
+
+    plain, wide = calibrated(None), calibrated(1.0)
+    amax = lambda m: {n: q.amax for n, q in m.named_modules()  # noqa: E731
+                      if isinstance(q, TensorQuantizer) and n.endswith("input_quantizer") and q.amax is not None}
+    a, b = amax(plain), amax(wide)
+    down = [n for n in a if n.endswith("experts.down_proj_input_quantizer")]
+    assert len(down) == 2 and all(b[n] >= a[n] for n in down) and any(b[n] > a[n] for n in down)
+    for n in a:  # the routed tokens reach gate_up either way; nothing outside the experts changes
+        if not n.endswith("experts.down_proj_input_quantizer"):
+            assert torch.equal(a[n], b[n]), n
+    assert wide.model.layers[0].mlp.gate.top_k == 2
+    for n, q in plain.named_modules():
+        if n in b:
+            q.amax = b[n]
+    assert torch.equal(logits(plain), logits(wide))
+
+
 def test_nvfp4_expert_weights_export_as_fp4_with_a_global_scale_per_expert(tmp_path):
     """NVFP4 experts: one FLOAT4E2M1 initializer per expert parameter, its FP8 block scales, and
     a global scale per expert (each expert has its own global amax) dequantizing the block scales

@@ -249,11 +249,9 @@ def _capture(model, state, forward_loop, modules, first: bool) -> dict:
 
 
 @register_algorithm("gptq")
-def gptq(model, state, forward_loop, perc_damp=0.01, block_size=128, fused=False, layerwise=None,
-         moe_calib_experts_ratio=None, act_order=True):
+def gptq(model, state, forward_loop, perc_damp=0.01, block_size=128, fused=False, layerwise=None, act_order=True):
     opts = check_gptq_options({"perc_damp": perc_damp, "block_size": block_size, "fused": fused,
-                               "layerwise": layerwise, "moe_calib_experts_ratio": moe_calib_experts_ratio,
-                               "act_order": act_order})
+                               "layerwise": layerwise, "act_order": act_order})
     require_forward_loop("gptq", forward_loop)
     validate_quantizers(model)
     calibrate_weights(model, state.groups)

@@ -90,6 +90,9 @@ def normalize_algorithm(algorithm, where: str = "algorithm"):
                     f"{where}: unknown option {k!r} for algorithm {method!r}; "
                     f"allowed options: {', '.join(allowed)}"
                 )
+        from qpass.calib.moe_ratio import OPTION, check_ratio
+
+        check_ratio(options.get(OPTION), where)
         if method == "gptq":
             check_gptq_options(options, where)
         if method == "real_quantize":
@@ -140,9 +143,6 @@ def check_gptq_options(options: dict, where: str = "gptq") -> dict:
     act_order = options.get("act_order", True)
     if not isinstance(act_order, bool):
         raise QuantConfigError(f"{where}: act_order must be True or False (default True), got {act_order!r}")
-    ratio = options.get("moe_calib_experts_ratio")
-    if ratio is not None:
-        raise QuantConfigError(f"{where}: option moe_calib_experts_ratio={ratio!r} is not implemented yet in qpass")
     return {"perc_damp": float(perc_damp), "block_size": block_size, "fused": fused, "act_order": act_order,
             "layerwise": _layerwise_enabled(options.get("layerwise"), where)}
 

@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
+from qpass.calib.moe_ratio import calibration_graph
 from qpass.errors import QpassError
 from qpass.graph import cuda_graphs, lazy_outputs
 from qpass.graph.cuda_graphs import CudaGraphs
@@ -220,14 +221,15 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
     traced, tensors = graph_for(model, args, kwargs)
     if torch.compiler.is_compiling():
         return traced.gm(*tensors)  # the compile backend lowers the traced graph's quantizer nodes
-    exe = execution_graph(traced.gm)
+    gm = calibration_graph(model, state, traced.gm)  # traced.gm, or its copy with MoE side passes
+    exe = execution_graph(gm)
     pending = state.__dict__.get("deferred")
     if pending is not None and not torch.is_grad_enabled():  # a pass: outputs computed when read
-        out = lazy_outputs.call(exe, tensors, lambda head: _run(model, state, (id(traced.gm), "head"), head, tensors),
+        out = lazy_outputs.call(exe, tensors, lambda head: _run(model, state, (id(gm), "head"), head, tensors),
                                 pending)
         if out is not None:
             return out
-    return _run(model, state, (id(traced.gm), "exe"), exe, tensors)
+    return _run(model, state, (id(gm), "exe"), exe, tensors)
 
 
 def _run(model: nn.Module, state: QpassState, key, fn, tensors: list):
