@@ -160,7 +160,7 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
     batches, one block's weights) on the device. Same result as a whole-model pass.
     """
     from qpass.calib.layerwise import layerwise_mode, parse_options
-    from qpass.calib.moe_ratio import OPTION, check_ratio, experts_ratio
+    from qpass.calib.moe_ratio import OPTION, experts_ratio
     from qpass.config import normalize_config
 
     state = state_of(model)
@@ -169,7 +169,7 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
         return model
     options = {k: v for k, v in algo.items() if k != "method"}
     in_config = options.pop("layerwise", None)
-    ratio = check_ratio(options.pop(OPTION, None), f"algorithm {algo['method']!r}")
+    ratio = options.pop(OPTION, None)  # checked by normalize_config
     lw = parse_options(in_config, algo["method"])
     if layerwise is not None:
         from_kwarg = parse_options(layerwise, algo["method"])

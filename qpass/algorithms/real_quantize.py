@@ -22,7 +22,7 @@ from qpass.algorithms import get_algorithm, register_algorithm
 from qpass.algorithms.fold import is_shared_parameter
 from qpass.algorithms.smoothing import graphs_of
 from qpass.calib.max_calibrate import expert_weight_quantizers, weight_quantizer_owners
-from qpass.calib.moe_ratio import OPTION, check_ratio, experts_ratio
+from qpass.calib.moe_ratio import OPTION, experts_ratio
 from qpass.errors import QuantConfigError
 from qpass.nn.packed_weight import PackedWeightQuantizer, pack_experts, pack_weight
 from qpass.nn.tensor_quantizer import ExpertQuantizers, SequentialQuantizer, TensorQuantizer, iter_tensor_quantizers
@@ -88,8 +88,7 @@ def real_quantize(model, state, forward_loop, additional_algorithm="max"):
     packable_modules(model)  # format problems before any work
     if inner is not None:
         options = {k: v for k, v in inner.items() if k != "method"}
-        ratio = check_ratio(options.pop(OPTION, None), "real_quantize: additional_algorithm")
-        with experts_ratio(model, state, ratio):
+        with experts_ratio(model, state, options.pop(OPTION, None)):  # checked by normalize_algorithm
             get_algorithm(inner["method"])(model, state, forward_loop, **options)
     modules, shared = packable_modules(model)
     if shared:
