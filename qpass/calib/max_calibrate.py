@@ -105,9 +105,9 @@ def restore_amax(model: nn.Module, snap: dict) -> None:
             q.amax = snap[n]
 
 
-def collect_activations(model: nn.Module, state: QpassState, forward_loop: Callable) -> None:
+def collect_activations(model: nn.Module, state: QpassState, forward_loop: Callable, reduce: bool = True) -> None:
     """Run forward_loop with every enabled activation quantizer collecting statistics
-    (layer by layer when ``state.layerwise`` is set)."""
+    (layer by layer when ``state.layerwise`` is set); ``reduce``: then across data-parallel ranks."""
     quantizers = named_tensor_quantizers(model)
     for name, q in quantizers:
         if q.calibrator is not None:
@@ -135,14 +135,20 @@ def collect_activations(model: nn.Module, state: QpassState, forward_loop: Calla
         raise CalibrationError(
             "forward_loop never called the model: it must run model(batch) for the calibration data"
         )
-    reduce_statistics(model)
+    if reduce:
+        reduce_statistics(model)
 
 
-def load_activation_amax(model: nn.Module, state: QpassState) -> None:
+def load_activation_amax(model: nn.Module, state: QpassState, fill: Callable[[], set] | None = None) -> None:
+    """Each activation quantizer's amax from its calibrator; ``fill``: then sets amax from elsewhere
+    and returns the names of quantizers it gave one (they saw no data, and that is fine)."""
     missing, outside = [], []
     for n, q in activation_quantizers(model):
         if not q.load_calib_amax():
             (missing if _owner_slot(n) in state.calib_placed else outside).append(n)
+    if fill is not None:
+        done = fill()
+        missing, outside = [n for n in missing if n not in done], [n for n in outside if n not in done]
     if outside:
         warnings.warn(
             f"{len(outside)} enabled quantizer(s) belong to modules the traced forward does not use "
@@ -199,7 +205,13 @@ def _may_enable_traced_slots(state: QpassState) -> bool:
     return False
 
 
-def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | None) -> None:
+def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | None,
+                  sync_expert_weight_amax: bool = False, distributed_sync: bool = True) -> None:
+    """Max calibration. As ModelOpt 0.47's: a sequential MoE block's experts then share their input
+    amax (and with ``sync_expert_weight_amax``, their weight amax) unless ``moe_calib_experts_ratio``
+    is set (:mod:`qpass.calib.moe_sync`); ``distributed_sync=False`` keeps each data-parallel rank's
+    own statistics."""
+    from qpass.calib.moe_sync import sync_local_experts
     from qpass.calib.nvfp4_static import set_global_amax
 
     for _, q in named_tensor_quantizers(model):
@@ -207,8 +219,12 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
             q.check_supported()
             q.spec  # noqa: B018 - validates the format before any work
     calibrate_weights(model, state.groups)  # static NVFP4 global amaxes: groups known once traced
+    sync_experts = state.__dict__.get("moe_ratio") is None
+    sync = (lambda: sync_local_experts(model, sync_expert_weight_amax)) if sync_experts else None  # noqa: E731
     needs_data = activation_quantizers(model)
     if not needs_data and not _may_enable_traced_slots(state):
+        if sync is not None:
+            sync()
         return  # nothing needs data; the graph is traced on the model's first call
     if forward_loop is None:
         if needs_data:
@@ -218,8 +234,10 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
                 "calibration data, but no forward_loop was given; pass forward_loop=lambda m: [m(b) for b in data] "
                 "or use a weight-only config"
             )
+        if sync is not None:
+            sync()
         return
-    collect_activations(model, state, forward_loop)
-    load_activation_amax(model, state)
+    collect_activations(model, state, forward_loop, reduce=distributed_sync)
+    load_activation_amax(model, state, fill=sync)
     share_group_amax(model, state.groups)
     set_global_amax(model, state.groups)  # again: the forward may have traced the groups

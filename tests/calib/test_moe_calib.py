@@ -1,5 +1,9 @@
-"""``moe_calib_experts_ratio``: each MoE block also runs, for the quantizers' statistics only, with
-its router's ``top_k`` raised to ``round(num_experts * ratio)``; the model's own routing is unchanged."""
+"""MoE calibration as ModelOpt 0.47 does it.
+
+``moe_calib_experts_ratio``: each MoE block also runs, for the quantizers' statistics only, with its
+router's ``top_k`` raised to ``round(num_experts * ratio)``; the model's own routing is unchanged.
+Without it, max calibration gives a sequential MoE block's experts one input amax (and with
+``sync_expert_weight_amax``, one weight amax)."""
 
 import copy
 import warnings
@@ -82,9 +86,9 @@ def _loop(m):
         m(x)
 
 
-def _config(module, ratio):
+def _config(module, ratio, **options):
     cfg = copy.deepcopy(module.INT8_DEFAULT_CFG)
-    cfg["algorithm"] = {"method": "max", "moe_calib_experts_ratio": ratio}
+    cfg["algorithm"] = {"method": "max", "moe_calib_experts_ratio": ratio, **options}
     return cfg
 
 
@@ -120,18 +124,24 @@ def test_every_expert_sees_every_token_with_ratio_one_and_the_model_routes_as_be
 
 
 @pytest.mark.skipif(not has_package("modelopt"), reason="nvidia-modelopt not installed")
-def test_matches_modelopt_on_sequential_experts():
+@pytest.mark.parametrize("ratio,options", [(0.75, {}), (None, {}), (None, {"sync_expert_weight_amax": True})])
+def test_matches_modelopt_on_sequential_experts(ratio, options):
+    """ratio 0.75: each token also reaches 3 of the 4 experts; None: the experts share one input amax
+    per quantizer name (and weight amax with sync_expert_weight_amax)."""
     import modelopt.torch.quantization as mtq
 
     ours, theirs = _model(), _model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(theirs, _config(mtq, 0.75), _loop)
-    qpass.quantize(ours, _config(qpass, 0.75), _loop)
+        mtq.quantize(theirs, _config(mtq, ratio, **options), _loop)
+    qpass.quantize(ours, _config(qpass, ratio, **options), _loop)
     a = {n: q.amax.float() for n, q in theirs.named_modules()
-         if n.endswith("input_quantizer") and getattr(q, "amax", None) is not None}
-    b = _amax(ours)
-    assert a.keys() == b.keys() and len(a) == 2 + 2 * EXPERTS
+         if n.endswith("_quantizer") and getattr(q, "amax", None) is not None}
+    b = {n: q.amax.float() for n, q in ours.named_modules()
+         if n.endswith("_quantizer") and getattr(q, "amax", None) is not None}
+    assert a.keys() == b.keys() and len(a) == 2 * (2 + 2 * EXPERTS)
+    shared = {b[f"moe.experts.{e}.fc2.input_quantizer"].item() for e in range(EXPERTS)}
+    assert len(shared) == (EXPERTS if ratio else 1)
     for n in a:
         torch.testing.assert_close(b[n].reshape(a[n].shape), a[n], rtol=1e-6, atol=0, msg=n)
     with torch.no_grad():
@@ -146,6 +156,36 @@ def test_bad_ratio_is_refused_before_any_work(ratio):
         ref = m(BATCHES[0])
     with pytest.raises(QuantConfigError, match=r"moe_calib_experts_ratio must be a number in \(0, 1\]"):
         qpass.quantize(m, _config(qpass, ratio), _loop)
+    with torch.no_grad():
+        assert torch.equal(m(BATCHES[0]), ref)
+
+
+def test_an_expert_the_router_never_picks_takes_its_siblings_amax():
+    """Before, max calibration refused the model (the expert's quantizers saw no data)."""
+    m = _model()
+    with torch.no_grad():
+        m.moe.gate.weight[3] = -100.0  # expert 3 never wins the top-1 routing
+    qpass.quantize(m, _config(qpass, None), _loop)
+    for name in ("fc1", "fc2"):
+        amax = [m.moe.experts[e].get_submodule(name).input_quantizer.amax for e in range(EXPERTS)]
+        assert all(torch.equal(a, amax[0]) for a in amax[1:])
+    # the weights keep their own amax unless asked
+    w = [m.moe.experts[e].fc1.weight_quantizer.amax for e in range(EXPERTS)]
+    assert not torch.equal(w[0], w[1])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"sync_expert_weight_amax": 1}, "sync_expert_weight_amax must be True or False"),
+    ({"distributed_sync": "yes"}, "distributed_sync must be True or False"),
+    ({"skip_forward_without_activation_calib": None}, "skip_forward_without_activation_calib must be True or False"),
+    ({"shared_states": {"weight_global_amax": {"patterns": []}}}, "shared_states=.* is not implemented yet"),
+])
+def test_max_options_are_checked(options, match):
+    m = _model()
+    with torch.no_grad():
+        ref = m(BATCHES[0])
+    with pytest.raises(QuantConfigError, match=match):
+        qpass.quantize(m, _config(qpass, None, **options), _loop)
     with torch.no_grad():
         assert torch.equal(m(BATCHES[0]), ref)
 
