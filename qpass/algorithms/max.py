@@ -17,10 +17,15 @@ def max_algorithm(model, state, forward_loop, distributed_sync=True, sync_expert
                         ("skip_forward_without_activation_calib", skip_forward_without_activation_calib)):
         if not isinstance(value, bool):
             raise QuantConfigError(f"algorithm 'max': {name} must be True or False, got {value!r}")
-    if shared_states is not None:
-        raise QuantConfigError(
-            f"algorithm 'max': shared_states={shared_states!r} is not implemented yet in qpass; it shares static "
-            "NVFP4 weights' global amax within the shared-input groups of the graph (q/k/v, gate/up), ModelOpt's "
-            "default; leave shared_states out")
+    check_shared_states("max", shared_states)
     max_calibrate(model, state, forward_loop, sync_expert_weight_amax=sync_expert_weight_amax,
                   distributed_sync=distributed_sync)
+
+
+def check_shared_states(method: str, shared_states) -> None:
+    """ModelOpt 0.47's ``shared_states`` patterns: only the default (None) is implemented."""
+    if shared_states is not None:
+        raise QuantConfigError(
+            f"algorithm {method!r}: shared_states={shared_states!r} is not implemented yet in qpass; it shares "
+            "static NVFP4 weights' global amax within the shared-input groups of the graph (q/k/v, gate/up), "
+            "ModelOpt's default; leave shared_states out")
