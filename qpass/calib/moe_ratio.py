@@ -17,9 +17,11 @@ sees. qpass does the same on the graph, for the calibration pass only:
   edit of the model's graph.
 - The model's graphs are not changed: inference, export and compile see the router as it is.
 
-A MoE block is a module with a ``gate`` (the router) that has an integer ``top_k`` and a
-``num_experts`` (transformers 5's ``TopKRouter``: Mixtral, Qwen-MoE, OLMoE, ...). Layer-by-layer
-calibration with the option is refused (not implemented yet).
+A MoE block is a module with ``experts`` and a router, its ``gate`` (ModelOpt's pattern:
+transformers 5's ``TopKRouter`` in Mixtral, Qwen-MoE, OLMoE, GLM-4-MoE, ...) or ``router`` (Phi-MoE,
+GraniteMoE), holding an integer ``top_k`` and ``num_experts``. A block that does not trace with the
+raised ``top_k`` keeps its routed tokens, with a warning naming it. Layer-by-layer calibration
+with the option is refused (not implemented yet).
 """
 
 from __future__ import annotations
@@ -52,14 +54,25 @@ def check_ratio(value, where: str) -> float | None:
     return float(value)
 
 
+def router(block: nn.Module) -> nn.Module | None:
+    """A MoE block's router: its ``gate`` (ModelOpt's pattern) or ``router`` (Phi-MoE, GraniteMoE)
+    child with an integer ``top_k`` and ``num_experts`` (its own or the block's); None otherwise."""
+    for name in ("gate", "router"):
+        r = block._modules.get(name)
+        top_k = getattr(r, "top_k", None)
+        experts = getattr(r, "num_experts", getattr(block, "num_experts", None))
+        if (isinstance(top_k, int) and not isinstance(top_k, bool) and isinstance(experts, int)
+                and not isinstance(experts, bool) and experts >= 1 and block._modules.get("experts") is not None):
+            return r
+    return None
+
+
 def raised_top_k(block: nn.Module, ratio: float) -> int | None:
     """The calibration ``top_k`` of a MoE block (None: not a MoE block qpass knows)."""
-    gate = block._modules.get("gate")
-    top_k = getattr(gate, "top_k", None)
-    experts = getattr(gate, "num_experts", getattr(block, "num_experts", None))
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not isinstance(experts, int) or experts < 1:
+    r = router(block)
+    if r is None:
         return None
-    return max(top_k, round(experts * ratio))
+    return max(r.top_k, round(getattr(r, "num_experts", getattr(block, "num_experts", 0)) * ratio))
 
 
 def moe_blocks(model: nn.Module, ratio: float) -> dict[str, int]:
@@ -67,7 +80,7 @@ def moe_blocks(model: nn.Module, ratio: float) -> dict[str, int]:
     out = {}
     for path, module in model.named_modules():
         k = raised_top_k(module, ratio)
-        if k is not None and k > module.gate.top_k:
+        if k is not None and k > router(module).top_k:
             out[path] = k
     return out
 
@@ -82,8 +95,8 @@ def experts_ratio(model: nn.Module, state, ratio: float | None):
         raise QuantConfigError(f"{OPTION} with layer-by-layer calibration is not implemented yet in qpass; "
                                "calibrate the whole model, or drop the option")
     if not any(raised_top_k(m, ratio) is not None for _, m in model.named_modules()):
-        warnings.warn(f"{OPTION}={ratio}: the model has no MoE block with a router 'gate' holding 'top_k' and "
-                      "'num_experts'; the option changes nothing", stacklevel=4)
+        warnings.warn(f"{OPTION}={ratio}: the model has no MoE block (an 'experts' module and a 'gate' or "
+                      "'router' holding 'top_k' and 'num_experts'); the option changes nothing", stacklevel=4)
     previous = state.__dict__.get("moe_ratio")
     state.moe_ratio = ratio
     try:
@@ -183,10 +196,17 @@ class _SidePass:
 
     def __call__(self, hidden: torch.Tensor) -> None:
         key = (hidden.dim(), hidden.dtype, hidden.device)
-        gm = self.graphs.get(key)
-        if gm is None:
-            gm = self.graphs[key] = self._trace(hidden)
-        gm(hidden)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._trace(hidden)
+            except Exception as e:  # noqa: BLE001 - the block's own routing still calibrates it
+                self.graphs[key] = None
+                warnings.warn(f"{OPTION}: MoE block '{self.path}' does not trace with top_k={self.top_k} "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                              "its experts are calibrated on the routed tokens only", stacklevel=2)
+        gm = self.graphs[key]
+        if gm is not None:
+            gm(hidden)
 
     def _trace(self, hidden: torch.Tensor) -> fx.GraphModule:
         from qpass.graph.trace import export_graph
@@ -194,13 +214,13 @@ class _SidePass:
         from qpass.passes.insert_quantizers import InsertQuantizers
 
         block = self.model().get_submodule(self.path)
-        gate = block.gate
-        saved = gate.top_k
-        gate.top_k = self.top_k
+        r = router(block)
+        saved = r.top_k
+        r.top_k = self.top_k
         try:
             gm = export_graph(block, type(block), (hidden,), {}).gm
         finally:
-            gate.top_k = saved
+            r.top_k = saved
 
         def existing(path, owner, slot):  # the block's own quantizers, never new ones
             q = owner._modules.get(slot)

@@ -123,6 +123,50 @@ def test_every_expert_sees_every_token_with_ratio_one_and_the_model_routes_as_be
         assert torch.equal(plain(BATCHES[0]), wide(BATCHES[0]))
 
 
+class RouterMoe(nn.Module):
+    """The router under the name ``router`` (Phi-MoE, GraniteMoE); ``fixed``: it only works with its
+    own top_k (Phi-MoE's sparsemixer is top-2 only), so the raised top_k does not trace."""
+
+    def __init__(self, fixed=False):
+        super().__init__()
+        self.router = Router()
+        self.experts = nn.ModuleList(Expert() for _ in range(EXPERTS))
+        self.fixed = fixed
+
+    def forward(self, x):
+        if self.fixed and self.router.top_k != TOP_K:
+            raise NotImplementedError("this router routes to exactly one expert")
+        flat = x.reshape(-1, x.shape[-1])
+        _, weights, index = self.router(flat)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(index == e)
+            out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_router_named_router_and_one_that_cannot_route_wider(fixed):
+    m = _model()
+    state = {k.replace("gate.", "router."): v for k, v in m.moe.state_dict().items()}
+    m.moe = RouterMoe(fixed)
+    m.moe.load_state_dict(state)
+    m.eval()
+    if fixed:
+        with pytest.warns(UserWarning, match=r"MoE block 'moe' does not trace with top_k=4 .*routed tokens only"):
+            qpass.quantize(m, _config(qpass, 1.0), _loop)
+    else:
+        qpass.quantize(m, _config(qpass, 1.0), _loop)
+    flat = torch.cat([x.reshape(-1, HIDDEN) for x in BATCHES[1:]])
+    top = m.proj(flat).detach().abs().amax()
+    got = [m.moe.experts[e].fc1.input_quantizer.amax for e in range(EXPERTS)]
+    if fixed:  # the routed tokens only: no expert saw them all
+        assert not all(torch.equal(g, top) for g in got)
+    else:
+        for g in got:
+            torch.testing.assert_close(g, top, rtol=1e-6, atol=0)
+
+
 @pytest.mark.skipif(not has_package("modelopt"), reason="nvidia-modelopt not installed")
 @pytest.mark.parametrize("ratio,options", [(0.75, {}), (None, {}), (None, {"sync_expert_weight_amax": True})])
 def test_matches_modelopt_on_sequential_experts(ratio, options):
