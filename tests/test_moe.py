@@ -318,6 +318,22 @@ def test_moe_calib_experts_ratio_on_fused_experts(impl):
     assert torch.equal(logits(plain), logits(wide))
 
 
+def test_moe_calib_experts_ratio_layer_by_layer_matches_the_whole_model_pass():
+    def calibrated(layerwise):
+        m = tiny_mixtral()
+        cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+        cfg["algorithm"] = {"method": "max", "moe_calib_experts_ratio": 1.0, "layerwise": {"enable": layerwise}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qpass.quantize(m, cfg, loop)
+        return {n: q.amax for n, q in m.named_modules() if isinstance(q, TensorQuantizer) and q.amax is not None}
+
+    whole, layered = calibrated(False), calibrated(True)
+    assert whole.keys() == layered.keys()
+    for n in whole:
+        assert torch.equal(whole[n], layered[n]), n
+
+
 def test_nvfp4_expert_weights_export_as_fp4_with_a_global_scale_per_expert(tmp_path):
     """NVFP4 experts: one FLOAT4E2M1 initializer per expert parameter, its FP8 block scales, and
     a global scale per expert (each expert has its own global amax) dequantizing the block scales

@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from qpass.calib.histogram import HistogramCalibrator
 from qpass.calib.max import MaxCalibrator
+from qpass.calib.moe_ratio import calibration_graph
 from qpass.errors import CalibrationError, QuantConfigError
 from qpass.graph.quantized_model import graph_for, state_of
 from qpass.graph.segments import Partition, find_blocks, flat_inputs, partition, release, segment_module
@@ -157,11 +158,12 @@ class Recorder:
                 flat = _flat_tensors(args, kwargs)
             else:
                 traced, flat = graph_for(model, args, kwargs)
-            inputs = flat_inputs(traced.gm, [t.detach().clone() for t in flat])
+            gm = calibration_graph(model, state_of(model), traced.gm)  # with MoE side passes, if asked
+            inputs = flat_inputs(gm, [t.detach().clone() for t in flat])
         except BaseException:
             self.failed = True
             raise
-        self.calls.append(RecordedCall(id(traced.gm), traced.gm, inputs, self.home if moved else None))
+        self.calls.append(RecordedCall(id(gm), gm, inputs, self.home if moved else None))
         return None
 
 

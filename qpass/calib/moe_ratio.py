@@ -21,7 +21,8 @@ A MoE block is a module with ``experts`` and a router, its ``gate`` (ModelOpt's 
 transformers 5's ``TopKRouter`` in Mixtral, Qwen-MoE, OLMoE, GLM-4-MoE, ...) or ``router`` (Phi-MoE,
 GraniteMoE), holding an integer ``top_k`` and ``num_experts``. A block that does not trace with the
 raised ``top_k`` keeps its routed tokens, with a warning naming it. Layer-by-layer calibration
-with the option is refused (not implemented yet).
+records and partitions the same copy of the graph, so it computes the same statistics (not yet for
+a model whose blocks' weights stay on another device than the one they run on: refused).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.node import has_side_effect
 
-from qpass.errors import QuantConfigError
+from qpass.errors import CalibrationError, QuantConfigError
 
 OPTION = "moe_calib_experts_ratio"
 
@@ -91,9 +92,6 @@ def experts_ratio(model: nn.Module, state, ratio: float | None):
     if ratio is None:
         yield
         return
-    if state.layerwise is not None:
-        raise QuantConfigError(f"{OPTION} with layer-by-layer calibration is not implemented yet in qpass; "
-                               "calibrate the whole model, or drop the option")
     if not any(raised_top_k(m, ratio) is not None for _, m in model.named_modules()):
         warnings.warn(f"{OPTION}={ratio}: the model has no MoE block (an 'experts' module and a 'gate' or "
                       "'router' holding 'top_k' and 'num_experts'); the option changes nothing", stacklevel=4)
@@ -205,8 +203,14 @@ class _SidePass:
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
                               "its experts are calibrated on the routed tokens only", stacklevel=2)
         gm = self.graphs[key]
-        if gm is not None:
-            gm(hidden)
+        if gm is None:
+            return
+        weight = next(self.model().get_submodule(self.path).parameters(), None)
+        if weight is not None and weight.device != hidden.device:
+            raise CalibrationError(
+                f"{OPTION}: MoE block '{self.path}' keeps its weights on {weight.device} but runs on {hidden.device} "
+                "(layer-by-layer calibration of an offloaded model); the option is not implemented for that yet")
+        gm(hidden)
 
     def _trace(self, hidden: torch.Tensor) -> fx.GraphModule:
         from qpass.graph.trace import export_graph

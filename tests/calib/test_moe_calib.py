@@ -234,14 +234,6 @@ def test_max_options_are_checked(options, match):
         assert torch.equal(m(BATCHES[0]), ref)
 
 
-def test_layerwise_with_the_ratio_is_refused():
-    m = _model()
-    cfg = _config(qpass, 1.0)
-    cfg["algorithm"]["layerwise"] = {"enable": True}
-    with pytest.raises(QuantConfigError, match="moe_calib_experts_ratio with layer-by-layer calibration"):
-        qpass.quantize(m, cfg, _loop)
-
-
 def test_a_model_without_moe_blocks_gets_a_warning():
     m = nn.Sequential(nn.Linear(HIDDEN, HIDDEN)).eval()
     with pytest.warns(UserWarning, match="no MoE block"):
