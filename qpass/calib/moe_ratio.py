@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from dataclasses import dataclass
 import warnings
 import weakref
 
@@ -42,7 +43,7 @@ OPTION = "moe_calib_experts_ratio"
 
 _SIDE: dict[int, "_SidePass"] = {}
 _TOKENS = itertools.count()
-_VARIANTS: "weakref.WeakKeyDictionary[fx.GraphModule, tuple]" = weakref.WeakKeyDictionary()
+_VARIANTS: "weakref.WeakKeyDictionary[fx.GraphModule, _Variant]" = weakref.WeakKeyDictionary()
 
 
 def check_ratio(value, where: str) -> float | None:
@@ -55,35 +56,39 @@ def check_ratio(value, where: str) -> float | None:
     return float(value)
 
 
-def router(block: nn.Module) -> nn.Module | None:
-    """A MoE block's router: its ``gate`` (ModelOpt's pattern) or ``router`` (Phi-MoE, GraniteMoE)
-    child with an integer ``top_k`` and ``num_experts`` (its own or the block's); None otherwise."""
+def router(block: nn.Module) -> tuple[nn.Module, int] | None:
+    """A MoE block's router and expert count: its ``gate`` (ModelOpt's pattern) or ``router``
+    (Phi-MoE, GraniteMoE) child with an integer ``top_k`` and ``num_experts`` (its own or the
+    block's), next to an ``experts`` child; None otherwise."""
+    if block._modules.get("experts") is None:
+        return None
     for name in ("gate", "router"):
         r = block._modules.get(name)
         top_k = getattr(r, "top_k", None)
         experts = getattr(r, "num_experts", getattr(block, "num_experts", None))
-        if (isinstance(top_k, int) and not isinstance(top_k, bool) and isinstance(experts, int)
-                and not isinstance(experts, bool) and experts >= 1 and block._modules.get("experts") is not None):
-            return r
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (top_k, experts)):
+            return r, experts
     return None
 
 
-def raised_top_k(block: nn.Module, ratio: float) -> int | None:
-    """The calibration ``top_k`` of a MoE block (None: not a MoE block qpass knows)."""
-    r = router(block)
-    if r is None:
-        return None
-    return max(r.top_k, round(getattr(r, "num_experts", getattr(block, "num_experts", 0)) * ratio))
-
-
 def moe_blocks(model: nn.Module, ratio: float) -> dict[str, int]:
-    """Path -> calibration ``top_k`` of every MoE block whose ``top_k`` the ratio raises."""
+    """Path -> calibration ``top_k`` (``max(top_k, round(num_experts * ratio))``) of every MoE block
+    whose ``top_k`` the ratio raises."""
     out = {}
     for path, module in model.named_modules():
-        k = raised_top_k(module, ratio)
-        if k is not None and k > router(module).top_k:
-            out[path] = k
+        found = router(module)
+        if found is not None and round(found[1] * ratio) > found[0].top_k:
+            out[path] = round(found[1] * ratio)
     return out
+
+
+@dataclass
+class _Variant:
+    version: object  # graph_version of the graph it copies
+    ratio: float
+    model: weakref.ref
+    tokens: list  # its side passes' keys in _SIDE
+    gm: fx.GraphModule
 
 
 @contextlib.contextmanager
@@ -92,7 +97,7 @@ def experts_ratio(model: nn.Module, state, ratio: float | None):
     if ratio is None:
         yield
         return
-    if not any(raised_top_k(m, ratio) is not None for _, m in model.named_modules()):
+    if not any(router(m) is not None for _, m in model.named_modules()):
         warnings.warn(f"{OPTION}={ratio}: the model has no MoE block (an 'experts' module and a 'gate' or "
                       "'router' holding 'top_k' and 'num_experts'); the option changes nothing", stacklevel=4)
     previous = state.__dict__.get("moe_ratio")
@@ -103,8 +108,8 @@ def experts_ratio(model: nn.Module, state, ratio: float | None):
         state.moe_ratio = previous
         for gm in list(_VARIANTS):
             entry = _VARIANTS.get(gm)
-            if entry is not None and entry[2]() is model:
-                for token in entry[3]:
+            if entry is not None and entry.model() is model:
+                for token in entry.tokens:
                     _SIDE.pop(token, None)
                 del _VARIANTS[gm]
 
@@ -118,12 +123,12 @@ def calibration_graph(model: nn.Module, state, gm: fx.GraphModule) -> fx.GraphMo
         return gm
     version = graph_version(gm)
     entry = _VARIANTS.get(gm)
-    if entry is not None and entry[1] == ratio and (entry[0] == version if isinstance(version, int)
-                                                    else entry[0] is version):
-        return entry[4]
+    if entry is not None and entry.ratio == ratio and (entry.version == version if isinstance(version, int)
+                                                       else entry.version is version):
+        return entry.gm
     tokens: list[int] = []
     variant = _with_side_passes(model, state, gm, moe_blocks(model, ratio), tokens)
-    _VARIANTS[gm] = (version, ratio, weakref.ref(model), tokens, variant)
+    _VARIANTS[gm] = _Variant(version, ratio, weakref.ref(model), tokens, variant)
     return variant
 
 
@@ -218,7 +223,7 @@ class _SidePass:
         from qpass.passes.insert_quantizers import InsertQuantizers
 
         block = self.model().get_submodule(self.path)
-        r = router(block)
+        r = router(block)[0]
         saved = r.top_k
         r.top_k = self.top_k
         try:
