@@ -54,11 +54,16 @@ class SparseMoe(nn.Module):
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
         _, weights, index = self.gate(flat)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(index == e)
-            out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.reshape(x.shape)
+        return _dispatch(flat, self.experts, weights, index).reshape(x.shape)
+
+
+def _dispatch(flat, experts, weights, index):
+    """Each token through its routed experts, weighted (the experts loop of HF's sequential MoE)."""
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where(index == e)
+        out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
+    return out
 
 
 class Model(nn.Module):
@@ -138,11 +143,7 @@ class RouterMoe(nn.Module):
             raise NotImplementedError("this router routes to exactly one expert")
         flat = x.reshape(-1, x.shape[-1])
         _, weights, index = self.router(flat)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(index == e)
-            out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.reshape(x.shape)
+        return _dispatch(flat, self.experts, weights, index).reshape(x.shape)
 
 
 @pytest.mark.parametrize("fixed", [False, True])
