@@ -22,13 +22,13 @@ pytestmark = pytest.mark.skipif(not has_package("transformers"), reason="transfo
 EXPERTS = 4
 
 
-def tiny_mixtral(layers=2, **kw):
+def tiny_mixtral(layers=2, top_k=2, **kw):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS,
-                        num_experts_per_tok=2, max_position_embeddings=128, **kw)
+                        num_experts_per_tok=top_k, max_position_embeddings=128, **kw)
     return MixtralForCausalLM(cfg).eval()
 
 
@@ -316,6 +316,37 @@ def test_moe_calib_experts_ratio_on_fused_experts(impl):
         if n in b:
             q.amax = b[n]
     assert torch.equal(logits(plain), logits(wide))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_calib_experts_ratio_one_calibrates_the_first_block_as_top_k_all(arch):
+    """The first MoE block's inputs do not depend on routing, so with ratio 1.0 its experts' amax
+    equal those of the same model built with top_k = num_experts (calibrated without the option)."""
+    def build(top_k):
+        if arch == "mixtral":
+            return tiny_mixtral(top_k=top_k)
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        torch.manual_seed(0)
+        cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_experts_per_tok=top_k, intermediate_size=64,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=EXPERTS)
+        return Qwen2MoeForCausalLM(cfg).eval()
+
+    def first_block_amax(top_k, ratio):
+        m = build(top_k)
+        cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+        cfg["algorithm"] = {"method": "max", "moe_calib_experts_ratio": ratio}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qpass.quantize(m, cfg, loop)
+        return {n: q.amax for n, q in m.named_modules()
+                if isinstance(q, TensorQuantizer) and ".layers.0.mlp.experts." in n and q.amax is not None}
+
+    wide, all_k = first_block_amax(2, 1.0), first_block_amax(EXPERTS, None)
+    assert wide.keys() == all_k.keys() and len(wide) == 2 * (1 + EXPERTS)
+    for n in wide:
+        assert torch.equal(wide[n], all_k[n]), n
 
 
 def test_moe_calib_experts_ratio_layer_by_layer_matches_the_whole_model_pass():
