@@ -119,6 +119,11 @@ def _worker(rank, store_path, out_dir):
         qpass.quantize(model, qpass.INT8_DEFAULT_CFG, loop)
         result = {"even": amax_dict(model)}
 
+        model = make_model(3)  # distributed_sync=False: each rank keeps its own statistics
+        qpass.quantize(model, {**qpass.INT8_DEFAULT_CFG, "algorithm": {"method": "max", "distributed_sync": False}},
+                       loop)
+        result["no_sync"] = amax_dict(model)
+
         model = make_model(3 if rank == 0 else 0)  # rank 1: expert e1 sees no tokens
         qpass.quantize(model, qpass.INT8_DEFAULT_CFG, loop)
         result["empty_expert"] = amax_dict(model)
@@ -244,6 +249,15 @@ def test_two_ranks_equal_single_process_on_union(ranks, one_thread):
     alone = make_model(3)
     qpass.quantize(alone, qpass.INT8_DEFAULT_CFG, lambda m: [m(b) for b in shard(data, 0)])
     assert not torch.equal(amax_dict(alone)["proj.input_quantizer"], want["proj.input_quantizer"])
+
+
+def test_distributed_sync_false_keeps_each_ranks_own_amax(ranks, one_thread):
+    data = make_data()
+    for r in range(WORLD):
+        alone = make_model(3)
+        qpass.quantize(alone, qpass.INT8_DEFAULT_CFG, lambda m: [m(b) for b in shard(data, r)])
+        assert_same_amax(ranks[r]["no_sync"], amax_dict(alone))
+    assert not torch.equal(ranks[0]["no_sync"]["proj.input_quantizer"], ranks[1]["no_sync"]["proj.input_quantizer"])
 
 
 def test_expert_without_tokens_on_one_rank_completes_and_matches(ranks, one_thread):
