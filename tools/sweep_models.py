@@ -552,6 +552,9 @@ def run_model(spec: Spec, do_modelopt: bool = True, do_onnx: bool = True) -> dic
         res["build"] = "skip"
         res.setdefault("errors", {})["build"] = error_record(e)
         return res
+    # every quantized copy starts from this state: some models change themselves in a forward (BigBird
+    # switches to full attention for good on a short input), and the reference forwards run on ``base``
+    pristine = copy.deepcopy(base)
     res["params"] = sum(p.numel() for p in base.parameters())
     conv1d = [n for n, m in base.named_modules() if _is_hf_conv1d(m)]
     res["conv1d_modules"] = len(conv1d)
@@ -580,7 +583,7 @@ def run_model(spec: Spec, do_modelopt: bool = True, do_onnx: bool = True) -> dic
                 continue
             with Step(res, f"{step}_{tag}"):  # the same calls in both libraries
                 lib = qpass if prefix == "q" else importlib.import_module("modelopt.torch.quantization")
-                m = copy.deepcopy(base)
+                m = copy.deepcopy(pristine)
                 with _quiet(res.setdefault(f"q_{tag}_warnings", []) if prefix == "q" else None):
                     lib.quantize(m, copy.deepcopy(getattr(lib, cfg_name)), loop)
                 models[f"{prefix}_{tag}"] = m
@@ -611,7 +614,7 @@ def run_model(spec: Spec, do_modelopt: bool = True, do_onnx: bool = True) -> dic
                                              main_output(spec, _forward(base, other)))
     if "mo_int8" in models:
         with Step(res, "qpass_int8_modelopt_rules"):  # ModelOpt's LayerNorm/pooling quantizers too
-            m = copy.deepcopy(base)
+            m = copy.deepcopy(pristine)
             with _quiet():
                 qpass.quantize(m, copy.deepcopy(qpass.INT8_DEFAULT_CFG), loop, rules="modelopt")
             res["qmo_int8_rules_cos"] = cosine(main_output(spec, _forward(m, eval_in)),
