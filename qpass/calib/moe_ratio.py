@@ -116,15 +116,14 @@ def experts_ratio(model: nn.Module, state, ratio: float | None):
 
 def calibration_graph(model: nn.Module, state, gm: fx.GraphModule) -> fx.GraphModule:
     """``gm``, or the copy of it the calibration pass runs when ``state.moe_ratio`` is set."""
-    from qpass.graph.trace import graph_version
+    from qpass.graph.trace import graph_version, same_version
 
     ratio = state.__dict__.get("moe_ratio")
     if ratio is None or not state.calibrating:
         return gm
     version = graph_version(gm)
     entry = _VARIANTS.get(gm)
-    if entry is not None and entry.ratio == ratio and (entry.version == version if isinstance(version, int)
-                                                       else entry.version is version):
+    if entry is not None and entry.ratio == ratio and same_version(entry.version, version):
         return entry.gm
     tokens: list[int] = []
     variant = _with_side_passes(model, state, gm, moe_blocks(model, ratio), tokens)

@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from qpass.graph.trace import GUARDS_FN, graph_version
+from qpass.graph.trace import GUARDS_FN, graph_version, same_version
 from qpass.nn.tensor_quantizer import TensorQuantizer, quantizer_epoch
 
 __all__ = ["execution_graph"]
@@ -95,7 +95,7 @@ def execution_graph(gm: fx.GraphModule) -> fx.GraphModule:
     epoch = quantizer_epoch()
     entry = _CACHE.get(gm)
     version = graph_version(gm)
-    if entry is not None and (entry.version == version if isinstance(version, int) else entry.version is version):
+    if entry is not None and same_version(entry.version, version):
         if entry.epoch == epoch and (not entry.merges or entry.amax_unchanged()):
             return entry.exe
         if entry.still_valid():

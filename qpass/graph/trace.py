@@ -110,6 +110,11 @@ def graph_version(gm: fx.GraphModule):
     return version if version is not None else gm.code
 
 
+def same_version(a, b) -> bool:
+    """Two :func:`graph_version` values name the same code (ints by value, code strings by identity)."""
+    return a == b if isinstance(b, int) else a is b
+
+
 @dataclass
 class TracedGraph:
     """One captured graph plus the facts needed to dispatch inputs to it."""

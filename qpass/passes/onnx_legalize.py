@@ -47,6 +47,12 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def _inherit(new: fx.Node, src: fx.Node, val) -> None:
+    """``new`` takes ``src``'s node metadata (module stack, ...), with its own traced value."""
+    new.meta.update({k: v for k, v in src.meta.items() if k != "val"})
+    new.meta["val"] = val
+
+
 def _is_view(op) -> bool:
     schema = getattr(op, "_schema", None)
     return schema is not None and any(r.alias_info is not None for r in schema.returns)
@@ -77,9 +83,8 @@ def legalize_for_onnx(gm: fx.GraphModule) -> dict[str, int]:
             src = node.args[0]
             with graph.inserting_before(node):
                 clone = graph.call_function(aten.clone.default, (src,), {"memory_format": torch.contiguous_format})
-            clone.meta.update({k: v for k, v in src.meta.items() if k != "val"})
             val = _val(src)
-            clone.meta["val"] = val.contiguous() if isinstance(val, torch.Tensor) else val
+            _inherit(clone, src, val.contiguous() if isinstance(val, torch.Tensor) else val)
             node.replace_input_with(src, clone)
             counts["clone"] += 1
         elif _is_view(node.target):
@@ -106,8 +111,7 @@ def _cast_inputs(graph: fx.Graph, node: fx.Node) -> int:
             continue
         with graph.inserting_before(node):
             cast = graph.call_function(aten._to_copy.default, (arg,), {"dtype": out.dtype})
-        cast.meta.update({k: v for k, v in arg.meta.items() if k != "val"})
-        cast.meta["val"] = val.to(out.dtype)
+        _inherit(cast, arg, val.to(out.dtype))
         args[i] = cast
         done += 1
     node.args = tuple(args)
@@ -133,9 +137,8 @@ def _unsqueeze_codes(graph: fx.Graph) -> int:
         with graph.inserting_before(node):
             column = graph.call_function(aten.unsqueeze.default, (codes, node.args[1]))
             moved = graph.call_function(dq.target, (column, *dq.args[1:]), dict(dq.kwargs))
-        column.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        if isinstance(_val(codes), torch.Tensor):
-            column.meta["val"] = _val(codes).unsqueeze(node.args[1])
+        codes_val = _val(codes)
+        _inherit(column, node, codes_val.unsqueeze(node.args[1]) if isinstance(codes_val, torch.Tensor) else None)
         moved.meta.update(dq.meta)
         moved.meta["val"] = _val(node)
         node.replace_all_uses_with(moved)
