@@ -24,6 +24,7 @@ from torch import fx, nn
 from qpass.algorithms.fold import FoldSite, find_fold_site, is_shared_parameter, untie_weight
 from qpass.calib.capture import ActivationCapture, InputStats
 from qpass.calib.max import MaxCalibrator
+from qpass.calib.pass_graph import statistics_kernels
 from qpass.calib.max_calibrate import (
     calibrate_weights, collect_activations, load_activation_amax, named_tensor_quantizers,
     share_group_amax, weight_quantizer_owners,
@@ -88,9 +89,10 @@ def capture_pass(model, state, forward_loop, modules: dict, max_tokens: int, sum
                  grow_to: int = 0, second: bool = False) -> dict[str, InputStats]:
     """The one forward_loop pass: activation max statistics plus the modules' input captures
     (``sums``: with the per-channel mean |x| AWQ needs; ``grow_to``: a token sample that grows
-    with the data; ``second``: each channel's second largest |x|; see :class:`ActivationCapture`)."""
+    with the data; ``second``: each channel's second largest |x|; see :class:`ActivationCapture`).
+    Its linears run through oneDNN on the CPU (:func:`qpass.calib.pass_graph.statistics_kernels`)."""
     with ActivationCapture(modules, max_tokens=max_tokens, seed=SEED, sums=sums, grow_to=grow_to,
-                           second=second) as capture:
+                           second=second) as capture, statistics_kernels(model, state):
         collect_activations(model, state, forward_loop)
     load_activation_amax(model, state)
     return capture.stats

@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 
 from qpass.calib.histogram import HistogramCalibrator
 from qpass.calib.max import MaxCalibrator
-from qpass.calib.moe_ratio import calibration_graph
+from qpass.calib.pass_graph import calibration_graph
 from qpass.errors import CalibrationError, QuantConfigError
 from qpass.graph.quantized_model import graph_for, state_of
 from qpass.graph.segments import Partition, find_blocks, flat_inputs, partition, release, segment_module

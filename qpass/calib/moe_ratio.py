@@ -7,7 +7,7 @@ forward: once with the router's ``top_k`` raised to ``max(top_k, round(num_exper
 only for the quantizers' statistics, and once as the model runs, whose output the next layer
 sees. qpass does the same on the graph, for the calibration pass only:
 
-- The calibration pass runs a copy of the traced graph in which each MoE block's input goes
+- The calibration pass runs a copy of the traced graph (:mod:`qpass.calib.pass_graph`) in which each MoE block's input goes
   through :func:`moe_side_pass` first. That op runs the block's own graph traced with the raised
   ``top_k`` (exported once per block and input structure, with the block's existing quantizers
   placed by the usual insertion pass), and returns its input unchanged. The block then runs as
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass
 import warnings
 import weakref
 
@@ -37,13 +36,13 @@ import torch
 from torch import fx, nn
 from torch.fx.node import has_side_effect
 
+from qpass.calib.pass_graph import drop_variants
 from qpass.errors import CalibrationError, QuantConfigError
 
 OPTION = "moe_calib_experts_ratio"
 
 _SIDE: dict[int, "_SidePass"] = {}
 _TOKENS = itertools.count()
-_VARIANTS: "weakref.WeakKeyDictionary[fx.GraphModule, _Variant]" = weakref.WeakKeyDictionary()
 
 
 def check_ratio(value, where: str) -> float | None:
@@ -82,15 +81,6 @@ def moe_blocks(model: nn.Module, ratio: float) -> dict[str, int]:
     return out
 
 
-@dataclass
-class _Variant:
-    version: object  # graph_version of the graph it copies
-    ratio: float
-    model: weakref.ref
-    tokens: list  # its side passes' keys in _SIDE
-    gm: fx.GraphModule
-
-
 @contextlib.contextmanager
 def experts_ratio(model: nn.Module, state, ratio: float | None):
     """While a calibration algorithm runs: its passes route tokens to ``ratio`` of the experts."""
@@ -106,32 +96,15 @@ def experts_ratio(model: nn.Module, state, ratio: float | None):
         yield
     finally:
         state.moe_ratio = previous
-        for gm in list(_VARIANTS):
-            entry = _VARIANTS.get(gm)
-            if entry is not None and entry.model() is model:
-                for token in entry.tokens:
-                    _SIDE.pop(token, None)
-                del _VARIANTS[gm]
+        drop_variants(model)
 
 
-def calibration_graph(model: nn.Module, state, gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm``, or the copy of it the calibration pass runs when ``state.moe_ratio`` is set."""
-    from qpass.graph.trace import graph_version, same_version
-
-    ratio = state.__dict__.get("moe_ratio")
-    if ratio is None or not state.calibrating:
-        return gm
-    version = graph_version(gm)
-    entry = _VARIANTS.get(gm)
-    if entry is not None and entry.ratio == ratio and same_version(entry.version, version):
-        return entry.gm
-    tokens: list[int] = []
-    variant = _with_side_passes(model, state, gm, moe_blocks(model, ratio), tokens)
-    _VARIANTS[gm] = _Variant(version, ratio, weakref.ref(model), tokens, variant)
-    return variant
+def release_side_passes(tokens: list) -> None:
+    for token in tokens:
+        _SIDE.pop(token, None)
 
 
-def _with_side_passes(model, state, gm: fx.GraphModule, blocks: dict[str, int], tokens: list) -> fx.GraphModule:
+def with_side_passes(model, state, gm: fx.GraphModule, blocks: dict[str, int], tokens: list) -> fx.GraphModule:
     from qpass.passes.insert_quantizers import owner_path
 
     graph = fx.Graph()

@@ -57,6 +57,13 @@ _HEAVY = frozenset({
 _CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, tuple]" = weakref.WeakKeyDictionary()
 
 
+def op_name(target) -> str:
+    """An op's name without overload (``linear`` for ``aten.linear.default``); a Python function
+    standing in for an op names it in ``qpass_op`` (:func:`qpass.calib.pass_graph.cpu_linear`)."""
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") if packet is not None else getattr(target, "qpass_op", "")
+
+
 def _identity(module) -> bool:
     """The quantizer's forward returns its input unchanged, and observes nothing."""
     if module._forward_hooks or module._forward_pre_hooks:
@@ -128,8 +135,7 @@ def _build(exe: fx.GraphModule, sig: tuple) -> _Split | None:
             stack.extend(n.all_input_nodes)
     output = nodes[-1]
     tail_nodes = [n for n in nodes[:-1] if n not in need]
-    if not any(n.op == "call_function" and getattr(getattr(n.target, "overloadpacket", None), "__name__", "")
-               in _HEAVY for n in tail_nodes):
+    if not any(n.op == "call_function" and op_name(n.target) in _HEAVY for n in tail_nodes):
         return None
     tail_set = set(tail_nodes)
     flat_out, out_tree = pytree.tree_flatten(output.args[0])

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from qpass.calib.moe_ratio import calibration_graph
+from qpass.calib.pass_graph import calibration_graph
 from qpass.errors import QpassError
 from qpass.graph import cuda_graphs, lazy_outputs
 from qpass.graph.cuda_graphs import CudaGraphs

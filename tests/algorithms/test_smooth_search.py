@@ -235,3 +235,32 @@ def test_units_searched_side_by_side_give_the_serial_result(monkeypatch):
     assert results[0].keys() == results[1].keys()
     for k in results[0]:
         assert torch.equal(results[0][k], results[1][k]), k
+
+
+def test_int8_codes_give_the_float_products_of_the_exact_scoring():
+    """The exact round multiplies int8 codes (``torch._int_mm``) where both sides lie on an int8
+    grid: the result equals the float32 product of the fake-quantized values."""
+    from qpass.algorithms.smooth_search import _Grid, _on_int8_grid, _product
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 64) * (torch.rand(64) * 3 + 0.1)
+    w = torch.randn(48, 64) * 0.05
+    qx = TensorQuantizer({"num_bits": 8, "axis": None})
+    qw = TensorQuantizer({"num_bits": 8, "axis": 0})
+    amax = x.abs().max() * 0.7  # a clipped per-tensor range
+    xq = qx.spec.fake_quant(x, amax)
+    wq = qw.spec.fake_quant(w, w.abs().amax(1, keepdim=True))
+    gx, gw = _on_int8_grid(xq, qx, amax, check=False), _on_int8_grid(wq, qw)
+    assert gx.codes is not None and gw.codes is not None and gw.codes.dtype == torch.int8
+    torch.testing.assert_close(gx.codes.float() * gx.step[:, None], xq, rtol=1e-6, atol=0)
+    ref = xq.double() @ wq.double().t()
+    got = _product(xq, gx, gw)
+    assert float((got.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # weights quantized per tensor are not on each row's own grid: the float product is used
+    wt = qw.spec.fake_quant(w, w.abs().max())
+    wt[0] *= 0.3  # one row far below the tensor's amax
+    assert _on_int8_grid(wt, qw).codes is None
+    torch.testing.assert_close(_product(xq, gx, _Grid(wt)), xq @ wt.t())
+    # formats that are not signed int8 keep float values
+    assert _on_int8_grid(xq, TensorQuantizer({"num_bits": (4, 3), "axis": None}), amax).codes is None
+    assert _on_int8_grid(xq, TensorQuantizer({"num_bits": 8, "axis": None, "unsigned": True}), amax).codes is None
