@@ -236,13 +236,38 @@ def test_algorithms_run_on_models_with_experts(preset):
     assert cosine(logits(m), logits(tiny_mixtral())) > 0.98
 
 
-def test_onnx_export_of_grouped_experts_is_refused_by_name(tmp_path):
-    m = quantized()
-    with pytest.raises(ExportError, match=r"node 'grouped_mm_fallback' in module 'model.layers.0.mlp.experts' calls "
-                                          r"transformers::grouped_mm_fallback, which has no ONNX translation .*"
-                                          r"experts_implementation='batched_mm'"):
-        qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs=BATCHES[0])
-    assert os.listdir(tmp_path) == []
+@pytest.mark.parametrize("preset", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_AWQ_CFG"])
+def test_grouped_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, preset):
+    """The default grouped matmul (transformers::grouped_mm_fallback on the CPU) exports as one
+    MatMul per expert over a Slice of its sorted rows; ONNX Runtime gives the fake-quant logits. An
+    int8 activation is sliced as codes, so each expert's MatMul reads its own DequantizeLinear."""
+    import onnx
+
+    from qpass.export.compare import compare, ort_session
+
+    m = tiny_mixtral()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(m, copy.deepcopy(getattr(qpass, preset)), loop)
+        path = qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs={"input_ids": BATCHES[1]})
+    onnx.checker.check_model(path, full_check=True)
+    graph = onnx.load(path).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    def reads_rows(mm):  # its activation: a Slice of the sorted rows, or the DequantizeLinear of one
+        a = producer.get(mm.input[0])
+        if a is not None and a.op_type == "DequantizeLinear":
+            a = producer.get(a.input[0])
+        return a is not None and a.op_type == "Slice"
+
+    # per layer two grouped matmuls (gate_up, down), one MatMul per expert each
+    expert_mms = [n for n in graph.node if n.op_type == "MatMul" and reads_rows(n)]
+    assert len(expert_mms) == 2 * 2 * EXPERTS
+    if preset == "INT8_DEFAULT_CFG":
+        for mm in expert_mms:
+            act = producer[mm.input[0]]
+            assert act.op_type == "DequantizeLinear" and producer[act.input[0]].op_type == "Slice"
+    report = compare(m, path, {"input_ids": BATCHES[2]}, session=ort_session(path, threads=1))
+    assert report[0]["cosine"] >= 0.9999
 
 
 @pytest.mark.parametrize("preset,codes", [("INT8_DEFAULT_CFG", "INT8"), ("FP8_DEFAULT_CFG", "FLOAT8E4M3FN")])

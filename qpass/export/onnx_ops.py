@@ -12,6 +12,8 @@ One table per (opset, target). Mapping:
 ``dequantize_nvfp4``            ``DequantizeLinear(DequantizeLinear(fp8 block scales, global),
                                 FLOAT4E2M1 codes, axis=-1, block_size)`` (opset 23)
 ``fake_quant`` (NVFP4 dynamic)  standard-op decomposition, see :func:`_nvfp4_dynamic`
+grouped expert matmul           per expert ``Slice`` of its rows, ``MatMul``, one ``Concat``
+                                (:func:`grouped_mm_translations`)
 ==============================  ==============================================================
 
 The translation functions see graph values, not tensor contents (the exporter attaches
@@ -105,6 +107,7 @@ def make_table(opset: int, target: str) -> dict:
         raise NotImplementedError(f"no ONNX form for fake_quant {attrs}")
 
     table = {
+        **grouped_mm_translations(op),
         OPS["quantize_per_tensor"]: quantize_per_tensor,
         OPS["dequantize_per_tensor"]: dequantize_per_tensor,
         OPS["dequantize_per_channel"]: dequantize_per_channel,
@@ -148,3 +151,78 @@ def _nvfp4_dynamic(op, x, amax, block: int):
     r = op.Where(op.Less(a, f32(2.0)), low, op.Where(op.Less(a, f32(4.0)), op.Round(a), high))
     y = op.Where(zero, f32(0.0), op.Mul(op.Mul(op.Sign(v), r), d))
     return op.Reshape(y, shape)
+
+
+def grouped_mm_translations(op) -> dict:
+    """The grouped matmul of fused MoE experts: transformers' ``grouped_mm_fallback`` (its CPU and
+    float32 path) and ``aten._grouped_mm``. ``x [M, K]`` holds the tokens sorted by expert, ``w [E,
+    K, N]`` the experts' weights and ``offs [E]`` each expert's end row; row ``r`` of the result is
+    ``x[r] @ w[e]`` for the expert ``e`` whose rows hold ``r``.
+
+    ONNX has no such op, and the expert count is static, so each expert's rows are a ``Slice``
+    between two of the (dynamic) ends, multiplied by that expert's weight, and the products are
+    concatenated in order. The weights and the ends are cut with one ``Split`` each: a quantized
+    model's expert weights reach it as one dequantized ``[E, K, N]`` tensor, which TensorRT and
+    ONNX Runtime then read expert by expert. Nothing ``[M, K, N]``-sized is materialized, as a
+    per-token weight gather (``experts_implementation="batched_mm"``) does."""
+    import torch
+
+    def grouped_mm(x, w, offs, bias=None, out_dtype=None):
+        experts = w.shape[0] if w.shape is not None else None
+        if not isinstance(experts, int):
+            raise NotImplementedError("grouped matmul: the expert count (weight dim 0) must be static")
+        ones = op.Constant(value=ir.tensor(np.ones(experts, dtype=np.int64)))
+        axis0 = op.Constant(value=ir.tensor(np.array([0], dtype=np.int64)))
+        ends = op.Cast(offs, to=int(ir.DataType.INT64))
+        def split(v):
+            if op.version >= 18:
+                return op.Split(v, axis=0, num_outputs=experts)
+            return op.Split(v, ones, axis=0)  # the outputs counted from the sizes
+
+        if experts > 1:
+            ends, weights = split(ends), split(w)
+            biases = split(bias) if bias is not None else None
+        else:
+            ends, weights, biases = [ends], [w], [bias] if bias is not None else None
+        rows = _dequantized_rows(op, x, axis0)
+        start = axis0
+        outs = []
+        for e in range(experts):
+            y = op.MatMul(rows(start, ends[e]), op.Squeeze(weights[e], axis0))
+            if biases is not None:
+                y = op.Add(y, op.Squeeze(biases[e], axis0))
+            outs.append(y)
+            start = ends[e]
+        y = op.Concat(*outs, axis=0) if experts > 1 else outs[0]
+        if out_dtype is not None:  # a torch dtype, or the ONNX dtype the exporter already made of it
+            if isinstance(out_dtype, torch.dtype):
+                from torch.onnx._internal.exporter._core import torch_dtype_to_onnx_dtype
+
+                out_dtype = torch_dtype_to_onnx_dtype(out_dtype)
+            y = op.Cast(y, to=int(out_dtype))
+        return y
+
+    table = {}
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    for packet in (fallback, getattr(torch.ops.aten, "_grouped_mm", None)):
+        overload = getattr(packet, "default", None) if packet is not None else None
+        if overload is not None:
+            table[overload] = grouped_mm
+    return table
+
+
+def _dequantized_rows(op, x, axis0):
+    """``rows(start, end)``: rows ``start:end`` of ``x``. Where ``x`` is a per-tensor int8/uint8
+    ``DequantizeLinear``'s output, the codes are sliced and each slice dequantized, so every expert's
+    MatMul reads a DequantizeLinear directly (the form TensorRT and ONNX Runtime fuse; ONNX
+    Runtime's Q/DQ propagation also fails to load an int8 ``DequantizeLinear -> Slice``). FP8 codes
+    stay as they are: ONNX's Slice has no float8 type."""
+    dq = x.producer()
+    if (dq is not None and dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx")
+            and dq.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8)  # ONNX's Slice takes no float8
+            and len(dq.inputs) > 1 and dq.inputs[1] is not None and dq.inputs[1].shape is not None
+            and dq.inputs[1].shape.rank() == 0  # one scale: per tensor (axis then means nothing)
+            and not getattr(dq.attributes.get("block_size"), "value", 0)):
+        codes, params = dq.inputs[0], list(dq.inputs[1:])
+        return lambda start, end: op.DequantizeLinear(op.Slice(codes, start, end, axis0), *params)
+    return lambda start, end: op.Slice(x, start, end, axis0)

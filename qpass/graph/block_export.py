@@ -44,7 +44,8 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from qpass.graph.trace import (
-    GUARDS_FN, GUARDS_META, TracedGraph, TracedGraphModule, _static_dims, export_graph, fetch_attr, original_class,
+    GUARDS_FN, GUARDS_META, TracedGraph, TracedGraphModule, muted_meta_errors, _static_dims, export_graph, fetch_attr,
+    original_class,
 )
 from qpass.passes.causal_mask import SYMBOLS_META, recover_causal_masks
 
@@ -206,7 +207,7 @@ def _fake_outputs(block: nn.Module, args: tuple, kwargs: dict):
     if not all(isinstance(x, _IMMUTABLE) for x in pytree.tree_leaves((args, kwargs))):
         return None
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with muted_meta_errors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             a, kw = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (tuple(args), dict(kwargs)))
             return block(*a, **kw)
     except Exception as e:  # noqa: BLE001 - the block then runs for real

@@ -199,7 +199,7 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
     tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
     watcher = _ModuleStack(model)
     try:
-        with original_class(model, original_cls), watcher.watching(), _lean_tracing():
+        with original_class(model, original_cls), watcher.watching(), _lean_tracing(), muted_meta_errors():
             ep = torch.export.export(
                 _FlatCall(model, original_cls, spec, leaves), tensors,
                 dynamic_shapes=(tuple(_dim_spec(t, dynamic_dims if isinstance(dynamic_dims, int) else dynamic_dims[i])
@@ -231,6 +231,25 @@ def fetch_attr(root, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@contextlib.contextmanager
+def muted_meta_errors():
+    """Silence fake tensors' ERROR log of an op whose meta function raised, for one export.
+
+    The exception itself still propagates: the model's code may catch it (transformers probes
+    ``torch._grouped_mm`` on float32 MoE experts and falls back to its own op, which left a
+    traceback in the log of every quantize of such a model), and otherwise it ends the export with
+    a :class:`TraceError` that names the module and the cause."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
