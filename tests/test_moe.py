@@ -236,23 +236,29 @@ def test_algorithms_run_on_models_with_experts(preset):
     assert cosine(logits(m), logits(tiny_mixtral())) > 0.98
 
 
-@pytest.mark.parametrize("preset", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_AWQ_CFG"])
-def test_grouped_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, preset):
-    """The default grouped matmul (transformers::grouped_mm_fallback on the CPU) exports as one
-    MatMul per expert over a Slice of its sorted rows; ONNX Runtime gives the fake-quant logits. An
-    int8 activation is sliced as codes, so each expert's MatMul reads its own DequantizeLinear."""
+def _exported(tmp_path, preset: str, **kw):
+    """A tiny Mixtral quantized with ``preset`` and exported to ONNX: (model, path, checked graph)."""
     import onnx
 
-    from qpass.export.compare import compare, ort_session
-
-    m = tiny_mixtral()
+    m = tiny_mixtral(**kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qpass.quantize(m, copy.deepcopy(getattr(qpass, preset)), loop)
         path = qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs={"input_ids": BATCHES[1]})
     onnx.checker.check_model(path, full_check=True)
-    graph = onnx.load(path).graph
+    return m, path, onnx.load(path).graph
+
+
+@pytest.mark.parametrize("preset", ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_AWQ_CFG"])
+def test_grouped_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, preset):
+    """The default grouped matmul (transformers::grouped_mm_fallback on the CPU) exports as one
+    MatMul per expert over a Slice of its sorted rows; ONNX Runtime gives the fake-quant logits. An
+    int8 activation is sliced as codes, so each expert's MatMul reads its own DequantizeLinear."""
+    from qpass.export.compare import compare, ort_session
+
+    m, path, graph = _exported(tmp_path, preset)
     producer = {out: n for n in graph.node for out in n.output}
+
     def reads_rows(mm):  # its activation: a Slice of the sorted rows, or the DequantizeLinear of one
         a = producer.get(mm.input[0])
         if a is not None and a.op_type == "DequantizeLinear":
@@ -279,13 +285,7 @@ def test_batched_experts_export_to_onnx_and_match_in_onnxruntime(tmp_path, prese
 
     from qpass.export.compare import compare, ort_session
 
-    m = tiny_mixtral(experts_implementation="batched_mm")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qpass.quantize(m, copy.deepcopy(getattr(qpass, preset)), loop)
-        path = qpass.export_onnx(m, str(tmp_path / "moe.onnx"), example_inputs={"input_ids": BATCHES[1]})
-    onnx.checker.check_model(path, full_check=True)
-    graph = onnx.load(path).graph
+    m, path, graph = _exported(tmp_path, preset, experts_implementation="batched_mm")
     stored = {i.name: (onnx.TensorProto.DataType.Name(i.data_type), tuple(i.dims)) for i in graph.initializer}
     assert stored["model.layers.0.mlp.experts.gate_up_proj_weight_quantizers.codes"] == (codes, (EXPERTS, 256, 64))
     assert stored["model.layers.1.mlp.experts.down_proj_weight_quantizers.codes"] == (codes, (EXPERTS, 64, 128))
