@@ -378,9 +378,10 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
             wqs[alpha] = []
             for i, (m, wr) in enumerate(zip(mods, w_rows)):
                 wq = fake_quant_weight(m.weight_quantizer, wr * s).float()
-                # whether a member's weights lie on an int8 grid is checked on its first alpha
-                grid = _on_int8_grid(wq, m.weight_quantizer, check=on_grid[i] is None) if on_grid[i] is not False \
-                    else _Grid(wq)
+                if on_grid[i] is False:
+                    grid = _Grid(wq)
+                else:  # whether a member's weights lie on an int8 grid is checked on its first alpha
+                    grid = _on_int8_grid(wq, m.weight_quantizer, check=on_grid[i] is None)
                 on_grid[i] = grid.codes is not None
                 wqs[alpha].append(grid)
         xs = xa / s
@@ -391,8 +392,9 @@ def search_alpha_clip(model, unit: list[str], stats, scale_fn, alphas, clips=CLI
             key = (q.is_enabled, q.spec)
             if key not in quantized:
                 xq = input_fake_quant(q, xs, base * r)
-                quantized[key] = (xq, _on_int8_grid(xq, q, base * r, check=False) if fmt is not None
-                                  and wq.codes is not None else _Grid(xq))
+                # codes only for a static int8 input (``fmt``) whose weights have codes too
+                codes = fmt is not None and wq.codes is not None
+                quantized[key] = (xq, _on_int8_grid(xq, q, base * r, check=False) if codes else _Grid(xq))
             outs.append(_product(*quantized[key], wq))
         per_token = float(((torch.cat(outs, -1) - ref).pow(2) * row_weight).sum(-1).mean())
         unseen_err = _unseen_errors(unseen, s, [float(base) * r], col, total)[0]

@@ -7,11 +7,11 @@ forward: once with the router's ``top_k`` raised to ``max(top_k, round(num_exper
 only for the quantizers' statistics, and once as the model runs, whose output the next layer
 sees. qpass does the same on the graph, for the calibration pass only:
 
-- The calibration pass runs a copy of the traced graph (:mod:`qpass.calib.pass_graph`) in which each MoE block's input goes
-  through :func:`moe_side_pass` first. That op runs the block's own graph traced with the raised
-  ``top_k`` (exported once per block and input structure, with the block's existing quantizers
-  placed by the usual insertion pass), and returns its input unchanged. The block then runs as
-  traced, with its own ``top_k``.
+- The calibration pass runs a copy of the traced graph (:mod:`qpass.calib.pass_graph`) in which
+  each MoE block's input goes through :func:`moe_side_pass` first. That op runs the block's own
+  graph traced with the raised ``top_k`` (exported once per block and input structure, with the
+  block's existing quantizers placed by the usual insertion pass), and returns its input
+  unchanged. The block then runs as traced, with its own ``top_k``.
 - ``top_k`` is baked into a traced graph in many places (the ``topk`` itself, the token index
   ``flat // top_k``, the shapes of the combine step), so the side graph is a fresh trace, not an
   edit of the model's graph.
