@@ -206,11 +206,13 @@ def _may_enable_traced_slots(state: QpassState) -> bool:
 
 
 def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | None,
-                  sync_expert_weight_amax: bool = False, distributed_sync: bool = True) -> None:
+                  sync_expert_weight_amax: bool = False, distributed_sync: bool = True,
+                  global_groups: list[list[str]] | None = None) -> None:
     """Max calibration. As ModelOpt 0.47's: a sequential MoE block's experts then share their input
     amax (and with ``sync_expert_weight_amax``, their weight amax) unless ``moe_calib_experts_ratio``
     is set (:mod:`qpass.calib.moe_sync`); ``distributed_sync=False`` keeps each data-parallel rank's
-    own statistics."""
+    own statistics; ``global_groups``: the modules whose static NVFP4 weights share one global amax
+    (None: the graph's shared-input groups)."""
     from qpass.calib.moe_sync import sync_local_experts
     from qpass.calib.nvfp4_static import set_global_amax
 
@@ -218,7 +220,16 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
         if q.is_enabled:
             q.check_supported()
             q.spec  # noqa: B018 - validates the format before any work
-    calibrate_weights(model, state.groups)  # static NVFP4 global amaxes: groups known once traced
+    def weight_groups():  # static NVFP4 global amaxes; the graph's groups are known once it is traced
+        if global_groups is not None:
+            return global_groups
+        if state.graphs:
+            return state.groups
+        from qpass.calib.nvfp4_static import name_groups
+
+        return name_groups(model)  # not traced (yet): ModelOpt's default name groups
+
+    calibrate_weights(model, weight_groups())
     sync_experts = state.__dict__.get("moe_ratio") is None
     sync = (lambda: sync_local_experts(model, sync_expert_weight_amax)) if sync_experts else None  # noqa: E731
     needs_data = activation_quantizers(model)
@@ -240,4 +251,4 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
     collect_activations(model, state, forward_loop, reduce=distributed_sync)
     load_activation_amax(model, state, fill=sync)
     share_group_amax(model, state.groups)
-    set_global_amax(model, state.groups)  # again: the forward may have traced the groups
+    set_global_amax(model, weight_groups())  # again: the forward may have traced the groups

@@ -16,13 +16,21 @@ block scale is then exactly an E4M3 value.
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import torch
 
 from qpass.calib.max_calibrate import weight_quantizer_owners
 from qpass.formats import dynamic
 from qpass.graph.quantized_model import iter_tensor_quantizers
 
-__all__ = ["fp8_scale_candidates", "set_global_amax", "static_nvfp4_weights", "sweep_fp8_scales"]
+__all__ = ["fp8_scale_candidates", "name_groups", "pattern_groups", "set_global_amax", "static_nvfp4_weights",
+           "sweep_fp8_scales"]
+
+#: modules that share a global amax by name, per parent module (ModelOpt 0.47's default grouping):
+#: the groups of a model whose graph is not traced yet (a weight-only config runs no forward)
+NAME_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 def static_nvfp4_weights(model):
@@ -88,3 +96,31 @@ def sweep_fp8_scales(tq, weight: torch.Tensor, error_fn=None) -> torch.Tensor:
             best_loss = torch.where(better, loss, best_loss)
             best = torch.where(better, amax, best)
     return best.reshape(tq.amax.shape)
+
+
+def name_groups(model) -> list[list[str]]:
+    """:data:`NAME_GROUPS`: sibling modules with those names and enabled weight quantizers."""
+    return pattern_groups(model, [re.compile(rf"(?:(.*)\.)?(?:{'|'.join(roles)})") for roles in NAME_GROUPS])
+
+
+def pattern_groups(model, compiled: list, where: str | None = None) -> list[list[str]]:
+    """Modules with an enabled weight quantizer grouped by regex: each module joins its first
+    pattern that matches its whole name, keyed by that pattern and the captured groups; groups of
+    two or more. ``where``: warn, naming it, of a pattern that matches no such module."""
+    buckets: dict[tuple, list[str]] = {}
+    matched = set()
+    for name, module in model.named_modules():
+        q = module._modules.get("weight_quantizer")
+        if q is None or not any(tq.is_enabled for tq in iter_tensor_quantizers(q)):
+            continue
+        for i, regex in enumerate(compiled):
+            m = regex.fullmatch(name)
+            if m is not None:
+                buckets.setdefault((i, m.groups()), []).append(name)
+                matched.add(i)
+                break
+    for i, regex in enumerate(compiled):
+        if where is not None and i not in matched:
+            warnings.warn(f"{where}['weight_global_amax'] pattern {regex.pattern!r} matches no module with an "
+                          "enabled weight quantizer", stacklevel=4)
+    return [names for names in buckets.values() if len(names) >= 2]

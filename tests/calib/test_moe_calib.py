@@ -223,7 +223,8 @@ def test_an_expert_the_router_never_picks_takes_its_siblings_amax():
     ({"sync_expert_weight_amax": 1}, "sync_expert_weight_amax must be True or False"),
     ({"distributed_sync": "yes"}, "distributed_sync must be True or False"),
     ({"skip_forward_without_activation_calib": None}, "skip_forward_without_activation_calib must be True or False"),
-    ({"shared_states": {"weight_global_amax": {"patterns": []}}}, "shared_states=.* is not implemented yet"),
+    ({"shared_states": {"weight_global_amax": {"patterns": ["("]}}}, r"has an invalid regex '\('"),
+    ({"shared_states": {"input_amax": {}}}, r"unknown state\(s\) \['input_amax'\]; expected keys from \['weight_global_amax'\]"),
 ])
 def test_max_options_are_checked(options, match):
     m = _model()

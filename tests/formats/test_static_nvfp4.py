@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ import qpass
 from qpass.calib.nvfp4_static import fp8_scale_candidates
 from qpass.errors import QuantConfigError
 from qpass.formats.spec import QuantSpec
+
+from conftest import has_package
 
 STATIC = {-1: 16, "type": "static", "scale_bits": (4, 3)}
 DYNAMIC = {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
@@ -256,3 +259,72 @@ def test_local_hessian_multiplier_search_lowers_the_hessian_loss():
     want = x @ w.t()
     assert not torch.equal(model.proj.weight_quantizer.amax, plain.proj.weight_quantizer.amax)
     assert float((out(model) - want).pow(2).sum()) < float((out(plain) - want).pow(2).sum())
+
+
+def _global_amaxes(model):
+    return {n: float(model.get_submodule(n).weight_quantizer.global_amax) for n in ("q_proj", "k_proj", "o_proj")}
+
+
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_shared_states_patterns_choose_the_global_amax_groups(method):
+    """ModelOpt 0.47's ``shared_states={"weight_global_amax": {"patterns": [...]}}``: full-match
+    regexes over module names, one group per pattern and captured groups; an empty list shares
+    nothing; without patterns the graph's shared-input groups (q/k here) share."""
+    base, data = _model()
+    own = {n: float(base.get_submodule(n).weight.detach().abs().max()) for n in ("q_proj", "k_proj", "o_proj")}
+
+    def run(shared_states):
+        model = copy.deepcopy(base)
+        cfg = copy.deepcopy(qpass.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG)
+        cfg["algorithm"] = {"method": method, "shared_states": shared_states}
+        qpass.quantize(model, cfg, _loop(data))
+        return _global_amaxes(model)
+
+    default = run({"weight_global_amax": {}})
+    assert default == run(None) and default["q_proj"] == default["k_proj"] == max(own["q_proj"], own["k_proj"])
+    assert default["o_proj"] == own["o_proj"]
+    assert run({"weight_global_amax": {"patterns": []}}) == own
+    paired = run({"weight_global_amax": {"patterns": [r"(?:(.*)\.)?(?:q_proj|o_proj)"]}})
+    assert paired["q_proj"] == paired["o_proj"] == max(own["q_proj"], own["o_proj"]) and paired["k_proj"] == own["k_proj"]
+    with pytest.warns(UserWarning, match=r"pattern '\(\.\*\)\\\\\.gate_proj' matches no module"):
+        assert run({"weight_global_amax": {"patterns": [r"(.*)\.gate_proj"]}}) == own
+
+
+@pytest.mark.parametrize("shared_states,match", [
+    ({"weight_global_amax": {"patterns": ["q_proj("]}}, r"shared_states\['weight_global_amax'\]\['patterns'\] has an invalid "
+                                                         r"regex 'q_proj\('"),
+    ({"weight_global_amax": {"patterns": "q_proj"}}, r"must be a list of regex strings"),
+    ({"weight_global_amax": {"pattern": []}}, r"must be a dict with the field 'patterns' only"),
+    ({"global_amax": {}}, r"unknown state\(s\) \['global_amax'\]"),
+])
+def test_bad_shared_states_name_the_key_and_leave_the_model(shared_states, match):
+    model, data = _model()
+    ref = model(data[0])
+    cfg = copy.deepcopy(qpass.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG)
+    cfg["algorithm"] = {"method": "max", "shared_states": shared_states}
+    with pytest.raises(QuantConfigError, match=match):
+        qpass.quantize(model, cfg, _loop(data))
+    assert torch.equal(model(data[0]), ref)
+
+
+@pytest.mark.skipif(not has_package("modelopt"), reason="nvidia-modelopt not installed")
+@pytest.mark.parametrize("shared_states", [None, {"weight_global_amax": {"patterns": []}},
+                                           {"weight_global_amax": {"patterns": [r"(?:(.*)\.)?(?:q_proj|o_proj)"]}}])
+def test_shared_states_global_amax_equal_modelopts(shared_states):
+    """Static NVFP4 weights (activations off, so ModelOpt runs on the CPU): the same global amax
+    as ModelOpt 0.47 for the default grouping, none, and a pattern of one's own."""
+    import modelopt.torch.quantization as mtq
+
+    base, data = _model()
+    got = {}
+    for lib, module in (("qpass", qpass), ("modelopt", mtq)):
+        model = copy.deepcopy(base)
+        cfg = copy.deepcopy(module.NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG)
+        cfg["quant_cfg"].append({"quantizer_name": "*input_quantizer", "enable": False})
+        cfg["algorithm"] = {"method": "max", "shared_states": shared_states}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module.quantize(model, cfg, _loop(data))
+        got[lib] = {n: model.get_submodule(n).weight_quantizer.global_amax.float() for n in ("q_proj", "k_proj", "o_proj")}
+    for n in got["qpass"]:
+        assert torch.equal(got["qpass"][n], got["modelopt"][n]), n
