@@ -148,8 +148,11 @@ def with_cpu_linears(gm: fx.GraphModule) -> fx.GraphModule:
 
 @contextlib.contextmanager
 def statistics_kernels(model: nn.Module, state):
-    """While a capture pass runs: its linears run through :func:`cpu_linear` (where available)."""
-    if not available() or state.__dict__.get("statistics_kernels"):
+    """While a capture pass runs: its linears run through :func:`cpu_linear` (where available, and
+    for a model whose weights are on the CPU: a GPU model would only pay for the graph copies)."""
+    weight = next(model.parameters(), None)
+    on_cpu = weight is not None and weight.device.type == "cpu"
+    if not on_cpu or not available() or state.__dict__.get("statistics_kernels"):
         yield
         return
     state.statistics_kernels = True
