@@ -37,7 +37,8 @@ from qpass.algorithms.smoothing import (
 from qpass.calib.compute_device import on_compute_device
 from qpass.calib.hessian import HessianCapture
 from qpass.calib.max_calibrate import (
-    calibrate_weights, collect_activations, load_activation_amax, share_group_amax, weight_quantizer_owners,
+    calibrate_weights, collect_activations, global_amax_groups, load_activation_amax, share_group_amax,
+    weight_quantizer_owners,
 )
 from qpass.config.algorithms import check_gptq_options
 from qpass.errors import CalibrationError, QuantConfigError
@@ -254,7 +255,7 @@ def gptq(model, state, forward_loop, perc_damp=0.01, block_size=128, fused=False
                                "layerwise": layerwise, "act_order": act_order})
     require_forward_loop("gptq", forward_loop)
     validate_quantizers(model)
-    calibrate_weights(model, state.groups)
+    calibrate_weights(model, global_amax_groups(model, state))
     modules = gptq_modules(model)
     for path, module in modules.items():
         column_grid(path, module, opts["block_size"])  # every format problem before any work

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from qpass.algorithms import register_algorithm
-from qpass.algorithms.max import global_amax_groups
+from qpass.algorithms.max import shared_global_amax_groups
 from qpass.algorithms.mse import mse_candidates, mse_search_amax
 from qpass.algorithms.smoothing import require_forward_loop
 from qpass.calib.capture import ActivationCapture
@@ -135,7 +135,7 @@ def local_hessian(model, state, forward_loop, step_size=0.1, start_multiplier=0.
     debug = False if debug is None else debug
     candidates = mse_candidates(step_size, start_multiplier, stop_multiplier)  # validates first
     _check_options(block_size, fp8_scale_sweep, distributed_sync, debug)
-    global_groups = global_amax_groups("local_hessian", model, shared_states)
+    global_groups = shared_global_amax_groups("local_hessian", model, shared_states)
     require_forward_loop("local_hessian", forward_loop)
     max_calibrate(model, state, forward_loop, distributed_sync=distributed_sync, global_groups=global_groups)
     modules = {p: m for p, m, _ in weight_quantizer_owners(model) if isinstance(m._modules.get("input_quantizer"), TensorQuantizer)}

@@ -16,25 +16,25 @@ def max_algorithm(model, state, forward_loop, distributed_sync=True, sync_expert
                   skip_forward_without_activation_calib=False, shared_states=None):
     """ModelOpt 0.47's max options. ``skip_forward_without_activation_calib``: qpass never runs
     forward_loop when no enabled quantizer needs activation statistics, so both values give the
-    same amax. ``shared_states``: see :func:`global_amax_groups`."""
+    same amax. ``shared_states``: see :func:`shared_global_amax_groups`."""
     for name, value in (("distributed_sync", distributed_sync), ("sync_expert_weight_amax", sync_expert_weight_amax),
                         ("skip_forward_without_activation_calib", skip_forward_without_activation_calib)):
         if not isinstance(value, bool):
             raise QuantConfigError(f"algorithm 'max': {name} must be True or False, got {value!r}")
+    groups = shared_global_amax_groups("max", model, shared_states)
     max_calibrate(model, state, forward_loop, sync_expert_weight_amax=sync_expert_weight_amax,
-                  distributed_sync=distributed_sync, global_groups=global_amax_groups("max", model, shared_states))
+                  distributed_sync=distributed_sync, global_groups=groups)
 
 
-def global_amax_groups(method: str, model, shared_states) -> list[list[str]] | None:
+def shared_global_amax_groups(method: str, model, shared_states) -> list[list[str]] | None:
     """The modules whose static NVFP4 weights share one global amax, from ModelOpt 0.47's
     ``shared_states={"weight_global_amax": {"patterns": [...]}}`` (max, mse, local_hessian).
 
-    None (the option left out, or the state without ``patterns``): the shared-input groups the
-    graph shows (q/k/v, gate/up), the groups ModelOpt's default name patterns find on standard
-    models; before any graph is traced (a weight-only config runs no forward), those name groups
-    themselves (:func:`qpass.calib.nvfp4_static.name_groups`). Otherwise each pattern is a regex matched in full against the name of every module
-    with an enabled weight quantizer; modules whose match gives the same pattern and captured
-    groups form one group (each module in its first matching pattern), as ModelOpt groups them:
+    None (the option left out, or the state without ``patterns``): the default groups
+    (:func:`qpass.calib.max_calibrate.global_amax_groups`). Otherwise each pattern is a regex matched
+    in full against the name of every module with an enabled weight quantizer; modules whose match
+    gives the same pattern and captured groups form one group (each module in its first matching
+    pattern), as ModelOpt groups them:
     ``r"(.*)\\.(?:q_proj|k_proj)"`` puts the q and k projections of each attention block together.
     An empty list shares nothing. Checked before any work."""
     if shared_states is None:

@@ -28,7 +28,7 @@ import math
 import torch
 
 from qpass.algorithms import register_algorithm
-from qpass.algorithms.max import global_amax_groups
+from qpass.algorithms.max import shared_global_amax_groups
 from qpass.calib.max_calibrate import max_calibrate, weight_quantizer_owners
 from qpass.errors import QuantConfigError
 from qpass.calib.nvfp4_static import static_nvfp4_weights, sweep_fp8_scales
@@ -109,7 +109,7 @@ def mse_algorithm(
     distributed_sync = True if distributed_sync is None else distributed_sync
     if not isinstance(distributed_sync, bool):
         raise QuantConfigError(f"algorithm 'mse': distributed_sync must be True or False, got {distributed_sync!r}")
-    global_groups = global_amax_groups("mse", model, shared_states)
+    global_groups = shared_global_amax_groups("mse", model, shared_states)
     max_calibrate(model, state, forward_loop, distributed_sync=distributed_sync, global_groups=global_groups)
     if fp8_scale_sweep:  # ModelOpt: only static NVFP4 weights are swept; others keep their max amax
         for module, tq in static_nvfp4_weights(model):

@@ -26,7 +26,7 @@ from qpass.calib.capture import ActivationCapture, InputStats
 from qpass.calib.max import MaxCalibrator
 from qpass.calib.pass_graph import statistics_kernels
 from qpass.calib.max_calibrate import (
-    calibrate_weights, collect_activations, load_activation_amax, named_tensor_quantizers,
+    calibrate_weights, collect_activations, global_amax_groups, load_activation_amax, named_tensor_quantizers,
     share_group_amax, weight_quantizer_owners,
 )
 from qpass.errors import CalibrationError, QuantConfigError
@@ -410,7 +410,7 @@ def finish(model: nn.Module, state: QpassState, forward_loop: Callable, applied:
     if second_pass:
         collect_activations(model, state, forward_loop)
         load_activation_amax(model, state)
-    calibrate_weights(model, state.groups)
+    calibrate_weights(model, global_amax_groups(model, state))
     for q, amax in (keep_weight_amax or {}).items():
         q.amax = amax
     share_group_amax(model, state.groups)

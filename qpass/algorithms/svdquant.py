@@ -34,7 +34,9 @@ from qpass.algorithms.awq import awq_run
 from qpass.algorithms.fold import untie_weight
 from qpass.algorithms.gptq import check_gptq_flag
 from qpass.algorithms.smoothing import check_common_options, graphs_of, require_forward_loop, validate_quantizers
-from qpass.calib.max_calibrate import calibrate_weights, collect_activations, load_activation_amax, share_group_amax
+from qpass.calib.max_calibrate import (
+    calibrate_weights, collect_activations, global_amax_groups, load_activation_amax, share_group_amax,
+)
 from qpass.errors import QuantConfigError
 from qpass.nn.tensor_quantizer import TensorQuantizer
 from qpass.passes.lora_branch import set_lora, sync_lora_branches
@@ -83,7 +85,7 @@ def _split_low_rank(model, state, skipped: set, lowrank: int, changes) -> None:
             module.weight.sub_(b @ a)
             set_lora(q, (a, b))
     sync_lora_branches(state)
-    calibrate_weights(model, state.groups)
+    calibrate_weights(model, global_amax_groups(model, state))
 
 
 @register_algorithm("svdquant")

@@ -205,6 +205,19 @@ def _may_enable_traced_slots(state: QpassState) -> bool:
     return False
 
 
+def global_amax_groups(model: nn.Module, state: QpassState,
+                       chosen: list[list[str]] | None = None) -> list[list[str]]:
+    """The modules whose static NVFP4 weights share one global amax: ``chosen`` (``shared_states``
+    patterns), else the graph's shared-input groups, else, before any graph is traced (a
+    weight-only config runs no forward), ModelOpt's default name groups
+    (:func:`qpass.calib.nvfp4_static.name_groups`)."""
+    from qpass.calib.nvfp4_static import name_groups
+
+    if chosen is not None:
+        return chosen
+    return state.groups if state.graphs else name_groups(model)
+
+
 def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | None,
                   sync_expert_weight_amax: bool = False, distributed_sync: bool = True,
                   global_groups: list[list[str]] | None = None) -> None:
@@ -212,7 +225,7 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
     amax (and with ``sync_expert_weight_amax``, their weight amax) unless ``moe_calib_experts_ratio``
     is set (:mod:`qpass.calib.moe_sync`); ``distributed_sync=False`` keeps each data-parallel rank's
     own statistics; ``global_groups``: the modules whose static NVFP4 weights share one global amax
-    (None: the graph's shared-input groups)."""
+    (None: :func:`global_amax_groups`)."""
     from qpass.calib.moe_sync import sync_local_experts
     from qpass.calib.nvfp4_static import set_global_amax
 
@@ -220,16 +233,7 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
         if q.is_enabled:
             q.check_supported()
             q.spec  # noqa: B018 - validates the format before any work
-    def weight_groups():  # static NVFP4 global amaxes; the graph's groups are known once it is traced
-        if global_groups is not None:
-            return global_groups
-        if state.graphs:
-            return state.groups
-        from qpass.calib.nvfp4_static import name_groups
-
-        return name_groups(model)  # not traced (yet): ModelOpt's default name groups
-
-    calibrate_weights(model, weight_groups())
+    calibrate_weights(model, global_amax_groups(model, state, global_groups))
     sync_experts = state.__dict__.get("moe_ratio") is None
     sync = (lambda: sync_local_experts(model, sync_expert_weight_amax)) if sync_experts else None  # noqa: E731
     needs_data = activation_quantizers(model)
@@ -251,4 +255,4 @@ def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | 
     collect_activations(model, state, forward_loop, reduce=distributed_sync)
     load_activation_amax(model, state, fill=sync)
     share_group_amax(model, state.groups)
-    set_global_amax(model, weight_groups())  # again: the forward may have traced the groups
+    set_global_amax(model, global_amax_groups(model, state, global_groups))  # the forward may have traced the graph
