@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.node import has_side_effect
 
-from qpass.calib.pass_graph import drop_variants
+from qpass.calib.pass_graph import copied_graph, drop_variants, variant_over
 from qpass.errors import CalibrationError, QuantConfigError
 
 OPTION = "moe_calib_experts_ratio"
@@ -76,8 +76,8 @@ def moe_blocks(model: nn.Module, ratio: float) -> dict[str, int]:
     out = {}
     for path, module in model.named_modules():
         found = router(module)
-        if found is not None and round(found[1] * ratio) > found[0].top_k:
-            out[path] = round(found[1] * ratio)
+        if found is not None and (k := round(found[1] * ratio)) > found[0].top_k:
+            out[path] = k
     return out
 
 
@@ -107,11 +107,7 @@ def release_side_passes(tokens: list) -> None:
 def with_side_passes(model, state, gm: fx.GraphModule, blocks: dict[str, int], tokens: list) -> fx.GraphModule:
     from qpass.passes.insert_quantizers import owner_path
 
-    graph = fx.Graph()
-    env: dict = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    graph._codegen = gm.graph._codegen
+    graph = copied_graph(gm)
     changed = False
     for path, k in blocks.items():
         inside = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")
@@ -138,10 +134,8 @@ def with_side_passes(model, state, gm: fx.GraphModule, blocks: dict[str, int], t
         changed = True
     if not changed:
         return gm
-    graph.lint()
-    variant = fx.GraphModule(gm, graph)
-    variant.meta.update(gm.meta)
-    return variant
+    graph.lint()  # nodes were inserted and rewired
+    return variant_over(gm, graph)
 
 
 def _within(owner: str, path: str) -> bool:

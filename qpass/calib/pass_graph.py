@@ -134,14 +134,25 @@ def with_cpu_linears(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` whose ``aten.linear`` calls run :func:`cpu_linear` (``gm`` itself if it has none)."""
     if not any(n.op == "call_function" and n.target is _LINEAR for n in gm.graph.nodes):
         return gm
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    graph._codegen = gm.graph._codegen
+    graph = copied_graph(gm)
     for n in graph.nodes:
         if n.op == "call_function" and n.target is _LINEAR:
             n.target = cpu_linear
-    variant = _LazyGraphModule(gm, graph)  # its code is generated only if something calls it directly
+    return variant_over(gm, graph)
+
+
+def copied_graph(gm: fx.GraphModule) -> fx.Graph:
+    """A copy of ``gm``'s graph, with its input/output handling, for a pass copy to edit."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen
+    return graph
+
+
+def variant_over(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running the edited copy ``graph`` over ``gm``'s modules and parameters; its code
+    is generated only if something calls it directly (a pass runs its execution graph)."""
+    variant = _LazyGraphModule(gm, graph)
     variant.meta.update(gm.meta)
     return variant
 
