@@ -171,12 +171,13 @@ def grouped_mm_translations(op) -> dict:
         experts = w.shape[0] if w.shape is not None else None
         if not isinstance(experts, int):
             raise NotImplementedError("grouped matmul: the expert count (weight dim 0) must be static")
-        ones = op.Constant(value=ir.tensor(np.ones(experts, dtype=np.int64)))
         axis0 = op.Constant(value=ir.tensor(np.array([0], dtype=np.int64)))
         ends = op.Cast(offs, to=int(ir.DataType.INT64))
+
         def split(v):
             if op.version >= 18:
                 return op.Split(v, axis=0, num_outputs=experts)
+            ones = op.Constant(value=ir.tensor(np.ones(experts, dtype=np.int64)))
             return op.Split(v, ones, axis=0)  # the outputs counted from the sizes
 
         if experts > 1:
