@@ -23,5 +23,6 @@ from qpass.nn.tensor_quantizer import SequentialQuantizer, TensorQuantizer
 __version__ = "0.1.0"
 from qpass.checkpoint import save, restore, restore_modelopt
 from qpass.export.onnx import export_onnx
+from qpass.graph.compile_fallback import graph_breaks
 from qpass.auto_quantize import AutoQuantizeSearcher, auto_quantize, auto_quantize_report, auto_quantize_resolve, auto_quantize_sweep
 from qpass.export import compile_backend as _compile_backend  # registers torch.compile(backend="qpass")

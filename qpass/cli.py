@@ -3,7 +3,8 @@
 ::
 
     qpass quantize --model {minilm,smollm2,<HF dir>,python:module.fn} --config <preset|file.json>
-                   [--algorithm NAME|JSON] [--rules default|modelopt] [--calib-text FILE]
+                   [--algorithm NAME|JSON] [--rules default|modelopt] [--capture auto|export]
+                   [--calib-text FILE]
                    [--calib-samples N] [--save out.qpass] [--export out.onnx]
     qpass summary <saved.qpass> [--json]
     qpass export <saved.qpass> out.onnx --model ...
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--algorithm", default=None,
                    help="override the config's algorithm: a name (max, smoothquant, awq_lite, ...) or JSON")
     q.add_argument("--rules", default="default", choices=["default", "modelopt"])
+    q.add_argument("--capture", default="auto", choices=["auto", "export"],
+                   help="auto: a model torch.export cannot trace whole is captured with torch.compile instead; "
+                        "export: that is an error")
     q.add_argument("--save", default=None, help="qpass checkpoint path (default out/<model>.qpass)")
     q.add_argument("--export", default=None, help="ONNX path (default out/<model>.onnx)")
     q.add_argument("--no-save", action="store_true", help="do not write a checkpoint")

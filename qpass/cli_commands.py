@@ -141,7 +141,8 @@ def cmd_quantize(args) -> int:
 
     t = time.perf_counter()
     with _warnings_as_lines(args.debug):
-        qpass.quantize(job.model, config, _forward_loop(job) if job.calib else None, rules=args.rules)
+        qpass.quantize(job.model, config, _forward_loop(job) if job.calib else None, rules=args.rules,
+                       capture=args.capture)
     times["quantize + calibrate"] = time.perf_counter() - t
     if not args.no_summary:
         qpass.print_quant_summary(job.model)

@@ -75,6 +75,10 @@ def _unquantize(model: nn.Module) -> None:
     if state is None:
         return
     remove_created(model, state)
+    if state.__dict__.get("fallback") is not None:
+        from qpass.graph.compile_fallback import remove_eager_hooks
+
+        remove_eager_hooks(model)
     model.__class__ = state.original_cls
     del model.__dict__[STATE_ATTR]
 
@@ -111,6 +115,7 @@ def quantize(
     *,
     rules: str = "default",
     example_inputs: Any = None,
+    capture: str = "auto",
 ) -> nn.Module:
     """Quantize and calibrate ``model`` in place; returns the same object.
 
@@ -119,18 +124,25 @@ def quantize(
     traced lazily from its first call. ``rules="modelopt"`` adds ModelOpt's
     input-only quantizers (LayerNorm, pooling, ...) for exact name parity.
     ``example_inputs`` (a tensor, tuple of args, or dict of kwargs) traces eagerly.
+    ``capture="auto"``: where torch.export cannot trace the model whole, capture it with
+    torch.compile (graph breaks) instead, quantizing its Linear/Conv/ConvTranspose ops, and warn
+    with the break reasons (:mod:`qpass.graph.compile_fallback`); ``capture="export"``: that is an
+    error (:class:`qpass.errors.TraceError`) naming the failing module.
     On any error the model is left exactly as it was.
     """
     from qpass.config import normalize_config
 
     config_rules, algorithm = normalize_config(config)
     rule_set = get_rule_set(rules)
+    if capture not in ("auto", "export"):
+        raise QuantConfigError(f"quantize: capture must be 'auto' or 'export', got {capture!r}")
     if is_quantized(model):
         raise QpassError(
             f"{type(model).__name__} is already quantized by qpass; quantize a fresh copy of the "
             "original model, or change formats with enable_quantizer/disable_quantizer and re-run calibrate"
         )
     state = QpassState(type(model), rule_set, config_rules, algorithm)
+    state.capture = capture
     model.__dict__[STATE_ATTR] = state
     model.__class__ = wrapped_class(state.original_cls)
     try:
@@ -179,6 +191,7 @@ def calibrate(model: nn.Module, algorithm: Any = "max", forward_loop: Callable |
             )
         lw = from_kwarg
     run = get_algorithm(algo["method"])
+    state.method = algo["method"]
     snap = snapshot_amax(model)
     try:
         # Neither the kwarg nor the config says: keep the mode the caller set (layerwise_mode).

@@ -82,7 +82,7 @@ def test_config_file_and_algorithm_override(tmp_path, capsys):
     (["quantize", "--model", SPEC, "--config", "/nonexistent.json"], "cannot read --config"),
     (["summary", "/nonexistent.qpass"], "cannot read qpass checkpoint"),
     (["quantize", "--model", f"python:{os.path.join(HERE, 'test_cli.py')}:tiny_untraceable", "--no-save",
-      "--no-export"], "torch.export could not trace the model"),
+      "--no-export", "--capture", "export"], "torch.export could not trace the model"),
 ])
 def test_errors_are_one_line_without_traceback(argv, message, capsys, tmp_path):
     rc, out, err = _run(argv, capsys)

@@ -243,7 +243,7 @@ def test_untraceable_model_names_module_and_is_untouched():
     x = torch.randn(2, 8)
     ref = model(x)
     with pytest.raises(TraceError, match=r"module 'gate' \(_Gate\)"):
-        qpass.quantize(model, qpass.INT8_DEFAULT_CFG, _loop([x]))
+        qpass.quantize(model, qpass.INT8_DEFAULT_CFG, _loop([x]), capture="export")
     _assert_untouched(model, ref, x, _DataDependent)
 
 

@@ -215,7 +215,7 @@ def global_amax_groups(model: nn.Module, state: QpassState,
 
     if chosen is not None:
         return chosen
-    return state.groups if state.graphs else name_groups(model)
+    return state.groups if state.graphs or state.__dict__.get("fallback") else name_groups(model)
 
 
 def max_calibrate(model: nn.Module, state: QpassState, forward_loop: Callable | None,

@@ -93,6 +93,9 @@ def select_graph(model, example_inputs=None):
             if ex is not None:
                 names = g.gm.meta.get(INPUT_NAMES_META)  # recorded when it was traced
                 return g, list(ex), names if names is not None and len(names) == len(ex) else None
+        if state.__dict__.get("fallback") is not None:
+            raise ExportError(f"{type(model).__name__} runs through the torch.compile fallback (torch.export could "
+                              "not trace it whole), and ONNX export needs one whole graph")
         raise ExportError(
             f"{type(model).__name__} has no traced graph yet (no forward pass since quantize or restore: "
             "a weight-only config, one that needs no calibration, or a restored checkpoint not run "
@@ -106,8 +109,17 @@ def select_graph(model, example_inputs=None):
         for g in state.graphs.get(key, ()):
             if matches_static_dims(g, tensors):
                 return g, tensors, names
+        if key in state.__dict__.get("fallback_keys", ()):
+            break
         with torch.no_grad():  # trace this input structure (the quantized model's own dispatch)
             model(*args, **kwargs)
+    if key in state.__dict__.get("fallback_keys", ()):
+        fallback = state.fallback
+        raise ExportError(
+            f"{fallback.cause.split(' The model was left unchanged')[0]} The model runs through the torch.compile "
+            f"fallback for these inputs ({len(fallback.breaks)} graph-break reason(s): "
+            f"{'; '.join(fallback.breaks[:3]) or 'none recorded'}), and ONNX export needs one whole graph: make "
+            "the forward traceable by torch.export (no data-dependent Python control flow)")
     raise ExportError("could not find or trace a graph for example_inputs")  # pragma: no cover
 
 

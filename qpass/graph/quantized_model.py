@@ -19,7 +19,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from qpass.calib.pass_graph import calibration_graph
-from qpass.errors import QpassError
+from qpass.errors import QpassError, TraceError
 from qpass.graph import cuda_graphs, lazy_outputs
 from qpass.graph.cuda_graphs import CudaGraphs
 from qpass.graph.execution import execution_graph
@@ -69,6 +69,11 @@ class QpassState:
         self.cuda_graphs = CudaGraphs(enabled=True)  # inference forwards on CUDA replay captured graphs
         self.calib_graphs = None  # a calibration pass's CUDA graphs (set while it runs)
         self.trace_s = 0.0  # seconds spent tracing (torch.export or the graph cache), for benchmarks
+        self.capture = "auto"  # "export": a model torch.export cannot trace whole is an error, no fallback
+        self.method = None  # the calibration algorithm running (or last run)
+        # qpass.graph.compile_fallback.CompileFallback where an input structure needed it, and those structures
+        self.fallback = None
+        self.fallback_keys: set = set()
 
     @property
     def groups(self) -> list[list[str]]:
@@ -218,7 +223,22 @@ def run_graph(model: nn.Module, args: tuple, kwargs: dict):
         state.calls += 1  # only calibration reads it; under dynamo it would force recompiles
     if state.recorder is not None:  # layerwise calibration records the inputs; it returns None
         return state.recorder(model, args, kwargs)
-    traced, tensors = graph_for(model, args, kwargs)
+    fallback = state.__dict__.get("fallback")
+    if fallback is not None and _input_key(model.training, args, kwargs)[0] in state.fallback_keys:
+        if torch.compiler.is_compiling():
+            raise QpassError("this model was quantized through the torch.compile fallback (torch.export could not "
+                             "trace it whole), so the 'qpass' compile backend has no graph to lower; run it eagerly")
+        return fallback(model, state, args, kwargs)
+    try:
+        traced, tensors = graph_for(model, args, kwargs)
+    except TraceError as e:
+        if torch.compiler.is_compiling():
+            raise
+        from qpass.graph import compile_fallback
+
+        fallback = fallback or compile_fallback.start(model, state, e)
+        state.fallback_keys.add(_input_key(model.training, args, kwargs)[0])
+        return fallback(model, state, args, kwargs)
     if torch.compiler.is_compiling():
         return traced.gm(*tensors)  # the compile backend lowers the traced graph's quantizer nodes
     gm = calibration_graph(model, state, traced.gm)  # traced.gm, or its copy with MoE side passes

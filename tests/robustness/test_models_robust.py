@@ -89,7 +89,7 @@ def test_untraceable_loop_is_a_trace_error_and_model_untouched():
     ref = model(x)
     keys = list(model.state_dict())
     with pytest.raises(TraceError, match="torch.export could not trace the model"):
-        qpass.quantize(model, "INT8_DEFAULT_CFG", lambda m: m(x))
+        qpass.quantize(model, "INT8_DEFAULT_CFG", lambda m: m(x), capture="export")
     assert type(model) is _DataDependentLoop and list(model.state_dict()) == keys
     assert torch.equal(model(x), ref)
 

@@ -1,0 +1,338 @@
+"""torch.compile capture for a model torch.export cannot trace whole.
+
+When torch.export fails (data-dependent Python control flow, ``.item()`` loops, ...), qpass
+captures the model with dynamo instead: ``torch.compile`` splits its forward into graphs at the
+places it cannot trace (graph breaks) and runs the Python between them as it is. A backend
+rewrites every Linear, Conv and ConvTranspose op of each captured graph into a call that passes
+the op's input, weight and output through the owning module's ``input_quantizer``,
+``weight_quantizer`` and ``output_quantizer`` (the very quantizers the module tree gave it at
+quantize time), so calibration, enable/disable and the summary work as on a whole graph.
+
+The owner is found at run time from the weight tensor the op reads: dynamo lifts parameters to
+graph inputs, and one compiled graph may serve several modules (every decoder layer runs the
+same code with its own weights). A weight that no Linear/Conv/ConvTranspose module owns (a
+functional call on a computed tensor) runs unquantized, as the traced rules leave it.
+
+What needs a whole graph is refused with a clear error: attention (bmm/softmax) quantizers,
+quantizers on other modules (``rules="modelopt"``), algorithms other than max and mse, layerwise
+calibration, ONNX export and the ``"qpass"`` compile backend. The break reasons are reported in
+a warning and by :func:`graph_breaks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+import torch
+from torch import fx, nn
+
+from qpass.errors import QpassError, TraceError
+
+#: calibration algorithms that need only the quantizers' own statistics, no graph of the model
+ALGORITHMS = ("max", "mse")
+_SLOTS = ("input_quantizer", "weight_quantizer", "output_quantizer")
+_LINEAR = (nn.Linear,)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_OWNERS = _LINEAR + _CONV + _CONV_T
+# dynamo records the builtins (F.linear is torch._C._nn.linear, F.conv2d is torch.conv2d)
+_OPS = {
+    torch._C._nn.linear: _LINEAR,
+    torch.conv1d: _CONV, torch.conv2d: _CONV, torch.conv3d: _CONV,
+    torch.conv_transpose1d: _CONV_T, torch.conv_transpose2d: _CONV_T, torch.conv_transpose3d: _CONV_T,
+}
+
+
+class CompileFallback:
+    """The model's forward under ``torch.compile`` with quantized weighted ops (see the module
+    docstring). Holds no reference to the model: it is passed to each call, so a deep copy or a
+    pickle of the model's state starts over with a fresh compile for the copy."""
+
+    def __init__(self, cause: TraceError) -> None:
+        self.cause = str(cause)
+        self.breaks: list[str] = []  # the graph-break reasons dynamo gave, first line and place
+        self.graphs = 0  # graphs dynamo handed to the backend
+        self.warned = False
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._fn = None
+        self._model_ref = None
+        self._owners: dict[int, tuple[str, nn.Module]] = {}
+        self._readers: dict[int, tuple[weakref.ref, list[str]]] = {}
+        self._edges: set[tuple[str, str]] = set()
+        self._state = None
+
+    def __getstate__(self):
+        return {"cause": self.cause, "breaks": list(self.breaks), "graphs": self.graphs, "warned": self.warned}
+
+    def __setstate__(self, d) -> None:
+        self.__dict__.update(d)
+        self._fresh()
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, model: nn.Module, state, args: tuple, kwargs: dict):
+        from torch._dynamo.utils import counters
+
+        if self._fn is None:
+            original = state.original_cls.forward
+
+            def forward(m, *a, **kw):
+                return original(m, *a, **kw)
+
+            self._fn = torch.compile(forward, backend=self._backend, dynamic=True)
+        if self._model_ref is None or self._model_ref() is not model:
+            self._model_ref = weakref.ref(model)
+            self._owners = _weight_owners(model)
+            _add_eager_hooks(model)
+        if state.calibrating:
+            why = _pass_refusal(state)
+            if why is not None:
+                raise TraceError(f"{self.cause.rstrip('.')}. The torch.compile fallback cannot run this pass: {why}.")
+        self._state = state
+        before = dict(counters["graph_break"])
+        try:
+            _ACTIVE.append(self)
+            with _no_eager_fallback():
+                out = self._fn(model, *args, **kwargs)
+        except QpassError:
+            raise
+        except Exception as e:  # noqa: BLE001 - dynamo's own failures, named with the export's cause
+            if type(e).__module__.startswith("torch._dynamo") or "dynamo" in type(e).__name__.lower():
+                raise TraceError(
+                    f"{self.cause.rstrip('.')}; the torch.compile fallback failed too: {type(e).__name__}: "
+                    f"{_first_line(str(e))}"
+                ) from e
+            raise
+        finally:
+            if _ACTIVE and _ACTIVE[-1] is self:
+                _ACTIVE.pop()
+            self._state = None
+            self._flush_edges(state)
+        for reason, n in counters["graph_break"].items():
+            if n > before.get(reason, 0):
+                text = _reason(reason)
+                if text not in self.breaks:
+                    self.breaks.append(text)
+        if not self.warned:
+            self.warned = True
+            shown = "; ".join(self.breaks[:5]) + (" ..." if len(self.breaks) > 5 else "")
+            warnings.warn(
+                f"{self.cause.split(' The model was left unchanged')[0]} qpass captured the model with "
+                f"torch.compile instead: {self.graphs} graph(s), {len(self.breaks)} graph-break reason(s)"
+                f"{': ' + shown if shown else ''}. Its Linear/Conv/ConvTranspose ops are quantized; ONNX export, the "
+                "'qpass' compile backend and algorithms other than max/mse need a whole graph "
+                "(qpass.graph_breaks(model) lists the reasons).",
+                stacklevel=3,  # QuantizedModule.forward: a qpass module, so the CLI shows it
+            )
+        return out
+
+    def _backend(self, gm: fx.GraphModule, example_inputs):
+        self.graphs += 1
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in _OPS:
+                node.target = self._quantized(node.target, _OPS[node.target])
+                changed = True
+        if changed:
+            gm.recompile()
+        return gm.forward
+
+    def _quantized(self, op, owner_types: tuple):
+        fallback = self
+
+        def qpass_quantized_op(*args, **kwargs):
+            args = list(args)
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            hit = fallback._owners.get(id(w)) if isinstance(w, torch.Tensor) else None
+            if hit is None or hit[1].weight is not w or not isinstance(hit[1], owner_types):
+                return op(*args, **kwargs)
+            path, module = hit
+            iq, wq, oq = (module._modules.get(s) for s in _SLOTS)
+            x = args[0] if args else kwargs["input"]
+            fallback._reached(path, x, (iq, wq, oq))
+            if iq is not None:
+                x = iq(x)
+            if wq is not None:
+                w = wq(w)
+            if args:
+                args[0] = x
+            else:
+                kwargs["input"] = x
+            if len(args) > 1:
+                args[1] = w
+            else:
+                kwargs["weight"] = w
+            y = op(*args, **kwargs)
+            return oq(y) if oq is not None else y
+
+        qpass_quantized_op.__name__ = qpass_quantized_op.__qualname__ = f"qpass_quantized_{op.__name__}"
+        return qpass_quantized_op
+
+    def _reached(self, path: str, x, quantizers) -> None:
+        state = self._state
+        if state is None:
+            return
+        names = [f"{path}.{s}" for s, q in zip(_SLOTS, quantizers) if q is not None]
+        state.placed.update(names)
+        if state.calibrating:
+            state.calib_placed.update(names)
+        # modules whose input quantizers read one tensor share an input amax (q/k/v, gate/up)
+        hit = self._readers.get(id(x))
+        if hit is None or hit[0]() is not x:
+            self._readers[id(x)] = (weakref.ref(x), [path])
+        elif path not in hit[1]:
+            hit[1].append(path)
+
+    def _flush_edges(self, state) -> None:
+        edges = []
+        for _, owners in self._readers.values():
+            owners = sorted(owners)
+            pairs = [(owners[0], o) for o in owners[1:]] if len(owners) > 1 else [(owners[0], owners[0])]
+            edges.extend(p for p in pairs if p not in self._edges)
+        self._readers.clear()
+        if edges:
+            self._edges.update(edges)
+            state.edges.append(edges)
+
+
+# the fallback whose forward is running (hooks are plain functions, so a deep copy of a model
+# shares them harmlessly)
+_ACTIVE: list = []
+
+
+def _eager_pre(module, args):
+    """Forward pre-hook of a weighted module: where dynamo runs the module's call eagerly (a frame it
+    skipped: a graph break inside a loop runs that whole frame in Python), quantize it here, since
+    the module's own forward runs no captured graph. While dynamo traces, it does nothing: the
+    backend rewrites the captured op instead."""
+    if torch.compiler.is_compiling() or not _ACTIVE or not args:
+        return None
+    fallback = _ACTIVE[-1]
+    w = module._parameters.get("weight")
+    hit = fallback._owners.get(id(w))
+    if hit is None or hit[1] is not module:
+        return None
+    iq, wq, _ = (module._modules.get(s) for s in _SLOTS)
+    fallback._reached(hit[0], args[0], (iq, wq, module._modules.get("output_quantizer")))
+    if wq is not None:
+        module.__dict__["weight"] = wq(w)  # shadows the parameter for this call (see _eager_post)
+    return ((iq(args[0]) if iq is not None else args[0]),) + tuple(args[1:])
+
+
+def _eager_post(module, args, out):
+    """Forward hook (always called, also on an exception): drop the pre-hook's quantized weight and
+    quantize the output."""
+    if torch.compiler.is_compiling():
+        return None
+    if module.__dict__.pop("weight", None) is None:
+        return None
+    oq = module._modules.get("output_quantizer")
+    return oq(out) if oq is not None and out is not None else None
+
+
+def _add_eager_hooks(model: nn.Module) -> None:
+    for _, module in model.named_modules():
+        if isinstance(module, _OWNERS) and any(module._modules.get(s) is not None for s in _SLOTS):
+            if _eager_pre not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_eager_pre)
+                module.register_forward_hook(_eager_post, always_call=True)
+
+
+def remove_eager_hooks(model: nn.Module) -> None:
+    """Undo :func:`_add_eager_hooks` (a failed quantize leaves the model as it was)."""
+    for _, module in model.named_modules():
+        for hooks, fn in ((module._forward_pre_hooks, _eager_pre), (module._forward_hooks, _eager_post)):
+            for key in [k for k, v in hooks.items() if v is fn]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+
+
+def _weight_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    owners = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        w = getattr(module, "weight", None)
+        if isinstance(module, _OWNERS) and isinstance(w, torch.Tensor) and id(w) not in owners:
+            owners[id(w)] = (path, module)
+    return owners
+
+
+@contextlib.contextmanager
+def _no_eager_fallback():
+    """Past its recompile limit dynamo would run a frame eagerly, i.e. unquantized: make it raise."""
+    import torch._dynamo.config as config
+
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        with config.patch(fail_on_recompile_limit_hit=True):
+            yield
+    else:
+        yield
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _reason(reason: str) -> str:
+    """A graph-break reason as one line: its title and the user code it points at."""
+    lines = [ln.strip() for ln in reason.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "unknown"
+    where = next((ln for ln in lines if ln.startswith("# File ") or ln.startswith("File ")), None)
+    return lines[0] + (f" ({where.lstrip('# ')})" if where else "")
+
+
+def _pass_refusal(state) -> str | None:
+    """Why the running calibration pass cannot go through the fallback, or None."""
+    if state.layerwise is not None or state.recorder is not None:
+        return "layer-by-layer calibration needs a whole graph"
+    method = state.method
+    if state.calibrating and method not in ALGORITHMS:
+        return f"algorithm {method!r} needs a whole graph (the fallback calibrates with {' or '.join(ALGORITHMS)})"
+    return None
+
+
+def refusal(model: nn.Module, state) -> str | None:
+    """Why this model's quantization cannot go through the fallback, or None."""
+    from qpass.calib.max_calibrate import _may_enable_traced_slots
+    from qpass.nn.tensor_quantizer import iter_tensor_quantizers
+
+    if state.capture == "export":
+        return "capture='export' was asked for"
+    why = _pass_refusal(state)
+    if why is not None:
+        return why
+    if _may_enable_traced_slots(state):
+        return "the config enables attention (bmm/softmax) quantizers, which need a whole graph"
+    for path, owner in model.named_modules():
+        if isinstance(owner, _OWNERS):
+            continue
+        for name, child in owner._modules.items():
+            if name.endswith("quantizer") or name.endswith("quantizers"):
+                if any(q.is_enabled for q in iter_tensor_quantizers(child)):
+                    where = f"{path}.{name}" if path else name
+                    return f"quantizer '{where}' is not on a Linear/Conv/ConvTranspose module"
+    return None
+
+
+def start(model: nn.Module, state, cause: TraceError) -> CompileFallback:
+    """The model's fallback capture after ``cause``; raises ``cause`` (extended) where it cannot be."""
+    why = refusal(model, state)
+    if why is not None:
+        if why.startswith("capture="):
+            raise cause
+        raise TraceError(f"{str(cause).rstrip('.')}. The torch.compile fallback was not used: {why}.") from cause
+    fallback = CompileFallback(cause)
+    state.fallback = fallback
+    return fallback
+
+
+def graph_breaks(model: nn.Module) -> list[str] | None:
+    """The graph-break reasons of a model quantized through the torch.compile fallback (one line
+    each), or None where every input structure was traced whole by torch.export."""
+    from qpass.graph.quantized_model import state_of
+
+    fallback = state_of(model).__dict__.get("fallback")
+    return None if fallback is None else list(fallback.breaks)

@@ -1,0 +1,222 @@
+"""The torch.compile fallback for models torch.export cannot trace whole (issue 2, item 4)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qpass
+from qpass.errors import QpassError, QuantConfigError, TraceError
+
+
+class _Block(nn.Module):
+    """q/k/v read one tensor; the conv runs over the sequence."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.conv = nn.Conv1d(d, d, 3, padding=1)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4, -1) @ self.v(x)
+        a = a + self.conv(a.transpose(1, 2)).transpose(1, 2)
+        return x + self.out(torch.relu(a))
+
+
+class _Untraceable(nn.Module):
+    """Two blocks run by one loop whose trip count is data-dependent (torch.export fails on it,
+    dynamo breaks the graph there); each block is compiled once and runs with both blocks' weights."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(d), _Block(d)])
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+            if x.abs().mean() > 100:  # data-dependent Python control flow
+                x = x / 2
+        return self.head(x)
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 5 + i, 16, generator=g) for i in range(n)]
+
+
+def _quantize(model, cfg="INT8_DEFAULT_CFG", **kw):
+    batches = _batches()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qpass.quantize(model, cfg, lambda m: [m(b) for b in batches], **kw)
+    return [str(w.message) for w in caught]
+
+
+def _untraceable():
+    torch.manual_seed(0)
+    return _Untraceable().eval()
+
+
+def test_falls_back_warns_with_break_reason_and_quantizes_every_weighted_op():
+    model = _untraceable()
+    x = _batches()[0]
+    with torch.no_grad():
+        fp = model(x)
+    messages = _quantize(model)
+    fallback = [m for m in messages if "captured the model with torch.compile" in m]
+    assert len(fallback) == 1, messages
+    assert "torch.export could not trace the model" in fallback[0]
+    breaks = qpass.graph_breaks(model)
+    assert breaks and any("test_compile_fallback.py" in b and "x.abs().mean() > 100" in b for b in breaks), breaks
+    # every Linear/Conv input quantizer was calibrated (each block's compiled graph served both blocks)
+    names = [n for n, _ in model.named_modules() if n.endswith("input_quantizer")]
+    assert len(names) == 11
+    for n in names:
+        assert model.get_submodule(n).amax is not None, n
+    # q/k/v read one tensor: one group per block, found at run time, sharing one input amax
+    assert qpass.shared_input_groups(model) == [[f"blocks.{i}.k", f"blocks.{i}.q", f"blocks.{i}.v"] for i in (0, 1)]
+    with torch.no_grad():
+        q = model(x)
+        assert not torch.equal(q, fp)
+        qpass.disable_quantizer(model, "*")
+        torch.testing.assert_close(model(x), fp, rtol=0, atol=0)
+        qpass.enable_quantizer(model, "*input_quantizer")
+        qpass.enable_quantizer(model, "*weight_quantizer")
+        torch.testing.assert_close(model(x), q, rtol=0, atol=0)
+
+
+def test_fallback_matches_modelopt_names_amax_and_outputs():
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    ours, theirs = _untraceable(), _untraceable()
+    batches = _batches()
+    x = batches[0]
+    _quantize(ours)
+    mtq.quantize(theirs, copy.deepcopy(mtq.INT8_DEFAULT_CFG), lambda m: [m(b) for b in batches])
+
+    def quantizers(m):
+        return {n: q for n, q in m.named_modules() if n.endswith("_quantizer")}
+
+    a, b = quantizers(ours), quantizers(theirs)
+    assert sorted(a) == sorted(b)
+    for n in a:
+        assert a[n].is_enabled == b[n].is_enabled, n
+        if b[n].is_enabled:
+            rel = ((a[n].amax - b[n].amax).abs() / b[n].amax.abs()).max()
+            assert rel < 1e-6, (n, a[n].amax, b[n].amax)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(ours(x).flatten(), theirs(x).flatten(), dim=0)
+    assert cos > 0.9999
+
+
+def test_capture_export_keeps_the_error_and_the_model():
+    model = _untraceable()
+    x = _batches()[0]
+    ref = model(x)
+    with pytest.raises(TraceError, match=r"torch.export could not trace the model: module "):
+        _quantize(model, capture="export")
+    assert type(model) is _Untraceable and "_qpass_state" not in model.__dict__
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    with pytest.raises(QuantConfigError, match="capture must be 'auto' or 'export', got 'dynamo'"):
+        _quantize(model, capture="dynamo")
+
+
+def _int8_with_kv():
+    cfg = copy.deepcopy(qpass.INT8_DEFAULT_CFG)
+    kv = {"num_bits": (4, 3), "axis": None, "enable": True}
+    if isinstance(cfg["quant_cfg"], dict):
+        cfg["quant_cfg"]["*[kv]_bmm_quantizer"] = kv
+    else:
+        cfg["quant_cfg"].append({"quantizer_name": "*[kv]_bmm_quantizer", "cfg": kv})
+    return cfg
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ("INT8_SMOOTHQUANT_CFG", r"algorithm 'smoothquant' needs a whole graph"),
+    (_int8_with_kv(), r"attention \(bmm/softmax\) quantizers"),
+])
+def test_what_needs_a_whole_graph_is_refused_and_the_model_untouched(cfg, message):
+    model = _untraceable()
+    x = _batches()[0]
+    ref = model(x)
+    with pytest.raises(TraceError, match=message):
+        _quantize(model, cfg)
+    assert type(model) is _Untraceable and "_qpass_state" not in model.__dict__
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
+def test_modelopt_rules_are_refused():
+    class WithNorm(_Untraceable):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+
+        def forward(self, x):
+            return super().forward(self.norm(x))
+
+    torch.manual_seed(0)
+    model = WithNorm().eval()
+    with pytest.raises(TraceError, match=r"quantizer 'norm.input_quantizer' is not on a Linear/Conv"):
+        _quantize(model, rules="modelopt")
+    assert type(model) is WithNorm
+
+
+def test_later_calls_export_and_copies():
+    model = _untraceable()
+    _quantize(model)
+    x = _batches()[0]
+    with torch.no_grad():
+        q = model(x)
+        # a later smoothquant pass on the fallback is refused, the amax kept
+        amax = model.blocks[0].q.input_quantizer.amax.clone()
+        with pytest.raises(TraceError, match="algorithm 'smoothquant' needs a whole graph"):
+            qpass.calibrate(model, "smoothquant", lambda m: m(x))
+        torch.testing.assert_close(model.blocks[0].q.input_quantizer.amax, amax, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), q, rtol=0, atol=0)
+        # ONNX export needs the whole graph: the export's own error, naming the module
+        with pytest.raises(QpassError, match="torch.export could not trace the model"):
+            qpass.export_onnx(model, "/nonexistent/never_written.onnx", example_inputs=(x,))
+        # a copy compiles afresh for itself and is independent of the original
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(x), q, rtol=0, atol=0)
+        qpass.disable_quantizer(twin, "*")
+        torch.testing.assert_close(model(x), q, rtol=0, atol=0)
+        assert not torch.equal(twin(x), q)
+
+
+def test_longformer_falls_back_and_matches_modelopt():
+    """A real HF model torch.export cannot trace (Longformer's sliding-window attention sizes its
+    chunks from data): the fallback's amax equal ModelOpt's, and so do its outputs once ModelOpt's
+    LayerNorm input quantizers (which qpass's default rules leave out) are disabled."""
+    transformers = pytest.importorskip("transformers")
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    torch.manual_seed(0)
+    cfg = transformers.LongformerConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, attention_window=[4, 4], max_position_embeddings=80)
+    base = transformers.LongformerModel(cfg).eval()
+    ids = [torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(ours, "INT8_DEFAULT_CFG", lambda m: [m(input_ids=i) for i in ids])
+    mtq.quantize(theirs, copy.deepcopy(mtq.INT8_DEFAULT_CFG), lambda m: [m(input_ids=i) for i in ids])
+    mtq.disable_quantizer(theirs, "*LayerNorm*")
+    assert any("Tensor.item()" in b or "Data dependent" in b for b in qpass.graph_breaks(ours))
+    checked = 0
+    for n, q in ours.named_modules():
+        if n.endswith("_quantizer") and getattr(q, "amax", None) is not None:
+            other = theirs.get_submodule(n).amax
+            assert ((q.amax - other).abs() / other.abs()).max() < 1e-6, n
+            checked += 1
+    # per layer: input and weight of query, key, value, attention.output.dense, intermediate.dense and
+    # output.dense, and the weights of the unused query/key/value_global; the pooler's input and weight
+    assert checked == 2 * (6 * 2 + 3) + 2
+    with torch.no_grad():
+        a = ours(input_ids=ids[0]).last_hidden_state
+        b = theirs(input_ids=ids[0]).last_hidden_state
+        fp = base(input_ids=ids[0]).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999
+    assert not torch.equal(a, fp)
