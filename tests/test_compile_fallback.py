@@ -220,3 +220,22 @@ def test_longformer_falls_back_and_matches_modelopt():
         fp = base(input_ids=ids[0]).last_hidden_state
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999
     assert not torch.equal(a, fp)
+
+
+def test_frames_dynamo_runs_eagerly_are_quantized_alike():
+    """A frame dynamo does not compile (skipped, or past its recompile limit) runs in Python: the
+    module hooks quantize its Linear/Conv calls exactly as the captured graphs do."""
+    model = _untraceable()
+    _quantize(model)
+    xs = _batches(4)
+    with torch.no_grad():
+        compiled = [model(x) for x in xs]
+        with torch.compiler.set_stance("force_eager"):
+            eager = [model(x) for x in xs]
+        qpass.disable_quantizer(model, "*")
+        with torch.compiler.set_stance("force_eager"):
+            plain = model(xs[0])
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(plain, eager[0])
+    assert not any(isinstance(v, torch.Tensor) for m in model.modules() for v in [m.__dict__.get("weight")])
