@@ -9,6 +9,8 @@ such as HF ``ModelOutput``) and records each op's owning module path in
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -198,14 +200,20 @@ def export_graph(model: nn.Module, original_cls: type, args: tuple, kwargs: dict
     leaves, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
     tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
     watcher = _ModuleStack(model)
+    printed = io.StringIO()
     try:
-        with original_class(model, original_cls), watcher.watching(), _lean_tracing(), muted_meta_errors():
+        with original_class(model, original_cls), watcher.watching(), _lean_tracing(), muted_meta_errors(), \
+                contextlib.redirect_stderr(printed):
             ep = torch.export.export(
                 _FlatCall(model, original_cls, spec, leaves), tensors,
                 dynamic_shapes=(tuple(_dim_spec(t, dynamic_dims if isinstance(dynamic_dims, int) else dynamic_dims[i])
                                    for i, t in enumerate(tensors)),), strict=False,
             )
+        sys.stderr.write(printed.getvalue())
     except Exception as e:  # noqa: BLE001 - every export failure becomes one clear error
+        # torch.export prints the partial graph of a data-dependent failure; the error says it in a line
+        partial = getattr(e, "partial_fx_graph", None)
+        sys.stderr.write(printed.getvalue().replace(f"{partial}\n", "") if partial is not None else printed.getvalue())
         where = watcher.failing_module()
         text = str(e).strip()
         cause = text.splitlines()[0] if text else type(e).__name__
@@ -240,16 +248,21 @@ def muted_meta_errors():
     The exception itself still propagates: the model's code may catch it (transformers probes
     ``torch._grouped_mm`` on float32 MoE experts and falls back to its own op, which left a
     traceback in the log of every quantize of such a model), and otherwise it ends the export with
-    a :class:`TraceError` that names the module and the cause."""
+    a :class:`TraceError` that names the module and the cause. Also silenced: the symbolic-shapes
+    warning that prints the whole partial graph of a data-dependent guard ("Unable to find user
+    code corresponding to ..."), which the TraceError (and the torch.compile fallback's warning)
+    already reports in one line."""
     import logging
 
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    loggers = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager
