@@ -239,3 +239,38 @@ def test_frames_dynamo_runs_eagerly_are_quantized_alike():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(plain, eager[0])
     assert not any(isinstance(v, torch.Tensor) for m in model.modules() for v in [m.__dict__.get("weight")])
+
+
+def test_auto_quantize_says_it_needs_a_whole_graph():
+    model = _untraceable()
+    xs = _batches()
+    ref = model(xs[0])
+    with pytest.raises(TraceError, match="auto_quantize scores layers on the traced graph"):
+        qpass.auto_quantize(model, constraints={"effective_bits": 6.0},
+                            quantization_formats=["INT8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"],
+                            data_loader=xs, forward_step=lambda m, b: m(b), loss_func=lambda o, b: o.pow(2).mean())
+    assert type(model) is _Untraceable and not [n for n, _ in model.named_modules() if n.endswith("quantizer")]
+    torch.testing.assert_close(model(xs[0]), ref, rtol=0, atol=0)
+
+
+def test_save_restore_fold_and_training_on_the_fallback(tmp_path):
+    model = _untraceable()
+    _quantize(model)
+    x = _batches()[0]
+    with torch.no_grad():
+        q = model(x)
+    path = str(tmp_path / "m.qpass")
+    qpass.save(model, path)
+    again = _untraceable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.restore(again, path)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), q, rtol=0, atol=0)
+    folded = copy.deepcopy(model)
+    qpass.fold_weight(folded)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), q, rtol=0, atol=0)
+    model.train()
+    model(x).sum().backward()  # straight-through gradients reach the weights
+    assert model.blocks[1].q.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
