@@ -238,6 +238,16 @@ def test_frames_dynamo_runs_eagerly_are_quantized_alike():
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(plain, eager[0])
+    # output quantizers too (enabled after calibration: each output's own range)
+    qpass.enable_quantizer(model, "*")
+    with torch.no_grad():
+        compiled = model(xs[0])
+        with torch.compiler.set_stance("force_eager"):
+            eager = model(xs[0])
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    qpass.disable_quantizer(model, "*output_quantizer")
+    with torch.no_grad():
+        assert not torch.equal(model(xs[0]), compiled)
     assert not any(isinstance(v, torch.Tensor) for m in model.modules() for v in [m.__dict__.get("weight")])
 
 

@@ -114,12 +114,9 @@ def select_graph(model, example_inputs=None):
         with torch.no_grad():  # trace this input structure (the quantized model's own dispatch)
             model(*args, **kwargs)
     if key in state.__dict__.get("fallback_keys", ()):
-        fallback = state.fallback
         raise ExportError(
-            f"{fallback.cause.split(' The model was left unchanged')[0]} The model runs through the torch.compile "
-            f"fallback for these inputs ({len(fallback.breaks)} graph-break reason(s): "
-            f"{'; '.join(fallback.breaks[:3]) or 'none recorded'}), and ONNX export needs one whole graph: make "
-            "the forward traceable by torch.export (no data-dependent Python control flow)")
+            f"{state.fallback.describe(shown=3)}; ONNX export needs one whole graph: make the forward traceable by "
+            "torch.export (no data-dependent Python control flow)")
     raise ExportError("could not find or trace a graph for example_inputs")  # pragma: no cover
 
 

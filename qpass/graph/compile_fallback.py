@@ -101,7 +101,7 @@ class CompileFallback:
         except QpassError:
             raise
         except Exception as e:  # noqa: BLE001 - dynamo's own failures, named with the export's cause
-            if type(e).__module__.startswith("torch._dynamo") or "dynamo" in type(e).__name__.lower():
+            if type(e).__module__.startswith("torch._dynamo"):
                 raise TraceError(
                     f"{self.cause.rstrip('.')}; the torch.compile fallback failed too: {type(e).__name__}: "
                     f"{_first_line(str(e))}"
@@ -119,16 +119,19 @@ class CompileFallback:
                     self.breaks.append(text)
         if not self.warned:
             self.warned = True
-            shown = "; ".join(self.breaks[:5]) + (" ..." if len(self.breaks) > 5 else "")
             warnings.warn(
-                f"{self.cause.split(' The model was left unchanged')[0]} qpass captured the model with "
-                f"torch.compile instead: {self.graphs} graph(s), {len(self.breaks)} graph-break reason(s)"
-                f"{': ' + shown if shown else ''}. Its Linear/Conv/ConvTranspose ops are quantized; ONNX export, the "
-                "'qpass' compile backend and algorithms other than max/mse need a whole graph "
+                f"{self.describe()}. Its Linear/Conv/ConvTranspose ops are quantized; ONNX export, the 'qpass' "
+                "compile backend and algorithms other than max/mse need a whole graph "
                 "(qpass.graph_breaks(model) lists the reasons).",
                 stacklevel=3,  # QuantizedModule.forward: a qpass module, so the CLI shows it
             )
         return out
+
+    def describe(self, shown: int = 5) -> str:
+        """torch.export's failure and what dynamo captured instead, in one sentence."""
+        listed = "; ".join(self.breaks[:shown]) + (" ..." if len(self.breaks) > shown else "")
+        return (f"{self.cause.split(' The model was left unchanged')[0]} qpass captured the model with torch.compile "
+                f"instead: {self.graphs} graph(s), {len(self.breaks)} graph-break reason(s){': ' + listed if listed else ''}")
 
     def _backend(self, gm: fx.GraphModule, example_inputs):
         self.graphs += 1
@@ -186,6 +189,15 @@ def _owner(w, owner_types: tuple):
     return fallback, hit[0], hit[1]
 
 
+def _reach(hit, x) -> tuple:
+    """The module's (input, weight, output) quantizers (None where absent), after recording that the
+    running pass reached them with input ``x``."""
+    fallback, path, module = hit
+    quantizers = tuple(module._modules.get(s) for s in _SLOTS)
+    fallback._reached(path, x, quantizers)
+    return quantizers
+
+
 def _quantized(op, owner_types: tuple):
     """``op`` (linear, convN, conv_transposeN) through its owning module's quantizers."""
 
@@ -195,10 +207,8 @@ def _quantized(op, owner_types: tuple):
         hit = _owner(w, owner_types)
         if hit is None:
             return op(*args, **kwargs)
-        fallback, path, module = hit
-        iq, wq, oq = (module._modules.get(s) for s in _SLOTS)
         x = args[0] if args else kwargs["input"]
-        fallback._reached(path, x, (iq, wq, oq))
+        iq, wq, oq = _reach(hit, x)
         if iq is not None:
             x = iq(x)
         if wq is not None:
@@ -231,20 +241,23 @@ def _eager_pre(module, args):
     hit = _owner(module._parameters.get("weight"), _OWNERS)
     if hit is None or hit[2] is not module:
         return None
-    fallback, path, _ = hit
-    iq, wq, oq = (module._modules.get(s) for s in _SLOTS)
-    fallback._reached(path, args[0], (iq, wq, oq))
+    iq, wq, oq = _reach(hit, args[0])
+    module.__dict__[_EAGER] = oq  # read (and dropped) by _eager_post
     if wq is not None:
-        module.__dict__["weight"] = wq(module._parameters["weight"])  # shadows the parameter (_eager_post)
+        module.__dict__["weight"] = wq(module._parameters["weight"])  # shadows the parameter for this call
     return ((iq(args[0]) if iq is not None else args[0]),) + tuple(args[1:])
+
+
+_EAGER = "_qpass_eager_output_quantizer"
 
 
 def _eager_post(module, args, out):
     """Forward hook (always called, also on an exception): drop the pre-hook's quantized
     weight and quantize the output."""
-    if torch.compiler.is_compiling() or module.__dict__.pop("weight", None) is None:
+    if torch.compiler.is_compiling() or _EAGER not in module.__dict__:
         return None
-    oq = module._modules.get("output_quantizer")
+    oq = module.__dict__.pop(_EAGER)
+    module.__dict__.pop("weight", None)
     return oq(out) if oq is not None and out is not None else None
 
 
