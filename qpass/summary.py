@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from qpass.graph.quantized_model import STATE_ATTR
 from qpass.nn.tensor_quantizer import TensorQuantizer
 
 
@@ -55,6 +56,11 @@ def format_summary(model: nn.Module) -> str:
     enabled = sum(r["enabled"] for r in rows)
     calibrated = sum(r["amax"] is not None for r in rows if r["enabled"])
     lines.append(f"{len(rows)} quantizers: {enabled} enabled, {len(rows) - enabled} disabled, {calibrated} with amax")
+    state = model.__dict__.get(STATE_ATTR)
+    fallback = None if state is None else state.__dict__.get("fallback")
+    if fallback is not None:
+        lines.append(f"captured with torch.compile (torch.export could not trace it whole): {fallback.graphs} graph(s), "
+                     f"{len(fallback.breaks)} graph-break reason(s); qpass.graph_breaks(model) lists them")
     return "\n".join(lines)
 
 

@@ -70,6 +70,9 @@ def test_falls_back_warns_with_break_reason_and_quantizes_every_weighted_op():
     fallback = [m for m in messages if "captured the model with torch.compile" in m]
     assert len(fallback) == 1, messages
     assert "torch.export could not trace the model" in fallback[0]
+    from qpass.summary import format_summary
+
+    assert "captured with torch.compile (torch.export could not trace it whole)" in format_summary(model)
     breaks = qpass.graph_breaks(model)
     assert breaks and any("test_compile_fallback.py" in b and "x.abs().mean() > 100" in b for b in breaks), breaks
     # every Linear/Conv input quantizer was calibrated (each block's compiled graph served both blocks)
