@@ -287,3 +287,49 @@ def test_save_restore_fold_and_training_on_the_fallback(tmp_path):
     model.train()
     model(x).sum().backward()  # straight-through gradients reach the weights
     assert model.blocks[1].q.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
+def test_fallback_equals_the_traced_graph_on_a_model_that_traces(monkeypatch):
+    """The same HF Llama quantized twice: through torch.export, and through the fallback (export made
+    to fail). Same quantizers, amax and shared-input groups; outputs, generate() and a second input
+    structure (an attention mask) agree."""
+    pytest.importorskip("transformers")
+    from conftest import tiny_llama
+
+    from qpass.graph import quantized_model
+
+    torch.manual_seed(0)
+    base = tiny_llama(layers=2, tie=False).eval()
+    ids = [torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    traced, fallen = copy.deepcopy(base), copy.deepcopy(base)
+    qpass.quantize(traced, "INT8_DEFAULT_CFG", lambda m: [m(input_ids=i) for i in ids])
+
+    def no_export(*a, **k):
+        raise TraceError("torch.export could not trace the model: module 'model' (simulated). The model was left "
+                         "unchanged.")
+
+    monkeypatch.setattr(quantized_model, "cached_export", no_export)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qpass.quantize(fallen, "INT8_DEFAULT_CFG", lambda m: [m(input_ids=i) for i in ids])
+    assert any("(simulated)" in str(w.message) and "captured the model with torch.compile" in str(w.message)
+               for w in caught)
+    a = {n: q for n, q in traced.named_modules() if n.endswith("_quantizer")}
+    b = {n: q for n, q in fallen.named_modules() if n.endswith("_quantizer")}
+    linear = sorted(n for n in a if n.rsplit(".", 1)[-1] in ("input_quantizer", "weight_quantizer", "output_quantizer"))
+    assert linear == sorted(b)  # the fallback has no attention (bmm) slots: they exist on traced graphs only
+    for n in linear:
+        assert a[n].is_enabled == b[n].is_enabled, n
+        if a[n].amax is not None:
+            torch.testing.assert_close(b[n].amax, a[n].amax, rtol=1e-6, atol=0)
+    assert qpass.shared_input_groups(fallen) == qpass.shared_input_groups(traced)
+    x = ids[0]
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        for kw in ({"input_ids": x}, {"input_ids": x, "attention_mask": mask}):
+            cos = torch.nn.functional.cosine_similarity(traced(**kw).logits.flatten(), fallen(**kw).logits.flatten(),
+                                                        dim=0)
+            assert cos > 0.99999, (kw.keys(), cos)
+        assert torch.equal(traced.generate(x[:1], max_new_tokens=4, do_sample=False),
+                           fallen.generate(x[:1], max_new_tokens=4, do_sample=False))

@@ -60,7 +60,10 @@ class CompileFallback:
         self._fn = None
         self._model_ref = None
         self._owners: dict[int, tuple[str, nn.Module]] = {}
+        # this forward's modules by the input tensor their ops read: id -> (weakref, module paths), and
+        # the path lists of tensors whose id was taken by a later one
         self._readers: dict[int, tuple[weakref.ref, list[str]]] = {}
+        self._read: list[list[str]] = []
         self._edges: set[tuple[str, str]] = set()
         self._state = None
 
@@ -154,18 +157,21 @@ class CompileFallback:
             state.calib_placed.update(names)
         # modules whose input quantizers read one tensor share an input amax (q/k/v, gate/up)
         hit = self._readers.get(id(x))
-        if hit is None or hit[0]() is not x:
+        if hit is None or hit[0]() is not x:  # a new tensor (maybe at a freed one's address)
+            if hit is not None:
+                self._read.append(hit[1])
             self._readers[id(x)] = (weakref.ref(x), [path])
         elif path not in hit[1]:
             hit[1].append(path)
 
     def _flush_edges(self, state) -> None:
         edges = []
-        for _, owners in self._readers.values():
+        for owners in self._read + [owners for _, owners in self._readers.values()]:
             owners = sorted(owners)
             pairs = [(owners[0], o) for o in owners[1:]] if len(owners) > 1 else [(owners[0], owners[0])]
             edges.extend(p for p in pairs if p not in self._edges)
         self._readers.clear()
+        self._read.clear()
         if edges:
             self._edges.update(edges)
             state.edges.append(edges)
