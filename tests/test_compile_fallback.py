@@ -258,7 +258,8 @@ def test_auto_quantize_says_it_needs_a_whole_graph():
     model = _untraceable()
     xs = _batches()
     ref = model(xs[0])
-    with pytest.raises(TraceError, match="auto_quantize scores layers on the traced graph"):
+    with pytest.raises(TraceError, match=r"auto_quantize \(it scores layers on the traced graph\) needs the model "
+                                         r"traced whole"):
         qpass.auto_quantize(model, constraints={"effective_bits": 6.0},
                             quantization_formats=["INT8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"],
                             data_loader=xs, forward_step=lambda m, b: m(b), loss_func=lambda o, b: o.pow(2).mean())
@@ -333,3 +334,18 @@ def test_fallback_equals_the_traced_graph_on_a_model_that_traces(monkeypatch):
             assert cos > 0.99999, (kw.keys(), cos)
         assert torch.equal(traced.generate(x[:1], max_new_tokens=4, do_sample=False),
                            fallen.generate(x[:1], max_new_tokens=4, do_sample=False))
+
+
+def test_layerwise_calibration_says_it_needs_a_whole_graph():
+    model = _untraceable()
+    x = _batches()[0]
+    cfg = {"quant_cfg": copy.deepcopy(qpass.INT8_DEFAULT_CFG["quant_cfg"]),
+           "algorithm": {"method": "max", "layerwise": {"enable": True}}}
+    with pytest.raises(TraceError, match="layer-by-layer calibration needs the model traced whole"):
+        qpass.quantize(model, cfg, lambda m: m(x))
+    assert type(model) is _Untraceable
+    _quantize(model)  # then whole-model max through the fallback, and a layerwise pass on it is refused
+    amax = model.head.input_quantizer.amax.clone()
+    with pytest.raises(TraceError, match="layer-by-layer calibration needs the model traced whole"):
+        qpass.calibrate(model, "max", lambda m: m(x), layerwise=True)
+    torch.testing.assert_close(model.head.input_quantizer.amax, amax, rtol=0, atol=0)

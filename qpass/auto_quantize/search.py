@@ -30,7 +30,7 @@ from qpass.auto_quantize.candidates import (
 from qpass.auto_quantize.scoring import check_gradient_inputs, gradient_scores, kl_div, output_tensors
 from qpass.auto_quantize.solver import AutoQuantizeError, budget_bits, check_budget
 from qpass.auto_quantize.units import Unit, units_of
-from qpass.errors import TraceError
+from qpass.graph.compile_fallback import whole_graph_needed
 from qpass.graph.quantized_model import is_quantized, realize_code, state_of
 from qpass.model_quant import _unquantize
 from qpass.nn.hf_conv1d import conv1d_as_linear
@@ -100,12 +100,8 @@ def trace_only(model: nn.Module, forward_step, batch) -> None:
     state = state_of(model)
 
     def record(m, args, kwargs):
-        try:
+        with whole_graph_needed("auto_quantize (it scores layers on the traced graph)"):
             graph_for(m, args, kwargs)
-        except TraceError as e:
-            raise TraceError(f"{str(e).rstrip('.')}. auto_quantize scores layers on the traced graph, so it needs a "
-                             "model torch.export traces whole (the torch.compile fallback of quantize cannot serve it)"
-                             ) from e
         raise _Traced
 
     state.recorder = record

@@ -40,6 +40,7 @@ from qpass.calib.histogram import HistogramCalibrator
 from qpass.calib.max import MaxCalibrator
 from qpass.calib.pass_graph import calibration_graph
 from qpass.errors import CalibrationError, QuantConfigError
+from qpass.graph.compile_fallback import whole_graph_needed
 from qpass.graph.quantized_model import graph_for, state_of
 from qpass.graph.segments import Partition, find_blocks, flat_inputs, partition, release, segment_module
 
@@ -152,12 +153,13 @@ class Recorder:
         try:
             tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
             moved = self.home is not None and any(t.device != self.home for t in tensors)
-            if moved:  # trace where the weights are; the run rewrites the graph's device constants
-                to_home = lambda v: v.to(self.home) if isinstance(v, torch.Tensor) else v  # noqa: E731
-                traced, _ = graph_for(model, *pytree.tree_map(to_home, (args, kwargs)))
-                flat = _flat_tensors(args, kwargs)
-            else:
-                traced, flat = graph_for(model, args, kwargs)
+            with whole_graph_needed("layer-by-layer calibration"):
+                if moved:  # trace where the weights are; the run rewrites the graph's device constants
+                    to_home = lambda v: v.to(self.home) if isinstance(v, torch.Tensor) else v  # noqa: E731
+                    traced, _ = graph_for(model, *pytree.tree_map(to_home, (args, kwargs)))
+                    flat = _flat_tensors(args, kwargs)
+                else:
+                    traced, flat = graph_for(model, args, kwargs)
             gm = calibration_graph(model, state_of(model), traced.gm)  # with MoE side passes, if asked
             inputs = flat_inputs(gm, [t.detach().clone() for t in flat])
         except BaseException:

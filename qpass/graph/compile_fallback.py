@@ -15,12 +15,14 @@ functional call on a computed tensor) runs unquantized, as the traced rules leav
 
 What needs a whole graph is refused with a clear error: attention (bmm/softmax) quantizers,
 quantizers on other modules (``rules="modelopt"``), algorithms other than max and mse, layerwise
-calibration, ONNX export and the ``"qpass"`` compile backend. The break reasons are reported in
+calibration and auto_quantize (:func:`whole_graph_needed`), ONNX export and the ``"qpass"`` compile
+backend. The break reasons are reported in
 a warning and by :func:`graph_breaks`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 
@@ -325,9 +327,8 @@ def _reason(reason: str) -> str:
 
 
 def _pass_refusal(state) -> str | None:
-    """Why the running calibration pass cannot go through the fallback, or None."""
-    if state.layerwise is not None or state.recorder is not None:
-        return "layer-by-layer calibration needs a whole graph"
+    """Why the running calibration pass cannot go through the fallback, or None (layerwise
+    calibration traces through its recorder: :func:`whole_graph_needed`)."""
     method = state.method
     if state.calibrating and method not in ALGORITHMS:
         return f"algorithm {method!r} needs a whole graph (the fallback calibrates with {' or '.join(ALGORITHMS)})"
@@ -367,6 +368,16 @@ def start(model: nn.Module, state, cause: TraceError) -> CompileFallback:
     fallback = CompileFallback(cause)
     state.fallback = fallback
     return fallback
+
+
+@contextlib.contextmanager
+def whole_graph_needed(who: str):
+    """A TraceError inside says that ``who`` needs the model traced whole (no fallback for it)."""
+    try:
+        yield
+    except TraceError as e:
+        raise TraceError(f"{str(e).rstrip('.')}. {who} needs the model traced whole by torch.export (the "
+                         "torch.compile fallback of quantize cannot serve it)") from e
 
 
 def graph_breaks(model: nn.Module) -> list[str] | None:
