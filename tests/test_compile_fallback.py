@@ -349,3 +349,20 @@ def test_layerwise_calibration_says_it_needs_a_whole_graph():
     with pytest.raises(TraceError, match="layer-by-layer calibration needs the model traced whole"):
         qpass.calibrate(model, "max", lambda m: m(x), layerwise=True)
     torch.testing.assert_close(model.head.input_quantizer.amax, amax, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_fallback_on_cuda_equals_the_cpu():
+    """On a GPU the fallback's amax equal the CPU run's, and its outputs agree."""
+    cpu, gpu = _untraceable(), _untraceable().cuda()
+    batches = _batches()
+    _quantize(cpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpass.quantize(gpu, "INT8_DEFAULT_CFG", lambda m: [m(b.cuda()) for b in batches])
+    for n, q in cpu.named_modules():
+        if n.endswith("_quantizer") and getattr(q, "amax", None) is not None:
+            torch.testing.assert_close(gpu.get_submodule(n).amax.cpu(), q.amax, rtol=1e-5, atol=0)
+    with torch.no_grad():
+        a, b = cpu(batches[0]), gpu(batches[0].cuda()).cpu()
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999
