@@ -139,6 +139,9 @@ def _int8_with_kv():
 
 @pytest.mark.parametrize("cfg, message", [
     ("INT8_SMOOTHQUANT_CFG", r"algorithm 'smoothquant' needs a whole graph"),
+    ({"quant_cfg": copy.deepcopy(qpass.INT8_DEFAULT_CFG["quant_cfg"]),
+      "algorithm": {"method": "real_quantize", "additional_algorithm": "max"}},
+     r"algorithm 'real_quantize' needs a whole graph"),
     (_int8_with_kv(), r"attention \(bmm/softmax\) quantizers"),
 ])
 def test_what_needs_a_whole_graph_is_refused_and_the_model_untouched(cfg, message):
@@ -285,6 +288,13 @@ def test_save_restore_fold_and_training_on_the_fallback(tmp_path):
     qpass.fold_weight(folded)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), q, rtol=0, atol=0)
+    # a parameter replaced after quantize (load_state_dict(assign=True)) is still quantized
+    replaced = copy.deepcopy(model)
+    with torch.no_grad():
+        replaced(x)
+    replaced.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(replaced(x), q, rtol=0, atol=0)
     model.train()
     model(x).sum().backward()  # straight-through gradients reach the weights
     assert model.blocks[1].q.weight.grad is not None and model.head.weight.grad.abs().sum() > 0

@@ -92,8 +92,8 @@ class CompileFallback:
             self._fn = torch.compile(forward, backend=self._backend)
         if self._model_ref is None or self._model_ref() is not model:
             self._model_ref = weakref.ref(model)
-            self._owners = _weight_owners(model)
             _add_eager_hooks(model)
+        self._owners = _weight_owners(model)  # every call: a parameter may have been replaced since
         if state.calibrating:
             why = _pass_refusal(state)
             if why is not None:
