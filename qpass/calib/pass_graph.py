@@ -78,19 +78,16 @@ def calibration_graph(model: nn.Module, state, gm: fx.GraphModule) -> fx.GraphMo
     return entry.gm
 
 
-def drop_variants(model: nn.Module) -> list[_Variant]:
+def drop_variants(model: nn.Module) -> None:
     """Forget the pass copies of ``model``'s graphs (when the pass that asked for them ends)."""
-    dropped = []
     for gm in list(_VARIANTS):
         entry = _VARIANTS.get(gm)
         if entry is not None and entry.model() is model:
-            dropped.append(entry)
             del _VARIANTS[gm]
             if entry.tokens:
                 from qpass.calib.moe_ratio import release_side_passes
 
                 release_side_passes(entry.tokens)
-    return dropped
 
 
 # ---------------------------------------------------------------------- statistics kernels

@@ -60,7 +60,6 @@ class CompileFallback:
 
     def _fresh(self) -> None:
         self._fn = None
-        self._model_ref = None
         self._owners: dict[int, tuple[str, nn.Module]] = {}
         # this forward's modules by the input tensor their ops read: id -> (weakref, module paths), and
         # the path lists of tensors whose id was taken by a later one
@@ -90,9 +89,6 @@ class CompileFallback:
             # 25 graphs in 12 s, against 4 in 2.7 s); a frame dynamo gives up on (its recompile limit)
             # runs eagerly, where the module hooks quantize it
             self._fn = torch.compile(forward, backend=self._backend)
-        if self._model_ref is None or self._model_ref() is not model:
-            self._model_ref = weakref.ref(model)
-            _add_eager_hooks(model)
         self._owners = _weight_owners(model)  # every call: a parameter may have been replaced since
         if state.calibrating:
             why = _pass_refusal(state)
@@ -285,18 +281,8 @@ def _never_compiled(*fns) -> list:
 _PRE, _POST = _never_compiled(_eager_pre, _eager_post)
 
 
-def _add_eager_hooks(model: nn.Module) -> None:
-    """The two hooks on every weighted module (per module: dynamo breaks its graphs at every module
-    call while global module hooks exist). Plain functions: a deep copy shares them harmlessly."""
-    for _, module in model.named_modules():
-        if isinstance(module, _OWNERS) and any(module._modules.get(s) is not None for s in _SLOTS):
-            if _PRE not in module._forward_pre_hooks.values():
-                module.register_forward_pre_hook(_PRE)
-                module.register_forward_hook(_POST, always_call=True)
-
-
 def remove_eager_hooks(model: nn.Module) -> None:
-    """Undo :func:`_add_eager_hooks` (a failed quantize leaves the model as it was)."""
+    """Remove the hooks :func:`_weight_owners` added (a failed quantize leaves the model as it was)."""
     for _, module in model.named_modules():
         for hooks, fn in ((module._forward_pre_hooks, _PRE), (module._forward_hooks, _POST)):
             for key in [k for k, v in hooks.items() if v is fn]:
@@ -305,11 +291,19 @@ def remove_eager_hooks(model: nn.Module) -> None:
 
 
 def _weight_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """The weighted modules by the id of their weight; each with quantizers also gets the two eager
+    hooks, once (per module: dynamo breaks its graphs at every module call while global module hooks
+    exist; plain functions, so a deep copy shares them harmlessly)."""
     owners = {}
     for path, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, _OWNERS):
+            continue
         w = getattr(module, "weight", None)
-        if isinstance(module, _OWNERS) and isinstance(w, torch.Tensor) and id(w) not in owners:
+        if isinstance(w, torch.Tensor) and id(w) not in owners:
             owners[id(w)] = (path, module)
+        if any(module._modules.get(s) is not None for s in _SLOTS) and _PRE not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_PRE)
+            module.register_forward_hook(_POST, always_call=True)
     return owners
 
 
