@@ -249,9 +249,9 @@ def muted_meta_errors():
     ``torch._grouped_mm`` on float32 MoE experts and falls back to its own op, which left a
     traceback in the log of every quantize of such a model), and otherwise it ends the export with
     a :class:`TraceError` that names the module and the cause. Also silenced: the symbolic-shapes
-    warning that prints the whole partial graph of a data-dependent guard ("Unable to find user
-    code corresponding to ..."), which the TraceError (and the torch.compile fallback's warning)
-    already reports in one line."""
+    warning of a data-dependent guard ("Unable to find user code corresponding to {u0}"), which the
+    TraceError (and the torch.compile fallback's warning) reports with the module. (The partial graph
+    torch.export prints on such a failure goes to stderr directly; :func:`export_graph` drops it.)"""
     import logging
 
     loggers = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")]
